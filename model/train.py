@@ -1,0 +1,225 @@
+"""Prefix-aware training.
+
+The loss is cross-entropy at every real position of every text, so the model learns to
+classify a stream after its first sentences, not just at the end. Training sequences are
+cut to ``max_train_tokens`` (the prefix: that is what a stream shows first); evaluation
+always reads whole texts. Early stopping keeps the epoch with the best validation score,
+which weighs early prefixes as well as the full text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifact, data
+from .evaluate import evaluate
+from .gru import GRUClassifier, ModelConfig
+from .tokenizer import Vocab, tokenize
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = data.BBC
+    text_field: str = "text"
+    label_field: str = "label"
+    seed: int = 0
+    min_freq: int = 2
+    max_vocab: int | None = None
+    embed_dim: int = 128
+    hidden_size: int = 128
+    num_layers: int = 1
+    dropout: float = 0.3
+    epochs: int = 14
+    patience: int = 4
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    max_train_tokens: int = 400
+    device: str = "cpu"
+    threads: int | None = None
+    limit: int | None = None  # use only the first N documents of each split (tests)
+    quiet: bool = False
+
+
+def _progress(prefix: str, done: int, total: int, extra: str, quiet: bool) -> None:
+    if quiet:
+        return
+    width = 28
+    filled = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\r{prefix} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}{end}")
+    sys.stderr.flush()
+
+
+def _batches(seqs: Sequence[list[int]], targets: Sequence[int], batch_size: int,
+             rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches in random order: little padding, still shuffled."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(idx: list[int], seqs: Sequence[list[int]], targets: Sequence[int],
+             max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lens = [min(max(1, len(seqs[i])), max_len) for i in idx]
+    ids = torch.zeros(len(idx), max(lens), dtype=torch.long)
+    for row, i in enumerate(idx):
+        s = seqs[i][:max_len]
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, torch.tensor(lens), torch.tensor([targets[i] for i in idx])
+
+
+def _val_score(report: dict) -> float:
+    acc = report["accuracy_at_fraction"]
+    return (acc["0.1"] + acc["0.25"] + 2 * acc["1"]) / 4
+
+
+def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
+    """Train, save the best epoch as an artifact in ``out_dir`` and return its summary."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
+    split = data.split(docs, seed=cfg.seed)
+    if cfg.limit:
+        split = data.Split(split.train[: cfg.limit], split.val[: cfg.limit], split.test[: cfg.limit])
+    labels = data.labels_of(docs)
+    label_id = {l: i for i, l in enumerate(labels)}
+
+    train_tokens = [tokenize(d.text) for d in split.train]
+    vocab = Vocab.build(train_tokens, min_freq=cfg.min_freq, max_size=cfg.max_vocab)
+    tr_x = [vocab.encode(t) for t in train_tokens]
+    tr_y = [label_id[d.label] for d in split.train]
+    va_x = [vocab.encode(tokenize(d.text)) for d in split.val]
+    va_y = [label_id[d.label] for d in split.val]
+
+    mconf = ModelConfig(len(vocab), len(labels), cfg.embed_dim, cfg.hidden_size, cfg.num_layers,
+                        cfg.dropout)
+    model = GRUClassifier(mconf).to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"train: {len(split.train)} docs, val {len(split.val)}, test {len(split.test)}, "
+        f"vocab {len(vocab)}, labels {labels}, device {cfg.device}")
+
+    best_score, best_state, best_epoch, history, stale = -1.0, None, 0, [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        batches = _batches(tr_x, tr_y, cfg.batch_size, rng)
+        total_loss = correct = count = 0.0
+        for b, idx in enumerate(batches, start=1):
+            ids, lens, y = _collate(idx, tr_x, tr_y, cfg.max_train_tokens)
+            ids, lens, y = ids.to(cfg.device), lens.to(cfg.device), y.to(cfg.device)
+            logits = model(ids)  # (B, T, C)
+            T = ids.shape[1]
+            mask = torch.arange(T, device=ids.device)[None, :] < lens[:, None]  # (B, T)
+            per_pos = loss_fn(logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(T))
+            loss = (per_pos.view(len(idx), T) * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            last = logits[torch.arange(len(idx)), lens - 1].argmax(-1)
+            total_loss += loss.item() * len(idx)
+            correct += float((last == y).sum())
+            count += len(idx)
+            _progress(f"epoch {epoch:2d}", b, len(batches), f"loss {total_loss / count:.4f}", cfg.quiet)
+        report = evaluate(model, va_x, va_y, labels, device=cfg.device)
+        score = _val_score(report)
+        acc = report["accuracy_at_fraction"]
+        history.append({"epoch": epoch, "train_loss": total_loss / count,
+                        "train_acc_prefix": correct / count, "val": acc, "val_score": score})
+        log(f"epoch {epoch:2d}: loss {total_loss / count:.4f}  train acc {correct / count:.3f}  "
+            f"val acc {acc['1']:.3f} (10% {acc['0.1']:.3f}, 25% {acc['0.25']:.3f})  "
+            f"{time.time() - t0:.0f}s")
+        if score > best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                log(f"early stop: no val improvement for {cfg.patience} epochs")
+                break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.cpu().eval()
+    seconds = time.time() - t0
+    training = {**asdict(cfg), "best_epoch": best_epoch, "best_val_score": best_score,
+                "train_seconds": round(seconds, 1), "split": split.ids(), "history": history}
+    model_id = artifact.save(out_dir, model, vocab, labels, training)
+    log(f"saved {out_dir} (model_id {model_id}, best epoch {best_epoch}, {seconds:.0f}s)")
+    return {"model_id": model_id, "best_epoch": best_epoch, "seconds": seconds,
+            "val": history[best_epoch - 1]["val"]}
+
+
+def evaluate_artifact(model_dir: str | Path, dataset: str | None = None,
+                      text_field: str = "text", label_field: str = "label") -> dict:
+    """Score an artifact on the test split recorded in its config; write eval.json and the plot."""
+    clf = artifact.load(model_dir)
+    tr = clf.config.get("training", {})
+    docs = data.load_dataset(dataset or tr.get("dataset", data.BBC),
+                             tr.get("text_field", text_field), tr.get("label_field", label_field))
+    test_ids = tr.get("split", {}).get("test")
+    if test_ids is None:
+        test = data.split(docs, seed=tr.get("seed", 0)).test
+    else:
+        by_id = {d.doc_id: d for d in docs}
+        missing = [i for i in test_ids if i not in by_id]
+        if missing:
+            raise data.DatasetError(f"{len(missing)} test documents of the recorded split are not "
+                                    f"in the dataset (first: {missing[0]!r})")
+        test = [by_id[i] for i in test_ids]
+    label_id = {l: i for i, l in enumerate(clf.labels)}
+    xs = [clf.encode(tokenize(d.text)) for d in test]
+    ys = [label_id[d.label] for d in test]
+    fractions = tuple(round(f, 2) for f in [0.05 * k for k in range(1, 21)])
+    report = evaluate(clf.model, xs, ys, clf.labels, fractions=fractions)
+    curve = report.pop("accuracy_at_fraction")
+    report = {
+        "model_id": clf.model_id,
+        "test_accuracy": curve["1"],
+        "accuracy_at_prefix": {k: curve[k] for k in ("0.1", "0.25", "0.5", "0.75", "1")},
+        "accuracy_curve": curve,
+        **report,
+        "test_doc_ids": [d.doc_id for d in test],
+    }
+    out = Path(model_dir)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot_curve(curve, out / "accuracy_vs_prefix.png", clf.model_id)
+    return report
+
+
+def _plot_curve(curve: dict[str, float], path: Path, model_id: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping accuracy_vs_prefix.png", file=sys.stderr)
+        return
+    xs = [100 * float(k) for k in curve]
+    ys = list(curve.values())
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(xs, ys, marker="o")
+    ax.set_xlabel("% of the text's tokens read")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Accuracy vs prefix (model {model_id})")
+    ax.set_ylim(min(0.5, math.floor(min(ys) * 10) / 10), 1.0)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
