@@ -125,5 +125,14 @@ def split(docs: Sequence[Document], seed: int = 0,
     return Split(train, val, test)
 
 
+def per_label(docs: Sequence[Document], n: int, seed: int = 0) -> list[Document]:
+    """A seeded sample of at most ``n`` documents of each label."""
+    by_label: dict[str, list[Document]] = defaultdict(list)
+    for d in sorted(docs, key=lambda d: d.doc_id):
+        by_label[d.label].append(d)
+    rng = random.Random(seed)
+    return [d for label in sorted(by_label) for d in rng.sample(by_label[label], min(n, len(by_label[label])))]
+
+
 def labels_of(docs: Sequence[Document]) -> list[str]:
     return sorted({d.label for d in docs})

@@ -48,7 +48,7 @@ class TrainConfig:
     max_train_tokens: int = 400
     device: str = "cpu"
     threads: int | None = None
-    limit: int | None = None  # use only the first N documents of each split (tests)
+    limit: int | None = None  # keep only N documents per label before splitting (quick runs)
     quiet: bool = False
 
 
@@ -94,9 +94,9 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
-    split = data.split(docs, seed=cfg.seed)
     if cfg.limit:
-        split = data.Split(split.train[: cfg.limit], split.val[: cfg.limit], split.test[: cfg.limit])
+        docs = data.per_label(docs, cfg.limit, seed=cfg.seed)
+    split = data.split(docs, seed=cfg.seed)
     labels = data.labels_of(docs)
     label_id = {l: i for i, l in enumerate(labels)}
 

@@ -1,0 +1,59 @@
+import json
+
+import model
+from model.data import load_bbc, split
+from model.evaluate import evaluate
+from model.tokenizer import tokenize
+
+
+def test_tiny_training_run_learns(tiny_model_dir):
+    summary = json.loads((tiny_model_dir / "summary.json").read_text())
+    assert summary["seconds"] < 60
+    clf = model.load(tiny_model_dir)
+    cfg = clf.config["training"]
+    # Score on held-out BBC documents the tiny run never saw (outside its 60-per-label sample).
+    seen = set(cfg["split"]["train"]) | set(cfg["split"]["val"]) | set(cfg["split"]["test"])
+    held_out = [d for d in load_bbc() if d.doc_id not in seen][::10]
+    xs = [clf.encode(tokenize(d.text)) for d in held_out]
+    ys = [clf.labels.index(d.label) for d in held_out]
+    report = evaluate(clf.model, xs, ys, clf.labels)
+    assert len(held_out) > 100
+    assert report["accuracy"] >= 0.6, report  # chance is 0.2
+
+
+def test_artifact_records_config_split_and_history(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["architecture"]["hidden_size"] == 32
+    assert config["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
+    tr = config["training"]
+    assert tr["seed"] == 0 and tr["dataset"] == "bbc-news"
+    assert len(tr["split"]["train"]) == 210 and len(tr["split"]["test"]) == 60
+    assert tr["history"] and tr["best_epoch"] >= 1
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    docs = load_bbc()
+    a, b, c = split(docs, seed=0), split(docs, seed=0), split(docs, seed=1)
+    assert a.ids() == b.ids() and a.ids() != c.ids()
+    ids = a.ids()
+    assert len(set(ids["train"]) | set(ids["val"]) | set(ids["test"])) == len(docs) == 2225
+    for label in {d.label for d in docs}:
+        n = sum(d.label == label for d in docs)
+        n_test = sum(d.label == label for d in a.test)
+        assert abs(n_test - 0.2 * n) <= 1
+    assert abs(len(a.train) - 0.7 * len(docs)) <= 5
+
+
+def test_eval_writes_report_and_plot(tiny_model_dir, tmp_path):
+    import shutil
+    from model.train import evaluate_artifact
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    report = evaluate_artifact(d)
+    saved = json.loads((d / "eval.json").read_text())
+    assert saved["test_accuracy"] == report["test_accuracy"]
+    assert set(saved["accuracy_at_prefix"]) == {"0.1", "0.25", "0.5", "0.75", "1"}
+    assert len(saved["confusion_matrix"]) == 5
+    assert sum(map(sum, saved["confusion_matrix"])) == len(saved["test_doc_ids"]) == 60
+    assert 0 <= saved["macro_f1"] <= 1
+    assert (d / "accuracy_vs_prefix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
