@@ -1,0 +1,101 @@
+"""In-memory stand-ins for Kafka that satisfy the worker's Source and Sink protocols."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from worker.errors import DependencyError
+from worker.messages import Record
+
+
+class FakeLog:
+    """Topics of partitions of records, with per-group committed offsets."""
+
+    def __init__(self, partitions: int = 3) -> None:
+        self.partitions = partitions
+        self.records: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self.committed: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
+        self.clock_ms = 1_000_000
+
+    def append(self, topic: str, key: bytes | None, value: bytes | None,
+               partition: int | None = None) -> Record:
+        if partition is None:
+            partition = (hash(key) if key is not None else len(self.records)) % self.partitions
+        log = self.records[(topic, partition)]
+        self.clock_ms += 1
+        rec = Record(topic, partition, len(log), key, value, self.clock_ms)
+        log.append(rec)
+        return rec
+
+    def values(self, topic: str) -> list[bytes]:
+        recs = [r for (t, _), rs in self.records.items() if t == topic for r in rs]
+        return [r.value for r in sorted(recs, key=lambda r: r.timestamp_ms)]
+
+
+class FakeSource:
+    def __init__(self, log: FakeLog, topic: str, group: str = "g",
+                 partitions: Sequence[int] | None = None) -> None:
+        self.log, self.topic, self.group = log, topic, group
+        self.partitions = list(range(log.partitions) if partitions is None else partitions)
+        self.positions: dict[tuple[str, int], int] = {}
+        self.assigned = False
+        self.rejoins = 0
+        self.closed = False
+
+    def bind(self, on_assigned, on_revoked) -> None:
+        self.on_assigned, self.on_revoked = on_assigned, on_revoked
+
+    def _assign(self) -> None:
+        tps = [(self.topic, p) for p in self.partitions]
+        committed = self.log.committed[self.group]
+        self.positions = {tp: committed.get(tp, 0) for tp in tps}
+        self.assigned = True
+        self.on_assigned(tps)
+
+    def poll(self, max_records: int, max_wait_ms: int) -> list[Record]:
+        if not self.assigned:
+            self._assign()
+        out: list[Record] = []
+        for tp, pos in self.positions.items():
+            recs = self.log.records[tp][pos:pos + max_records - len(out)]
+            out += recs
+            self.positions[tp] = pos + len(recs)
+        return out
+
+    def commit(self, offsets) -> bool:
+        committed = self.log.committed[self.group]
+        for tp, off in offsets.items():
+            assert off >= committed.get(tp, 0), f"commit of {tp} went backwards"
+            committed[tp] = off
+        return True
+
+    def lag(self):
+        return {tp: len(self.log.records[tp]) - pos for tp, pos in self.positions.items()}
+
+    def rejoin(self) -> None:
+        self.rejoins += 1
+        self.on_revoked(list(self.positions))
+        self.assigned = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeSink:
+    def __init__(self, log: FakeLog, fail_times: int = 0, crash: bool = False) -> None:
+        self.log = log
+        self.fail_times = fail_times
+        self.crash = crash
+
+    def deliver(self, messages) -> None:
+        if self.crash:
+            raise SystemExit("simulated crash before produce")
+        if self.fail_times:
+            self.fail_times -= 1
+            raise DependencyError("kafka", "broker unavailable (simulated)", pending=list(messages))
+        for m in messages:
+            self.log.append(m.topic, m.key, m.value)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,58 @@
+"""Build interleaved token streams from BBC articles, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from model.data import load_bbc
+from model.tokenizer import tokenize
+
+
+@dataclass
+class Session:
+    session_id: str
+    label: str
+    tokens: list[str]
+    chunks: list[list[str]]
+
+
+def bbc_sessions(n: int, seed: int = 0, max_chunk: int = 40, max_tokens: int | None = 300,
+                 prefix: str = "s") -> list[Session]:
+    rng = random.Random(seed)
+    docs = rng.sample(load_bbc(), n)
+    sessions = []
+    for i, d in enumerate(docs):
+        toks = tokenize(d.text)[:max_tokens]
+        chunks, at = [], 0
+        while at < len(toks):
+            k = rng.randint(1, max_chunk)
+            chunks.append(toks[at:at + k])
+            at += k
+        sessions.append(Session(f"{prefix}{i}-{d.doc_id}", d.label, toks, chunks))
+    return sessions
+
+
+def interleave(sessions: list[Session], seed: int = 0, with_seq: bool = True,
+               end: bool = False) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs in a random global order that keeps each session's own order."""
+    rng = random.Random(seed)
+    cursors = {s.session_id: 0 for s in sessions}
+    by_id = {s.session_id: s for s in sessions}
+    live = [s.session_id for s in sessions]
+    out = []
+    while live:
+        sid = rng.choice(live)
+        i = cursors[sid]
+        s = by_id[sid]
+        body = {"session_id": sid, "tokens": s.chunks[i]}
+        if with_seq:
+            body["seq"] = i
+        if end and i == len(s.chunks) - 1:
+            body["end"] = True
+        out.append((sid.encode(), json.dumps(body).encode()))
+        cursors[sid] = i + 1
+        if cursors[sid] == len(s.chunks):
+            live.remove(sid)
+    return out

@@ -1,0 +1,122 @@
+"""Settings: one validated object, read from ``GRU_*`` env vars and CLI flags, built once.
+
+Nested sections map to env names with a double underscore, for example
+``GRU_KAFKA__BOOTSTRAP_SERVERS`` or ``GRU_REDIS__URL``. ``__main__`` builds the object and
+passes it down; nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "tokens"
+    output_topic: str = "predictions"
+    dlq_topic: str = "tokens.dlq"
+    group_id: str = "gru-worker"
+    client_id: str = "gru-worker"
+    partitions: int = Field(6, ge=1, description="partition count used by `topics create`")
+    replication_factor: int = Field(1, ge=1)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    linger_ms: int = Field(2, ge=0)
+    # Security, passed through to kafka-python unchanged.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def client_options(self) -> dict:
+        """Connection and security options shared by the consumer, producer and admin."""
+        opts: dict = {"bootstrap_servers": self.bootstrap_servers.split(","),
+                      "client_id": self.client_id, "security_protocol": self.security_protocol}
+        for name in ("sasl_mechanism", "sasl_plain_username", "ssl_cafile", "ssl_certfile",
+                     "ssl_keyfile"):
+            if getattr(self, name) is not None:
+                opts[name] = getattr(self, name)
+        if self.sasl_plain_password is not None:
+            opts["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        return opts
+
+
+class RedisSettings(BaseModel):
+    url: str = Field("redis://127.0.0.1:6379/0",
+                     description="redis:// or rediss:// (TLS); 'memory' for the in-process store")
+    username: str | None = None
+    password: SecretStr | None = None
+    ssl_ca_certs: str | None = None
+    prefix: str = Field("gru", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    ttl_seconds: int = Field(86_400, ge=1, description="idle expiry, refreshed on every write")
+    end_ttl_seconds: int = Field(3_600, ge=0, description="how long an ended session's tombstone "
+                                 "keeps rejecting replays; 0 deletes the key at once")
+    state_dtype: Literal["float32", "float16"] = "float32"
+    socket_timeout_s: float = Field(5.0, gt=0)
+
+
+class ModelSettings(BaseModel):
+    dir: Path = Path("artifacts/bbc-gru")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+
+class BatchSettings(BaseModel):
+    max_records: int = Field(512, ge=1, description="most records polled into one batch")
+    max_wait_ms: int = Field(20, ge=0, description="longest wait for a batch to fill")
+
+
+class LimitSettings(BaseModel):
+    max_tokens_per_message: int = Field(4096, ge=1)
+    max_session_id_len: int = Field(256, ge=1)
+    max_message_bytes: int = Field(1_000_000, ge=64)
+
+
+class MetricsSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port; -1 is not allowed")
+
+
+class RetrySettings(BaseModel):
+    initial_backoff_s: float = Field(0.1, gt=0)
+    max_backoff_s: float = Field(5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRU_", env_nested_delimiter="__",
+                                      extra="ignore")
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    model: ModelSettings = ModelSettings()
+    batch: BatchSettings = BatchSettings()
+    limits: LimitSettings = LimitSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    retry: RetrySettings = RetrySettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_messages: int | None = Field(None, ge=1, description="stop after this many input messages")
+    idle_exit_s: float | None = Field(None, gt=0, description="stop after this long with no input")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
+            raise ValueError("kafka.heartbeat_interval_ms must be at most a third of "
+                             "kafka.session_timeout_ms")
+        topics = {self.kafka.input_topic, self.kafka.output_topic, self.kafka.dlq_topic}
+        if len(topics) != 3:
+            raise ValueError("kafka input, output and dlq topics must be three different topics")
+        return self

@@ -1,0 +1,180 @@
+"""The pure core: apply one batch of token messages to the loaded session states.
+
+``Engine.apply(messages, loaded) -> BatchResult`` touches no Kafka and no Redis. It decides,
+per session and in order, which messages are new, duplicate (at or before the stored
+position) or invalid for the session, then advances every session with new messages in
+one batched model step per round (round r holds the r-th new message of each session), and
+returns the new encoded states and the predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.gru import GRUClassifier
+
+from .messages import Prediction, Rejection, TokenMessage
+from .state import (OutboxEntry, PosKind, SessionState, StateCorrupt, TopicPartition,
+                    decode_state, encode_state)
+
+
+@dataclass(slots=True)
+class SessionUpdate:
+    """The write one session needs, and the predictions that may be produced once it lands."""
+
+    session_id: str
+    partition: TopicPartition
+    expected_pos: int | None
+    new_pos: int
+    value: bytes
+    ttl_ms: int
+    predictions: list[Prediction]
+    started: bool  # the session had no live state before this batch
+
+
+@dataclass(slots=True)
+class BatchResult:
+    updates: list[SessionUpdate] = field(default_factory=list)
+    replayed: list[Prediction] = field(default_factory=list)  # re-emitted from outboxes
+    rejections: list[Rejection] = field(default_factory=list)
+    duplicates: list[TokenMessage] = field(default_factory=list)
+    tokens: int = 0
+    step_seconds: float = 0.0
+
+    @property
+    def applied(self) -> int:
+        return sum(len(u.predictions) for u in self.updates)
+
+
+@dataclass(slots=True)
+class _Step:
+    message: TokenMessage
+    reset: bool  # start from a zero state (new session, or one that ended earlier)
+    seq: int  # the seq reported in the prediction
+    tokens_seen: int  # after this message
+    messages: int  # messages applied to the session after this one
+    probs: tuple[float, ...] = ()
+
+
+class Engine:
+    def __init__(self, model: GRUClassifier, device: str = "cpu", state_dtype: str = "float32",
+                 ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000) -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.state_dtype = state_dtype
+        self.ttl_ms, self.end_ttl_ms = ttl_ms, end_ttl_ms
+        c = model.config
+        self.layers, self.hidden, self.num_labels = c.num_layers, c.hidden_size, c.num_labels
+
+    def apply(self, messages: Sequence[TokenMessage],
+              loaded: Mapping[str, bytes | None]) -> BatchResult:
+        result = BatchResult()
+        by_session: dict[str, list[TokenMessage]] = {}
+        for m in messages:
+            by_session.setdefault(m.session_id, []).append(m)
+
+        plans: list[tuple[str, SessionState | None, list[_Step]]] = []
+        for sid, msgs in by_session.items():
+            try:
+                raw = loaded.get(sid)
+                state = decode_state(raw, self.layers, self.hidden, self.num_labels) if raw else None
+            except StateCorrupt as e:
+                result.rejections += [Rejection(m.record, f"stored state of session {sid!r} is "
+                                                f"unreadable: {e}") for m in msgs]
+                continue
+            steps = self._plan(state, msgs, result)
+            if steps:
+                plans.append((sid, state, steps))
+        if plans:
+            self._run(plans, result)
+        return result
+
+    def _plan(self, state: SessionState | None, msgs: list[TokenMessage],
+              result: BatchResult) -> list[_Step]:
+        """Decide, without the model, what each message does to its session."""
+        outbox = {e.position: e for e in state.outbox} if state else {}
+        last_pos = state.last_pos if state else None
+        kind = state.pos_kind if state else None
+        live = state is not None and not state.ended
+        tokens = state.tokens_seen if live else 0
+        count = state.messages if live else 0
+        steps: list[_Step] = []
+        for m in msgs:
+            m_kind = PosKind.SEQ if m.seq is not None else PosKind.OFFSET
+            if kind is not None and m_kind != kind:
+                result.rejections.append(Rejection(m.record, (
+                    f"session {m.session_id!r} is numbered by {kind.name.lower()}, but this message "
+                    f"{'has' if m.seq is not None else 'has no'} seq; a session must not mix the two")))
+                continue
+            if last_pos is not None and m.position <= last_pos:
+                result.duplicates.append(m)
+                entry = outbox.get(m.position)
+                if entry is not None:
+                    result.replayed.append(Prediction(m.session_id, entry.seq, entry.probs,
+                                                      entry.tokens_seen, entry.final, m.record,
+                                                      replayed=True))
+                continue
+            reset = not live
+            if reset:
+                tokens = count = 0
+            tokens += len(m.token_ids)
+            steps.append(_Step(m, reset, m.seq if m.seq is not None else count, tokens, count + 1))
+            count += 1
+            last_pos, kind, live = m.position, m_kind, not m.end
+        return steps
+
+    @torch.inference_mode()
+    def _run(self, plans: list[tuple[str, SessionState | None, list[_Step]]],
+             result: BatchResult) -> None:
+        t0 = time.perf_counter()
+        n = len(plans)
+        h0 = np.zeros((n, self.layers, self.hidden), np.float32)
+        for i, (_, state, _) in enumerate(plans):
+            if state is not None and not state.ended:
+                h0[i] = state.h
+        h = torch.from_numpy(h0).to(self.device).transpose(0, 1).contiguous()  # (L, S, H)
+        rounds = max(len(steps) for _, _, steps in plans)
+        for r in range(rounds):
+            rows = [i for i, (_, _, steps) in enumerate(plans) if r < len(steps)]
+            batch = [plans[i][2][r] for i in rows]
+            resets = [i for i, s in zip(rows, batch) if s.reset and r > 0]
+            if resets:
+                h[:, resets] = 0
+            width = max(len(s.message.token_ids) for s in batch)
+            ids = np.zeros((len(batch), width), np.int64)
+            for j, s in enumerate(batch):
+                ids[j, : len(s.message.token_ids)] = s.message.token_ids
+            lengths = torch.tensor([len(s.message.token_ids) for s in batch])
+            idx = torch.tensor(rows, device=self.device)
+            h_rows, probs = self.model.step(h.index_select(1, idx),
+                                            torch.from_numpy(ids).to(self.device), lengths)
+            h.index_copy_(1, idx, h_rows)
+            for s, p in zip(batch, probs.float().cpu().tolist()):
+                s.probs = tuple(p)
+            result.tokens += int(lengths.sum())
+        h_out = h.transpose(0, 1).float().cpu().numpy()  # (S, L, H)
+        result.step_seconds = time.perf_counter() - t0
+
+        for i, (sid, state, steps) in enumerate(plans):
+            last = steps[-1]
+            ended = last.message.end
+            new_state = SessionState(
+                h=h_out[i], last_pos=last.message.position,
+                pos_kind=PosKind.SEQ if last.message.seq is not None else PosKind.OFFSET,
+                tokens_seen=last.tokens_seen, messages=last.messages, ended=ended,
+                outbox=tuple(OutboxEntry(s.message.position, s.seq, s.tokens_seen, s.message.end,
+                                         s.probs) for s in steps))
+            preds = [Prediction(sid, s.seq, s.probs, s.tokens_seen, s.message.end, s.message.record)
+                     for s in steps]
+            result.updates.append(SessionUpdate(
+                session_id=sid, partition=(last.message.record.topic, last.message.record.partition),
+                expected_pos=state.last_pos if state else None, new_pos=new_state.last_pos,
+                value=encode_state(new_state, self.num_labels, self.state_dtype),
+                ttl_ms=self.end_ttl_ms if ended else self.ttl_ms,
+                predictions=preds, started=state is None or state.ended))
+

@@ -1,0 +1,129 @@
+"""Prometheus metrics (injected registry) and the HTTP server for /metrics, /healthz, /readyz.
+
+All metric names live here. Tests build ``Metrics(CollectorRegistry())`` and read samples
+back with ``registry.get_sample_value``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5,
+                   1, 2.5, 5, 10, 30)
+STAGE_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+OUTCOMES = ("ok", "dead_lettered", "duplicate", "fenced", "replayed")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, active_window_s: float = 300.0) -> None:
+        self.registry = registry
+        r = registry
+        self.e2e_latency = Histogram(
+            "gru_e2e_latency_seconds", "Kafka record timestamp to its prediction being produced",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("gru_step_seconds", "Batched model step time per batch",
+                                      buckets=STAGE_BUCKETS, registry=r)
+        self.load_seconds = Histogram("gru_state_load_seconds", "Redis state load time per batch",
+                                      buckets=STAGE_BUCKETS, registry=r)
+        self.store_seconds = Histogram("gru_state_store_seconds", "Redis state write time per batch",
+                                       buckets=STAGE_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("gru_batch_seconds", "Whole batch: decode to commit",
+                                       buckets=STAGE_BUCKETS, registry=r)
+        self.batch_size = Histogram("gru_batch_size_messages", "Input messages per batch",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.messages = Counter("gru_messages_total", "Input messages by outcome", ["outcome"],
+                                registry=r)
+        for o in OUTCOMES:
+            self.messages.labels(o)
+        self.tokens = Counter("gru_tokens_total", "Tokens applied to session states", registry=r)
+        self.predictions = Counter("gru_predictions_total", "Predictions produced", registry=r)
+        self.sessions_started = Counter("gru_sessions_started_total", "Sessions begun", registry=r)
+        self.sessions_ended = Counter("gru_sessions_ended_total", "Sessions closed by end=true",
+                                      registry=r)
+        self.active_sessions = Gauge("gru_active_sessions",
+                                     f"Sessions with a message in the last {active_window_s:g}s",
+                                     registry=r)
+        self.lag = Gauge("gru_consumer_lag_messages", "High watermark minus position",
+                         ["topic", "partition"], registry=r)
+        self.assigned = Gauge("gru_assigned_partitions", "Partitions owned by this worker", registry=r)
+        self.retries = Counter("gru_dependency_retries_total", "Retried calls to a dependency",
+                               ["dependency"], registry=r)
+        self.fenced_partitions = Counter("gru_fenced_partitions_total",
+                                         "Partitions dropped because another worker fenced them",
+                                         registry=r)
+        self.model_info = Gauge("gru_model_info", "The loaded model", ["model_id", "device"],
+                                registry=r)
+        self._window = active_window_s
+        self._seen: dict[str, float] = {}
+        self._last_prune = time.monotonic()
+
+    def saw_sessions(self, session_ids, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for sid in session_ids:
+            self._seen[sid] = now
+        if now - self._last_prune > min(10.0, self._window):
+            cutoff = now - self._window
+            self._seen = {s: t for s, t in self._seen.items() if t >= cutoff}
+            self._last_prune = now
+        self.active_sessions.set(len(self._seen))
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (alive) and /readyz (``ready()`` returns (ok, details))."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int,
+                 ready: Callable[[], tuple[bool, dict]]) -> None:
+        registry_, ready_ = registry, ready
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry_), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b'{"status":"ok"}', "application/json")
+                elif path == "/readyz":
+                    try:
+                        ok, details = ready_()
+                    except Exception as e:  # a probe must answer, whatever broke
+                        ok, details = False, {"error": repr(e)}
+                    body = json.dumps({"ready": ok, **details}).encode()
+                    self._send(200 if ok else 503, body, "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="health-http",
+                                        daemon=True)
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        log.info("metrics and health on http://%s:%d/metrics", *self.server.server_address[:2])
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
