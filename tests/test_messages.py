@@ -1,0 +1,92 @@
+"""Tier 1: the input decoder and output encoders."""
+
+import json
+
+from hypothesis import given, settings, strategies as st
+
+from worker.config import LimitSettings
+from worker.messages import (Prediction, Record, Rejection, TokenMessage, decode,
+                             encode_dead_letter, encode_prediction)
+
+LIMITS = LimitSettings(max_tokens_per_message=10, max_session_id_len=8, max_message_bytes=2000)
+VOCAB = {"hello": 2, "world": 3}
+
+
+def enc(tokens):
+    return [VOCAB.get(t, 1) for t in tokens]
+
+
+def rec(value, key=b"s1", offset=7):
+    if not isinstance(value, (bytes, type(None))):
+        value = json.dumps(value).encode()
+    return Record("tokens", 0, offset, key, value, 123)
+
+
+def dec(value, key=b"s1"):
+    return decode(rec(value, key), 100, enc, LIMITS)
+
+
+def test_three_payload_forms():
+    m = dec({"session_id": "s1", "seq": 4, "tokens": ["hello", "zzz"], "end": True})
+    assert isinstance(m, TokenMessage)
+    assert (m.session_id, m.seq, m.token_ids, m.end, m.position) == ("s1", 4, [2, 1], True, 4)
+    assert dec({"session_id": "s1", "text": "Hello, WORLD!"}).token_ids == [2, 3]
+    m = dec({"session_id": "s1", "token_ids": [5, 99]})
+    assert m.token_ids == [5, 99] and m.seq is None and m.position == 7
+
+
+def test_key_may_be_absent_but_must_match_when_set():
+    assert isinstance(dec({"session_id": "s1", "tokens": ["a"]}, key=None), TokenMessage)
+    r = dec({"session_id": "s1", "tokens": ["a"]}, key=b"s2")
+    assert isinstance(r, Rejection) and "does not equal session_id" in r.reason
+
+
+def test_limits():
+    assert "over max_session_id_len=8" in dec({"session_id": "x" * 9, "tokens": ["a"]}, key=None).reason
+    assert "11 tokens, over max_tokens_per_message=10" in dec({"session_id": "s1", "tokens": ["a"] * 11}).reason
+    assert "over max_message_bytes=2000" in dec({"session_id": "s1", "text": "a " * 1000}).reason
+
+
+def test_rules_name_the_field():
+    cases = {
+        "seq must be an integer": {"session_id": "s1", "seq": True, "tokens": ["a"]},
+        "end must be a boolean": {"session_id": "s1", "end": 1, "tokens": ["a"]},
+        "token_ids[0]=1.5 is not an integer": {"session_id": "s1", "token_ids": [1.5]},
+        "token_ids[1]=100 is out of range for vocab size 100": {"session_id": "s1", "token_ids": [0, 100]},
+        "unknown field(s) ['extra']": {"session_id": "s1", "tokens": ["a"], "extra": 1},
+        "value must be a JSON object": [1, 2],
+        "text has no tokens": {"session_id": "s1", "text": "..."},
+    }
+    for fragment, value in cases.items():
+        r = dec(value)
+        assert isinstance(r, Rejection) and fragment in r.reason, (fragment, r)
+    assert "tombstone" in dec(None).reason
+    assert "nested too deeply" in decode(rec(b"[" * 100000 + b"]" * 100000), 100, enc,
+                                         LimitSettings(max_message_bytes=10**6)).reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(
+        st.sampled_from(["session_id", "seq", "tokens", "text", "token_ids", "end", "x"]), c, max_size=5),
+    max_leaves=20))
+def test_decode_is_total(value):
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    out = decode(rec(raw), 100, enc, LIMITS)
+    assert isinstance(out, (TokenMessage, Rejection))
+    if isinstance(out, TokenMessage):
+        assert 1 <= len(out.token_ids) <= 10 and all(0 <= t < 100 for t in out.token_ids)
+    else:
+        json.loads(encode_dead_letter(out))  # every rejection can be dead-lettered
+
+
+def test_prediction_and_dead_letter_encoding():
+    r = rec(b"\xff", key=b"k")
+    p = json.loads(encode_prediction(Prediction("s1", 3, (0.1, 0.9), 12, True, r), ["a", "b"], "m1"))
+    assert p == {"session_id": "s1", "seq": 3, "label": "b", "confidence": 0.9,
+                 "probs": {"a": 0.1, "b": 0.9}, "tokens_seen": 12, "final": True,
+                 "model_id": "m1", "partition": 0, "offset": 7}
+    d = json.loads(encode_dead_letter(Rejection(r, "bad")))
+    assert d == {"reason": "bad", "topic": "tokens", "partition": 0, "offset": 7,
+                 "timestamp_ms": 123, "key": "k", "value_b64": "/w=="}
