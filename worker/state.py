@@ -12,6 +12,7 @@ Every write goes through one Lua script, atomically, per batch:
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import time
@@ -21,6 +22,9 @@ from enum import IntEnum
 from typing import Protocol
 
 import numpy as np
+import redis.exceptions as rex
+
+from .errors import DependencyError
 
 MAGIC = b"GRUS"
 _HEADER = struct.Struct("<4sBBHHHqqq")  # magic flags layers hidden labels n_outbox last_pos tokens messages
@@ -187,6 +191,18 @@ return out
 """ % (LAST_POS_OFFSET + 1)
 
 
+def _transient(fn):
+    """Turn redis-py's connection-level errors into the loop's retryable DependencyError."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.TryAgainError,
+                rex.ReadOnlyError, rex.ClusterDownError) as e:
+            raise DependencyError("redis", f"{fn.__name__} failed: {e!r}") from e
+    return wrapper
+
+
 class RedisStateStore:
     """The production store. One MGET per load, one script call per store."""
 
@@ -195,17 +211,20 @@ class RedisStateStore:
         self.keys = keys
         self._write = client.register_script(WRITE_SCRIPT)
 
+    @_transient
     def acquire_epochs(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         pipe = self.client.pipeline(transaction=False)
         for topic, p in partitions:
             pipe.incr(self.keys.epoch(topic, p))
         return {tp: int(e) for tp, e in zip(partitions, pipe.execute())}
 
+    @_transient
     def load(self, session_ids: Sequence[str]) -> list[bytes | None]:
         if not session_ids:
             return []
         return self.client.mget([self.keys.session(s) for s in session_ids])
 
+    @_transient
     def store(self, writes: Sequence[StateWrite]) -> list[WriteStatus]:
         if not writes:
             return []
@@ -218,6 +237,7 @@ class RedisStateStore:
                      w.new_pos, w.ttl_ms, w.value]
         return [WriteStatus(int(s)) for s in self._write(keys=keys, args=args)]
 
+    @_transient
     def ping(self) -> bool:
         return bool(self.client.ping())
 

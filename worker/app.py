@@ -1,0 +1,93 @@
+"""Wiring: build a running worker (model, state store, Kafka, metrics, health) from Settings.
+
+Everything here is construction; the behaviour lives in ``loop``, ``engine`` and the adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+import torch
+from prometheus_client import CollectorRegistry
+
+import model as model_pkg
+
+from .config import Settings
+from .engine import Engine
+from .kafka_io import KafkaSink, KafkaSource
+from .loop import Worker
+from .metrics import HealthServer, Metrics
+from .state import Keys, MemoryStateStore, RedisStateStore, StateStore
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("model.device=cuda but torch sees no CUDA device")
+    return device
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    r = settings.redis
+    return redis.Redis.from_url(
+        r.url, username=r.username,
+        password=r.password.get_secret_value() if r.password else None,
+        socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
+        **({"ssl_ca_certs": r.ssl_ca_certs} if r.ssl_ca_certs else {}))
+
+
+def build_store(settings: Settings, model_id: str) -> StateStore:
+    if settings.redis.url == "memory":
+        log.warning("state store: in-process memory (state is lost when the worker stops)")
+        return MemoryStateStore()
+    keys = Keys(settings.redis.prefix, model_id, settings.kafka.group_id)
+    return RedisStateStore(redis_client(settings), keys)
+
+
+@dataclass
+class App:
+    worker: Worker
+    health: HealthServer
+    registry: CollectorRegistry
+
+    def close(self) -> None:
+        self.health.stop()
+
+
+def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
+    if settings.model.threads:
+        torch.set_num_threads(settings.model.threads)
+    device = resolve_device(settings.model.device)
+    clf = model_pkg.load(settings.model.dir, device=device)
+    log.info("model %s from %s on %s: %d labels, vocab %d, hidden %d x %d layers",
+             clf.model_id, settings.model.dir, device, len(clf.labels), len(clf.vocab),
+             clf.model.config.hidden_size, clf.model.config.num_layers)
+    store = build_store(settings, clf.model_id)
+    metrics = Metrics(registry)
+    metrics.model_info.labels(clf.model_id, device).set(1)
+    engine = Engine(clf.model, device=device, state_dtype=settings.redis.state_dtype,
+                    ttl_ms=settings.redis.ttl_seconds * 1000,
+                    end_ttl_ms=settings.redis.end_ttl_seconds * 1000)
+    source = KafkaSource(settings.kafka)
+    sink = KafkaSink(settings.kafka)
+    worker = Worker(settings, engine, store, source, sink, metrics, clf.labels, clf.model_id,
+                    clf.encode, len(clf.vocab))
+
+    def ready() -> tuple[bool, dict]:
+        try:
+            redis_ok = store.ping()
+        except Exception:
+            redis_ok = False
+        kafka_ok = time.monotonic() - worker.last_poll_ok < max(30.0, settings.kafka.session_timeout_ms / 1000)
+        assigned = len(worker.epochs)
+        return (redis_ok and kafka_ok and assigned > 0,
+                {"redis": redis_ok, "kafka": kafka_ok, "assigned_partitions": assigned})
+
+    health = HealthServer(registry, settings.metrics.host, settings.metrics.port, ready).start()
+    return App(worker, health, registry)
