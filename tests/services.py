@@ -21,7 +21,8 @@ tansu 0.6.0 + kafka-python 3.0.12, as measured (see tests/test_services_smoke.py
   ``end_offsets()``, ``seek_to_end()`` and ``auto_offset_reset="latest"`` can point *inside* the
   log and re-deliver old records. Use ``auto_offset_reset="earliest"`` with committed offsets, and
   ``consumer.highwater(tp)`` (from fetch responses) for lag.
-* Topics are auto-created (1 partition) on produce and on consumer subscribe/metadata.
+* Topics are auto-created (with 4 partitions!) on produce and on consumer subscribe/metadata:
+  create them explicitly with ``create_topics(names, partitions)`` before any client touches them.
 * With the producer's default ``enable_idempotence=True``, a batch that expires
   (``delivery_timeout_ms``) while the broker is hung leaves the producer wedged: later sends never
   complete. Keep the defaults (request 30 s / delivery 120 s) or set ``enable_idempotence=False``
