@@ -62,7 +62,7 @@ def dataset_sessions(split_name: str, n: int, model_dir: Path | None, seed: int,
              tokenize(docs[doc_id].text)[:max_tokens]) for doc_id in chosen]
 
 
-def _producer(bootstrap: str, client_options: dict):
+def _producer(client_options: dict):
     from kafka import KafkaProducer
     return KafkaProducer(acks="all", linger_ms=5, **client_options)
 
@@ -80,7 +80,7 @@ def cmd_produce(args: argparse.Namespace, settings_from_args: Callable) -> int:
         sid = args.session_id or "session-1"
         streams = [chunk_messages(sid, tokenize(text)[:args.max_tokens], args.chunk_size,
                                   args.seq, args.end)]
-    producer = _producer(k.bootstrap_servers, k.client_options())
+    producer = _producer(k.client_options())
     sent, t0 = 0, time.monotonic()
     for msg in interleave(streams, args.seed):
         producer.send(k.input_topic, key=msg["session_id"].encode(),
@@ -103,12 +103,13 @@ def format_prediction(p: dict) -> str:
             f"{p['label']:<14} {p['confidence']:.3f}{flag}")
 
 
-def follow(bootstrap: str, topic: str, client_options: dict, from_beginning: bool = True,
+def follow(topic: str, client_options: dict, from_beginning: bool = True,
            timeout_s: float | None = None) -> Iterator[dict]:
-    """Yield decoded predictions from ``topic`` (all partitions, no consumer group)."""
+    """Yield decoded predictions from ``topic`` (all partitions, no consumer group).
+    ``client_options`` carries ``bootstrap_servers`` and any security settings."""
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
-    consumer = KafkaConsumer(enable_auto_commit=False, **client_options)
+    consumer = KafkaConsumer(enable_auto_commit=False, fetch_max_wait_ms=20, **client_options)
     try:
         deadline = time.monotonic() + timeout_s if timeout_s else None
         parts = None
@@ -139,7 +140,7 @@ def cmd_tail(args: argparse.Namespace, settings_from_args: Callable) -> int:
     k = settings.kafka
     n = 0
     try:
-        for p in follow(k.bootstrap_servers, args.topic or k.output_topic, k.client_options(),
+        for p in follow(args.topic or k.output_topic, k.client_options(),
                         not args.latest, args.timeout):
             print(json.dumps(p) if args.json else format_prediction(p), flush=True)
             n += 1

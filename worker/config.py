@@ -28,6 +28,8 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     linger_ms: int = Field(2, ge=0)
+    fetch_max_wait_ms: int = Field(20, ge=0, description="broker-side wait for a fetch to fill; "
+                                   "bounds the latency an idle partition adds")
     # Security, passed through to kafka-python unchanged.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None

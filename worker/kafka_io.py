@@ -52,6 +52,7 @@ class KafkaSource:
                 session_timeout_ms=settings.session_timeout_ms,
                 heartbeat_interval_ms=settings.heartbeat_interval_ms,
                 max_poll_interval_ms=settings.max_poll_interval_ms,
+                fetch_max_wait_ms=settings.fetch_max_wait_ms,
                 **settings.client_options())
         except KafkaError as e:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
@@ -138,8 +139,10 @@ class KafkaSink:
     def __init__(self, settings: KafkaSettings, timeout_s: float = 30.0) -> None:
         self.timeout_s = timeout_s
         try:
+            # Idempotence off: the loop retries unacknowledged sends itself (predictions are
+            # at-least-once anyway), and an idempotent producer can wedge after a timeout.
             self.producer = KafkaProducer(acks="all", linger_ms=settings.linger_ms,
-                                          retries=5, request_timeout_ms=int(timeout_s * 1000),
+                                          retries=5, enable_idempotence=False, request_timeout_ms=int(timeout_s * 1000),
                                           max_block_ms=int(timeout_s * 1000),
                                           **settings.client_options())
         except KafkaError as e:

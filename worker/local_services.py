@@ -2,7 +2,7 @@
 
 Plain classes (no pytest fixtures) so that both ``tests/`` and ``bench/`` scripts can import them::
 
-    from tests.services import Tansu, RedisServer
+    from worker.local_services import Tansu, RedisServer
 
     with Tansu() as kafka, RedisServer(appendonly=True) as redis_srv:
         kafka.create_topics(["docs.in"], partitions=4)
