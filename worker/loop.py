@@ -113,8 +113,9 @@ class Worker:
         try:
             while not self._stopping:
                 records = self._poll()
-                if records:
+                if records or not self.epochs:  # idle time counts only while assigned
                     last_input = time.monotonic()
+                if records:
                     self.process(records)
                 elif self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
                     log.info("idle for %.1fs: exiting", self.s.idle_exit_s)

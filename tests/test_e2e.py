@@ -1,0 +1,259 @@
+"""Tier 3: the worker against real services — tansu as the Kafka broker and Redis.
+
+Assertions are on what a user sees: the predictions and dead-letter topics, the Redis keys
+left behind and the /metrics text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
+
+import model
+from worker.app import build_worker
+from worker.config import Settings
+from worker.local_services import Tansu, free_port
+from worker.state import Keys, decode_state
+
+from .streams import bbc_sessions, interleave
+
+pytestmark = pytest.mark.services
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with Tansu() as t:
+        yield t
+
+
+@pytest.fixture
+def names():
+    """Unique topics, group and Redis prefix per test; the prefix's keys are removed after."""
+    tag = uuid.uuid4().hex[:8]
+    n = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}",
+         "prefix": f"test-{tag}"}
+    yield n
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{n['prefix']}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def settings_for(broker, names, model_dir, **extra) -> Settings:
+    s = {"kafka": {"bootstrap_servers": broker.bootstrap, "input_topic": names["in"],
+                   "output_topic": names["out"], "dlq_topic": names["dlq"],
+                   "group_id": names["group"], "session_timeout_ms": 6000,
+                   "heartbeat_interval_ms": 1000},
+         "redis": {"url": REDIS_URL, "prefix": names["prefix"]},
+         "model": {"dir": model_dir, "threads": 1},
+         "metrics": {"host": "127.0.0.1", "port": 0},
+         "idle_exit_s": 4.0}
+    for k, v in extra.items():
+        s[k] = {**s.get(k, {}), **v} if isinstance(v, dict) else v
+    return Settings(**s)
+
+
+def publish(broker, topic, pairs):
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
+    for key, value in pairs:
+        p.send(topic, key=key, value=value)
+    p.flush()
+    p.close()
+
+
+def read_topic(broker, topic) -> list[dict]:
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                      fetch_max_wait_ms=50)
+    parts = c.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in parts]
+    c.assign(tps)
+    c.seek_to_beginning(*tps)
+    out, idle = [], 0
+    while idle < 3:
+        polled = c.poll(timeout_ms=300)
+        idle = 0 if polled else idle + 1
+        out += [json.loads(r.value) for recs in polled.values() for r in recs]
+    c.close()
+    return out
+
+
+def run_worker(settings):
+    app = build_worker(settings, CollectorRegistry())
+    try:
+        summary = app.worker.run()
+    finally:
+        app.close()
+    return app, summary
+
+
+def test_end_to_end_many_interleaved_sessions(broker, names, tiny_model_dir):
+    clf = model.load(tiny_model_dir)
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=3)
+    sessions = bbc_sessions(40, seed=11, max_chunk=30, max_tokens=200)
+    pairs = interleave(sessions, seed=11)
+    publish(broker, names["in"], pairs)
+    app, summary = run_worker(settings_for(broker, names, tiny_model_dir, batch={"max_records": 128}))
+
+    preds = read_topic(broker, names["out"])
+    assert len(preds) == len(pairs) == summary.outcomes["ok"]
+    assert sorted((p["session_id"], p["seq"]) for p in preds) == sorted(
+        (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs)
+    last = {}
+    for p in preds:
+        if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
+            last[p["session_id"]] = p
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(names["prefix"], clf.model_id, names["group"])
+    for s in sessions:
+        want = clf.classify(s.tokens)
+        got = last[s.session_id]
+        assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5
+        assert got["tokens_seen"] == len(s.tokens) and got["model_id"] == clf.model_id
+        st = decode_state(client.get(keys.session(s.session_id)), 1, 32, 5)
+        assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
+        assert 0 < client.pttl(keys.session(s.session_id)) <= 86_400_000
+    # Exactly the keys a user should find: one per session, one epoch per partition.
+    left = sorted(k.decode() for k in client.scan_iter(f"{names['prefix']}:*"))
+    assert left == sorted([keys.session(s.session_id) for s in sessions]
+                          + [keys.epoch(names["in"], p) for p in range(3)])
+    reg = app.registry
+    assert reg.get_sample_value("gru_e2e_latency_seconds_count") == len(pairs)
+    assert reg.get_sample_value("gru_messages_total", {"outcome": "ok"}) == len(pairs)
+
+
+def test_replay_by_a_fresh_group_changes_no_state(broker, names, tiny_model_dir):
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
+    sessions = bbc_sessions(10, seed=12, max_tokens=120)
+    pairs = interleave(sessions, seed=12)
+    publish(broker, names["in"], pairs)
+    s1 = settings_for(broker, names, tiny_model_dir)
+    run_worker(s1)
+    client = redis.Redis.from_url(REDIS_URL)
+    state_keys = sorted(k for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k)
+    before = {k: client.get(k) for k in state_keys}
+    # The same offsets again: a new consumer group starts from the earliest offset.
+    s2 = settings_for(broker, names, tiny_model_dir, kafka={"group_id": names["group"] + "-replay"})
+    app, summary = run_worker(s2)
+    assert {k: client.get(k) for k in state_keys} == before
+    assert summary.outcomes["duplicate"] == len(pairs) and summary.outcomes["ok"] == 0
+    assert app.registry.get_sample_value("gru_messages_total", {"outcome": "duplicate"}) == len(pairs)
+
+
+def test_bad_input_goes_to_the_dlq_and_good_messages_are_unaffected(broker, names, tiny_model_dir):
+    clf = model.load(tiny_model_dir)
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
+    sessions = bbc_sessions(3, seed=13, max_tokens=80)
+    good = interleave(sessions, seed=13)
+    bad = [(b"b1", b"not json at all"), (b"b2", b'{"session_id": "b2", "tokens": 5}'),
+           (b"b3", b'{"session_id": "b3", "tokens": []}'),
+           (b"b4", json.dumps({"session_id": "b4", "token_ids": [0, 10 ** 6]}).encode()),
+           (None, b'{"tokens": ["x"]}'),
+           (b"b6", json.dumps({"session_id": "b6", "tokens": ["x"] * 5000}).encode())]
+    publish(broker, names["in"], good[:4] + bad + good[4:])
+    _, summary = run_worker(settings_for(broker, names, tiny_model_dir))
+    dlq = read_topic(broker, names["dlq"])
+    assert summary.outcomes["dead_lettered"] == len(bad) == len(dlq)
+    assert [d["offset"] for d in dlq] == list(range(4, 4 + len(bad)))
+    assert all(d["reason"] and d["topic"] == names["in"] for d in dlq)
+    assert dlq[0]["value"] == "not json at all" and dlq[0]["key"] == "b1"
+    preds = read_topic(broker, names["out"])
+    assert len(preds) == len(good)
+    finals = {p["session_id"]: p for p in preds}
+    for s in sessions:
+        want = clf.classify(s.tokens)
+        assert max(abs(finals[s.session_id]["probs"][l] - want[l]) for l in want) <= 1e-5
+
+
+def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_model_dir):
+    """A worker whose partition epoch was superseded (a paused zombie) writes nothing."""
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
+    sessions = bbc_sessions(3, seed=14, max_tokens=60)
+    publish(broker, names["in"], interleave(sessions, seed=14))
+    settings = settings_for(broker, names, tiny_model_dir)
+    app = build_worker(settings, CollectorRegistry())
+    w = app.worker
+    try:
+        records = []
+        deadline = time.monotonic() + 30
+        while not records and time.monotonic() < deadline:
+            records = w.source.poll(500, 200)  # joins the group: epoch 1
+        assert records and w.epochs
+        # Meanwhile the partition moved to another worker, which took a newer epoch.
+        w.store.acquire_epochs(list(w.epochs))
+        w.process(records)
+        client = redis.Redis.from_url(REDIS_URL)
+        assert [k for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k] == []
+        assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0
+        assert app.registry.get_sample_value("gru_fenced_partitions_total") == 1
+    finally:
+        w.source.close()
+        w.sink.close()
+        app.close()
+    assert read_topic(broker, names["out"]) == []
+
+
+def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broker, names,
+                                                                           tiny_model_dir):
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
+    sessions = bbc_sessions(6, seed=15, max_tokens=60)
+    pairs = interleave(sessions, seed=15)
+    port = free_port()
+    env = {**os.environ, "GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
+           "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__PREFIX": names["prefix"],
+           "GRU_MODEL__THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--bootstrap", broker.bootstrap, "--group", names["group"],
+         "--model-dir", str(tiny_model_dir), "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
+         "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "1000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+
+        deadline = time.monotonic() + 40
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status, _ = get("/readyz")
+                if status == 200:
+                    break
+            except Exception:
+                time.sleep(0.2)
+        assert status == 200, "worker never became ready"
+        assert get("/healthz")[0] == 200
+        publish(broker, names["in"], pairs)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = get("/metrics")[1]
+            if f'gru_messages_total{{outcome="ok"}} {float(len(pairs))}' in text:
+                break
+            time.sleep(0.3)
+        for name in ("gru_e2e_latency_seconds", "gru_step_seconds", "gru_state_load_seconds",
+                     "gru_state_store_seconds", "gru_batch_size_messages"):
+            count = [l for l in text.splitlines() if l.startswith(name + "_count")]
+            assert count and float(count[0].split()[-1]) > 0, name
+        assert f'gru_messages_total{{outcome="ok"}} {float(len(pairs))}' in text
+        assert "gru_consumer_lag_messages{" in text and "gru_model_info{" in text
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert f"worker stopped: {len(pairs)} messages" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
