@@ -1,0 +1,33 @@
+"""The demo, bounded, as CI runs it: it must finish and print its summary."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+
+def _tansu_pids() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "tansu.*broker"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_dir):
+    before = _tansu_pids()
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--model-dir", str(tiny_model_dir),
+         "--sessions", "8", "--max-tokens", "120", "--max-seconds", "60", "--rate", "300",
+         "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = re.search(r"summary: (\d+)/(\d+) sessions finished, final accuracy ([0-9.]+) .*"
+                  r"latency p50 ([0-9.]+) ms, p99 ([0-9.]+) ms", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    assert m.group(1) == m.group(2) == "8"
+    assert 0.0 <= float(m.group(3)) <= 1.0
+    assert 0 < float(m.group(4)) <= float(m.group(5))
+    assert "metrics: http://127.0.0.1:" in proc.stdout
+    assert "state store:" in proc.stderr and "Kafka: a local tansu broker" in proc.stderr
+    assert _tansu_pids() <= before
