@@ -4,8 +4,8 @@
     DIR/vocab.json           the token list, index = id
     DIR/weights.safetensors  the tensors, in the safetensors format (no pickle)
 
-``model_id`` is a content hash of the weights and the vocab, so two artifacts with the same
-id compute the same function. Loading checks every tensor's shape against the config.
+``model_id`` is a content hash of the weights, the vocab and the architecture, so two
+artifacts with the same id compute the same function. Loading checks every tensor's shape against the config.
 The safetensors format is small enough to read and write here directly: 8 bytes of header
 length (little-endian u64), a JSON header, then raw little-endian tensor bytes.
 """
@@ -99,10 +99,12 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 # --- artifact ----------------------------------------------------------------------------
 
-def _model_id(weights_path: Path, vocab_path: Path) -> str:
+def _model_id(weights_path: Path, vocab_path: Path, architecture: Mapping) -> str:
+    """Content hash of what determines the function: weights, vocab and architecture."""
     h = hashlib.sha256()
     h.update(weights_path.read_bytes())
     h.update(vocab_path.read_bytes())
+    h.update(json.dumps(dict(architecture), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -113,11 +115,12 @@ def save(out_dir: str | Path, model: GRUClassifier, vocab: Vocab, labels: Sequen
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), out / WEIGHTS_FILE)
     (out / VOCAB_FILE).write_text(json.dumps(list(vocab.itos), ensure_ascii=False))
-    model_id = _model_id(out / WEIGHTS_FILE, out / VOCAB_FILE)
+    architecture = {"type": "gru_classifier", **model.config.to_dict()}
+    model_id = _model_id(out / WEIGHTS_FILE, out / VOCAB_FILE, architecture)
     config = {
         "format_version": FORMAT_VERSION,
         "model_id": model_id,
-        "architecture": {"type": "gru_classifier", **model.config.to_dict()},
+        "architecture": architecture,
         "labels": list(labels),
         "tokenizer": {"type": "word_regex", "lowercase": True, "pattern": TOKEN_PATTERN,
                       "pad_id": 0, "unk_id": 1},
@@ -186,7 +189,7 @@ def load(model_dir: str | Path, device: str = "cpu") -> Classifier:
                             f"{len(vocab)} tokens")
     if mconf.num_labels != len(labels):
         raise ArtifactError(f"{d}: config num_labels={mconf.num_labels} but {len(labels)} labels")
-    expected_id = _model_id(d / WEIGHTS_FILE, d / VOCAB_FILE)
+    expected_id = _model_id(d / WEIGHTS_FILE, d / VOCAB_FILE, config["architecture"])
     if config.get("model_id") != expected_id:
         raise ArtifactError(f"{d}: model_id {config.get('model_id')!r} does not match the content "
                             f"hash {expected_id!r} of the weights and vocab (corrupt or edited)")

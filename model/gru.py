@@ -22,6 +22,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                "linear": lambda x: x}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -30,6 +34,8 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 1
     dropout: float = 0.2  # on embeddings and between layers; inactive in eval mode
+    head_hidden: int = 0  # > 0: a Dense layer of this width (then head_activation) before the head
+    head_activation: str = "relu"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +54,18 @@ class GRUClassifier(nn.Module):
             batch_first=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
-        self.head = nn.Linear(config.hidden_size, config.num_labels)
+        if config.head_activation not in _ACTIVATIONS:
+            raise ValueError(f"head_activation {config.head_activation!r} is not one of "
+                             f"{sorted(_ACTIVATIONS)}")
+        self.pre_head = nn.Linear(config.hidden_size, config.head_hidden) if config.head_hidden else None
+        self.head = nn.Linear(config.head_hidden or config.hidden_size, config.num_labels)
+
+    def classify_hidden(self, out: torch.Tensor) -> torch.Tensor:
+        """Logits from top-layer GRU outputs, (..., H) -> (..., C)."""
+        x = self.drop(out)
+        if self.pre_head is not None:
+            x = _ACTIVATIONS[self.config.head_activation](self.pre_head(x))
+        return self.head(x)
 
     def initial_state(self, batch: int, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -65,7 +82,7 @@ class GRUClassifier(nn.Module):
         """
         x = self.drop(self.embed(token_ids))  # (B, T, E)
         out, _ = self.gru(x, h0)  # (B, T, H)
-        return self.head(self.drop(out))  # (B, T, C)
+        return self.classify_hidden(out)  # (B, T, C)
 
     @torch.inference_mode()
     def step(self, h: torch.Tensor, token_ids: torch.Tensor,
@@ -85,5 +102,5 @@ class GRUClassifier(nn.Module):
                                           enforce_sorted=False)
             _, h_rows = self.gru(packed, h[:, rows].contiguous())  # (L, B', H)
             h_new[:, rows] = h_rows
-        probs = torch.softmax(self.head(h_new[-1]), dim=-1)  # (B, C)
+        probs = torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)  # (B, C)
         return h_new, probs

@@ -55,19 +55,33 @@ def test_truncated_weights_fail_clearly(copy_dir):
     raw = (copy_dir / "weights.safetensors").read_bytes()
     (copy_dir / "weights.safetensors").write_bytes(raw[:100])
     _edit_config(copy_dir, lambda c: c.update(model_id=model.artifact._model_id(
-        copy_dir / "weights.safetensors", copy_dir / "vocab.json")))
+        copy_dir / "weights.safetensors", copy_dir / "vocab.json", c["architecture"])))
     with pytest.raises(ArtifactError, match="header length|offsets"):
         model.load(copy_dir)
 
 
+def _edit_arch(d, **changes):
+    def fn(c):
+        c["architecture"].update(changes)
+        c["model_id"] = model.artifact._model_id(d / "weights.safetensors", d / "vocab.json",
+                                                 c["architecture"])
+    _edit_config(d, fn)
+
+
+def test_edited_architecture_fails_the_content_hash(copy_dir):
+    _edit_config(copy_dir, lambda c: c["architecture"].update(head_activation="tanh"))
+    with pytest.raises(ArtifactError, match="does not match the content hash"):
+        model.load(copy_dir)
+
+
 def test_shape_mismatch_names_the_tensor(copy_dir):
-    _edit_config(copy_dir, lambda c: c["architecture"].update(embed_dim=64))
+    _edit_arch(copy_dir, embed_dim=64)
     with pytest.raises(ArtifactError, match="tensor 'embed.weight' has shape"):
         model.load(copy_dir)
 
 
 def test_vocab_size_mismatch(copy_dir):
-    _edit_config(copy_dir, lambda c: c["architecture"].update(vocab_size=7))
+    _edit_arch(copy_dir, vocab_size=7)
     with pytest.raises(ArtifactError, match="vocab_size=7"):
         model.load(copy_dir)
 
