@@ -79,11 +79,17 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from model.artifact import ArtifactError
+
     from .app import build_worker
     settings = _settings_from_args(args)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_worker(settings, CollectorRegistry())
+    try:
+        app = build_worker(settings, CollectorRegistry())
+    except ArtifactError as e:  # missing, not a directory, or not a valid model artifact
+        print(f"error: cannot load the model (--model-dir / GRU_MODEL__DIR): {e}", file=sys.stderr)
+        return 2
 
     def on_signal(signum, _frame) -> None:
         log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
