@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_messages: int | None = Field(None, ge=1, description="stop after this many input messages")
     idle_exit_s: float | None = Field(None, gt=0, description="stop after this long with no input")
+    test_crash_after_write: int | None = Field(
+        None, ge=1, description="TEST ONLY (GRU_TEST_CRASH_AFTER_WRITE, tests/test_faults.py): "
+        "SIGKILL this process right after its Nth state write that landed, before that batch's "
+        "predictions are produced and its offsets committed. Unset in production.")
 
     @field_validator("log_level", mode="before")
     @classmethod

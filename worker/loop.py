@@ -25,6 +25,8 @@ dedupe by ``(session_id, seq)``.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +101,7 @@ class Worker:
         self.summary = RunSummary()
         self.last_poll_ok = 0.0
         self._stopping = False
+        self._writes_landed = 0  # for the test_crash_after_write hook only
         source.bind(self.on_assigned, self.on_revoked)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -215,7 +218,20 @@ class Worker:
                 u.predictions = []
         if fenced:
             self._drop_fenced(fenced)
+        if self.s.test_crash_after_write and WriteStatus.OK in statuses:
+            self._test_crash_after_write()
         return fenced, stale
+
+    def _test_crash_after_write(self) -> None:
+        """Test hook (``GRU_TEST_CRASH_AFTER_WRITE=N``): die like a crash, with SIGKILL, right
+        after the Nth state write that landed, so the batch is written but neither produced
+        nor committed. Never called when the setting is unset."""
+        self._writes_landed += 1
+        if self._writes_landed == self.s.test_crash_after_write:
+            log.critical("test hook: SIGKILL after state write %d, before produce and commit",
+                         self._writes_landed)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _outgoing(self, result: BatchResult, rejections: Sequence[Rejection],
                   fenced: set[TopicPartition]) -> list[Outgoing]:
