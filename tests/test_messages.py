@@ -90,3 +90,20 @@ def test_prediction_and_dead_letter_encoding():
     d = json.loads(encode_dead_letter(Rejection(r, "bad")))
     assert d == {"reason": "bad", "topic": "tokens", "partition": 0, "offset": 7,
                  "timestamp_ms": 123, "key": "k", "value_b64": "/w=="}
+
+
+def test_integer_literals_past_pythons_digit_limit_are_rejected_not_raised():
+    # json.loads raises a plain ValueError (not JSONDecodeError) for ints over 4300 digits;
+    # it used to escape decode() and crash the worker on every redelivery (a poison pill).
+    raw = b'{"session_id": "s1", "seq": ' + b"7" * 5000 + b', "tokens": ["a"]}'
+    out = decode(rec(raw), 100, enc, LimitSettings())
+    assert isinstance(out, Rejection) and "digits" in out.reason
+
+
+def test_session_id_with_a_lone_surrogate_is_rejected():
+    # Valid JSON ("\ud800"), but not encodable as UTF-8: the Redis key and the prediction key
+    # could not be written, and the worker crashed on every redelivery.
+    out = dec(b'{"session_id": "a\\ud800", "tokens": ["a"]}', key=None)
+    assert isinstance(out, Rejection) and "session_id" in out.reason
+    assert isinstance(dec(b'{"session_id": "a\\u00e9\\ud83d\\ude00", "tokens": ["a"]}', key=None),
+                      TokenMessage)

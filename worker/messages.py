@@ -84,7 +84,8 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
         obj = json.loads(raw, parse_constant=_reject_constant)
     except _BadInput:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, and a plain ValueError for
+        # integer literals over Python's int digit limit (4300 digits)
         raise _BadInput(f"value is not valid UTF-8 JSON ({e.__class__.__name__}: {e})") from None
     except RecursionError:
         raise _BadInput("value is nested too deeply to decode") from None
@@ -100,6 +101,10 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
     if len(sid) > limits.max_session_id_len:
         raise _BadInput(f"session_id has {len(sid)} characters, over "
                         f"max_session_id_len={limits.max_session_id_len}")
+    try:
+        sid.encode("utf-8")  # it becomes the Redis key and the prediction's Kafka key
+    except UnicodeEncodeError:
+        raise _BadInput("session_id is not valid Unicode (it contains a lone surrogate)") from None
     if record.key is not None:
         try:
             key = record.key.decode("utf-8")
