@@ -107,3 +107,19 @@ def test_session_id_with_a_lone_surrogate_is_rejected():
     assert isinstance(out, Rejection) and "session_id" in out.reason
     assert isinstance(dec(b'{"session_id": "a\\u00e9\\ud83d\\ude00", "tokens": ["a"]}', key=None),
                       TokenMessage)
+
+
+def test_dead_letter_of_a_huge_record_stays_under_the_producer_limit():
+    # A 1 MB input rejected as too large (or as bad JSON) used to be copied whole into its dead
+    # letter; JSON escaping or base64 made it larger than the producer's max_request_size
+    # (1,048,576), send() raised MessageSizeTooLargeError and the loop retried it forever,
+    # blocking the partition.
+    for value in (b"\x01" * 1_000_000, b"\xff" * 1_000_000, b'"' * 999_999):
+        r = Rejection(rec(value, key=b"k" * 300_000), "too big")
+        out = encode_dead_letter(r)
+        assert len(out) < 1_000_000
+        d = json.loads(out)
+        assert d["value_truncated"] is True and d["value_bytes"] == len(value)
+        assert d["key_truncated"] is True and d["key_bytes"] == 300_000
+    small = json.loads(encode_dead_letter(Rejection(rec(b"abc"), "bad")))
+    assert small["value"] == "abc" and "value_truncated" not in small

@@ -190,6 +190,12 @@ def encode_prediction(p: Prediction, labels: Sequence[str], model_id: str) -> by
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+# How much of a rejected record's key and value a dead letter copies. JSON escaping (up to 6x)
+# or base64 (4/3x) of the copy must keep the dead letter under the producer's 1 MiB request
+# limit; a larger one could never be produced and would block its partition.
+DEAD_LETTER_COPY_BYTES = 128 * 1024
+
+
 def encode_dead_letter(r: Rejection) -> bytes:
     rec = r.record
     body: dict = {"reason": r.reason, "topic": rec.topic, "partition": rec.partition,
@@ -198,6 +204,10 @@ def encode_dead_letter(r: Rejection) -> bytes:
         if raw is None:
             body[name] = None
             continue
+        if len(raw) > DEAD_LETTER_COPY_BYTES:
+            body[name + "_truncated"] = True
+            body[name + "_bytes"] = len(raw)
+            raw = raw[:DEAD_LETTER_COPY_BYTES]
         try:
             body[name] = raw.decode("utf-8")
         except UnicodeDecodeError:
