@@ -236,3 +236,38 @@ def test_max_messages_bounds_the_run(clf):
     summary = make_worker(clf, log, store, max_messages=7, batch={"max_records": 3}).run()
     assert 7 <= summary.messages <= 9
     assert sum(log.committed["g"].values()) == summary.messages
+
+
+class LostReplyStore(MemoryStateStore):
+    """The first store() lands, then its reply is lost (Redis killed or timed out after
+    executing the script): the loop sees a DependencyError and retries the same writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = 0
+
+    def store(self, writes):
+        statuses = super().store(writes)
+        if not self.lost:
+            self.lost += 1
+            from worker.errors import DependencyError
+            raise DependencyError("redis", "connection lost after the script ran (simulated)")
+        return statuses
+
+
+def test_write_whose_reply_was_lost_still_produces_its_predictions(clf):
+    log, store = FakeLog(), LostReplyStore()
+    sessions = bbc_sessions(5, seed=21)
+    pairs = interleave(sessions, seed=21)
+    publish(log, pairs)
+    w = make_worker(clf, log, store, retry={"initial_backoff_s": 0.001, "max_backoff_s": 0.002})
+    w.run()
+    assert store.lost == 1
+    preds = predictions(log)
+    # The retry answers STALE (the first attempt already moved the position): the batch's
+    # predictions used to be withdrawn as "someone else advanced the session", then its
+    # offsets committed, so they were lost for good.
+    assert {(p["session_id"], p["seq"]) for p in preds} == {
+        (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs}
+    assert w.summary.outcomes["duplicate"] == 0
+    assert_matches_offline(clf, sessions, preds, store)

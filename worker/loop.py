@@ -204,6 +204,7 @@ class Worker:
                              u.new_pos, u.value, u.ttl_ms) for u in result.updates]
         t0 = time.perf_counter()
         statuses = self._retry(lambda: self.store.store(writes), "redis") if writes else []
+        statuses = self._own_stale_writes(result, statuses)
         self.metrics.store_seconds.observe(time.perf_counter() - t0)
         fenced: set[TopicPartition] = set()
         stale = 0
@@ -232,6 +233,23 @@ class Worker:
                          self._writes_landed)
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _own_stale_writes(self, result: BatchResult,
+                          statuses: list[WriteStatus]) -> list[WriteStatus]:
+        """A STALE answer can be our own write: the first attempt ran, its reply was lost
+        (Redis restarted or timed out) and the retry found the position already moved. The
+        stored value is then byte-for-byte ours, so count it as written: withdrawing its
+        predictions and committing would lose them for good."""
+        stale = [i for i, st in enumerate(statuses) if st == WriteStatus.STALE]
+        if not stale:
+            return statuses
+        current = self._retry(lambda: self.store.load(
+            [result.updates[i].session_id for i in stale]), "redis")
+        out = list(statuses)
+        for i, value in zip(stale, current):
+            if value is not None and value == result.updates[i].value:
+                out[i] = WriteStatus.OK
+        return out
 
     def _outgoing(self, result: BatchResult, rejections: Sequence[Rejection],
                   fenced: set[TopicPartition]) -> list[Outgoing]:
