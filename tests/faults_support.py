@@ -1,0 +1,425 @@
+"""Support for tests/test_faults.py: real worker subprocesses, a paced producer, the oracle.
+
+Everything that starts a process registers it with a ``Cluster``; ``Cluster.close()`` (run by
+the test fixture, also on failure) kills every worker, then redis-server and tansu.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+
+import model
+from worker.local_services import RedisServer, Tansu, free_port, wait_for
+from worker.state import Keys, decode_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+def _own_group_and_die_with_parent(parent: int) -> None:
+    os.setsid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGKILL
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+class WorkerProc:
+    """``python -m worker run`` as a subprocess with its own metrics port and log file."""
+
+    def __init__(self, cluster: "Cluster", name: str, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.cluster, self.name = cluster, name
+        self.port = free_port()
+        self.log_path = cluster.dir / f"{name}.log"
+        self.extra_env = env or {}
+        self.extra_args = args or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProc":
+        c = self.cluster
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRU_")}
+        env.update({"GRU_MODEL__THREADS": "1", "GRU_KAFKA__DLQ_TOPIC": c.names["dlq"],
+                    "GRU_REDIS__PREFIX": c.names["prefix"], "GRU_RETRY__MAX_BACKOFF_S": "1.0",
+                    "PYTHONUNBUFFERED": "1", **self.extra_env})
+        argv = [sys.executable, "-m", "worker", "run", "--bootstrap", c.kafka.bootstrap,
+                "--group", c.names["group"], "--input-topic", c.names["in"],
+                "--output-topic", c.names["out"], "--redis-url", c.redis.url,
+                "--model-dir", str(c.model_dir), "--metrics-host", "127.0.0.1",
+                "--metrics-port", str(self.port), "--session-timeout-ms", "6000",
+                "--heartbeat-interval-ms", "1000", *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {time.strftime('%H:%M:%S')} ===\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=lambda parent=os.getpid(): _own_group_and_die_with_parent(parent))
+        c.workers.append(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no shutdown work."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        """SIGTERM and wait for the exit code (the graceful path)."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
+
+    def restart(self) -> "WorkerProc":
+        self.kill()
+        return self.start()
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` as {'name{labels}': value}."""
+        out = {}
+        for line in self.get("/metrics")[1].splitlines():
+            if line and not line.startswith("#"):
+                k, _, v = line.rpartition(" ")
+                out[k] = float(v)
+        return out
+
+    def outcome(self, name: str) -> float:
+        return self.metrics().get(f'gru_messages_total{{outcome="{name}"}}', 0.0)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if not self.alive:
+                raise AssertionError(f"{self.name} exited:\n{self.log_tail()}")
+            return self.get("/readyz", 1.0)[0] == 200
+        wait_for(ready, timeout, 0.2, f"{self.name} /readyz")
+
+    def rss_kb(self) -> int:
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_text()[-n:]
+
+
+class Cluster:
+    """tansu + a private redis-server (AOF, appendfsync always) + worker subprocesses."""
+
+    def __init__(self, model_dir: Path, partitions: int = 4) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="gru-faults-"))
+        self.model_dir = model_dir
+        tag = uuid.uuid4().hex[:8]
+        self.names = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}",
+                      "group": f"g-{tag}", "prefix": f"f-{tag}"}
+        self.workers: list[WorkerProc] = []
+        self.kafka = Tansu()
+        self.redis = RedisServer(appendonly=True)
+        self.partitions = partitions
+        self.feeders: list[Feeder] = []
+
+    def __enter__(self) -> "Cluster":
+        try:
+            self.kafka.start()
+            self.redis.start()
+            self.kafka.create_topics([self.names["in"], self.names["out"], self.names["dlq"]],
+                                     partitions=self.partitions)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self.feeders:
+            f.stop()
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                w.kill()
+        self.redis.close()
+        self.kafka.close()
+
+    def worker(self, name: str = "w", **kw) -> WorkerProc:
+        return WorkerProc(self, name, **kw).start()
+
+    def keys(self, model_id: str) -> Keys:
+        return Keys(self.names["prefix"], model_id, self.names["group"])
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.dir.glob("*.log")))
+
+    # --- Kafka I/O --------------------------------------------------------------------------
+
+    def producer(self, **kw) -> KafkaProducer:
+        return KafkaProducer(bootstrap_servers=self.kafka.bootstrap, acks="all", linger_ms=5,
+                             enable_idempotence=False, **kw)
+
+    def feed(self, pairs: list[tuple[bytes | None, bytes]], seconds: float, **kw) -> "Feeder":
+        f = Feeder(self, pairs, seconds, **kw)
+        self.feeders.append(f)
+        f.start()
+        return f
+
+    def read(self, topic: str, idle_polls: int = 3) -> list:
+        """Every record of ``topic`` (all partitions, from the start), as ConsumerRecords."""
+        c = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap, enable_auto_commit=False,
+                          fetch_max_wait_ms=50, max_partition_fetch_bytes=8 << 20,
+                          fetch_max_bytes=64 << 20)
+        try:
+            tps = [TopicPartition(topic, p) for p in range(self.partitions)]
+            c.assign(tps)
+            c.seek_to_beginning(*tps)
+            out, idle = [], 0
+            while idle < idle_polls:
+                polled = c.poll(timeout_ms=300)
+                idle = 0 if polled else idle + 1
+                out += [r for recs in polled.values() for r in recs]
+            return out
+        finally:
+            c.close()
+
+    def committed(self) -> dict[int, int]:
+        """The group's committed offset per input partition (without joining the group)."""
+        c = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap, group_id=self.names["group"],
+                          enable_auto_commit=False)
+        try:
+            out = {}
+            for p in range(self.partitions):
+                off = c.committed(TopicPartition(self.names["in"], p))
+                if off is not None:
+                    out[p] = off
+            return out
+        finally:
+            c.close()
+
+    def predictions(self) -> list[dict]:
+        return [json.loads(r.value) for r in self.read(self.names["out"])]
+
+    def dead_letters(self) -> list[dict]:
+        return [json.loads(r.value) for r in self.read(self.names["dlq"])]
+
+    def wait_predictions(self, expected: set[tuple[str, int]], timeout: float) -> list[dict]:
+        """Read the output topic until every expected (session, seq) has a prediction."""
+        c = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap, enable_auto_commit=False,
+                          fetch_max_wait_ms=100)
+        try:
+            tps = [TopicPartition(self.names["out"], p) for p in range(self.partitions)]
+            c.assign(tps)
+            c.seek_to_beginning(*tps)
+            preds: list[dict] = []
+            seen: set[tuple[str, int]] = set()
+            deadline = time.monotonic() + timeout
+            while not expected <= seen:
+                if time.monotonic() > deadline:
+                    missing = sorted(expected - seen)
+                    raise AssertionError(f"{len(missing)} of {len(expected)} (session, seq) have no "
+                                         f"prediction after {timeout}s, e.g. {missing[:5]}\n"
+                                         f"{self.logs()}")
+                for recs in c.poll(timeout_ms=300).values():
+                    for r in recs:
+                        p = json.loads(r.value)
+                        preds.append(p)
+                        seen.add((p["session_id"], p["seq"]))
+            return preds
+        finally:
+            c.close()
+
+
+class Feeder(threading.Thread):
+    """Produces ``pairs`` in order, paced evenly over ``seconds``; remembers what was acked."""
+
+    def __init__(self, cluster: Cluster, pairs, seconds: float, **producer_kw) -> None:
+        super().__init__(daemon=True, name="feeder")
+        self.cluster, self.pairs, self.seconds = cluster, pairs, seconds
+        self.producer_kw = producer_kw
+        self.sent = 0
+        self.futures: list = []
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            p = self.cluster.producer(**self.producer_kw)
+            t0 = time.monotonic()
+            gap = self.seconds / max(1, len(self.pairs))
+            for i, (k, v) in enumerate(self.pairs):
+                if self._halt.is_set():
+                    break
+                delay = t0 + i * gap - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self.futures.append(p.send(self.cluster.names["in"], key=k, value=v))
+                self.sent = i + 1
+            p.flush(timeout=120)
+            p.close(timeout=10)
+        except BaseException as e:  # surfaced by join()
+            self.error = e
+
+    def positions(self) -> list[tuple[int, int]]:
+        """(partition, offset) of every pair, in order (after finish())."""
+        return [(m.partition, m.offset) for m in (f.get(timeout=60) for f in self.futures)]
+
+    def progress(self) -> float:
+        return self.sent / max(1, len(self.pairs))
+
+    def wait_progress(self, fraction: float, timeout: float = 120) -> None:
+        wait_for(lambda: self.progress() >= fraction or not self.is_alive(), timeout, 0.02,
+                 f"feeder at {fraction:.0%}")
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def finish(self, timeout: float = 180) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "feeder did not finish"
+        if self.error:
+            raise self.error
+
+
+# --- the oracle --------------------------------------------------------------------------
+
+@dataclass
+class Expected:
+    """What was produced for one session: its full token list and the seqs sent."""
+
+    tokens: list[str] = field(default_factory=list)
+    seqs: set[int] = field(default_factory=set)
+    last_seq: int = -1
+    ended: bool = False
+
+
+def expected_from(pairs) -> dict[str, Expected]:
+    """Replay the produced good messages as a user would define them (tokens in seq order)."""
+    out: dict[str, Expected] = {}
+    for _, v in pairs:
+        body = json.loads(v)
+        e = out.setdefault(body["session_id"], Expected())
+        if body["seq"] in e.seqs:
+            continue
+        e.seqs.add(body["seq"])
+        e.tokens += body["tokens"]
+        e.last_seq = max(e.last_seq, body["seq"])
+        e.ended = e.ended or bool(body.get("end"))
+    return out
+
+
+@dataclass
+class OracleReport:
+    sessions: int
+    predictions: int
+    duplicates_seen: int  # predictions beyond one per (session, seq)
+    max_diff: float
+
+
+def offline(clf, tokens: list[str]) -> tuple[np.ndarray, list[float]]:
+    """(h (L, H), probs (C,)) after the whole token list, from a zero state."""
+    ids = clf.encode(tokens)
+    with torch.inference_mode():
+        h, probs = clf.model.step(clf.model.initial_state(1), torch.tensor([ids]),
+                                  torch.tensor([len(ids)]))
+    return h[:, 0].float().numpy(), probs[0].float().tolist()
+
+
+def check_oracle(cluster: Cluster, model_dir: Path, expected: dict[str, Expected],
+                 preds: list[dict]) -> OracleReport:
+    """The suite's oracle, on what users see: Redis states and the last predictions equal the
+    model run offline over each session's full token list; every (session, seq) produced has
+    at least one prediction."""
+    clf = model.load(model_dir)
+    keys = cluster.keys(clf.model_id)
+    cfg = clf.model.config
+    by_key: dict[tuple[str, int], list[dict]] = {}
+    for p in preds:
+        by_key.setdefault((p["session_id"], p["seq"]), []).append(p)
+    want = {(sid, s) for sid, e in expected.items() for s in e.seqs}
+    missing = sorted(want - set(by_key))
+    assert not missing, f"{len(missing)} (session, seq) have no prediction, e.g. {missing[:5]}"
+    client = cluster.redis.client()
+    worst = 0.0
+    try:
+        for sid, e in expected.items():
+            h_want, p_want = offline(clf, e.tokens)
+            last = by_key[(sid, e.last_seq)]
+            for p in last:  # every copy of the last prediction (replays included) is exact
+                got = [p["probs"][l] for l in clf.labels]
+                d = max(abs(a - b) for a, b in zip(got, p_want))
+                worst = max(worst, d)
+                assert d <= TOL, f"{sid}: last prediction differs from offline by {d}"
+                assert p["tokens_seen"] == len(e.tokens), (sid, p["tokens_seen"], len(e.tokens))
+                assert p["final"] == e.ended
+            raw = client.get(keys.session(sid))
+            assert raw is not None, f"{sid}: no state in Redis"
+            st = decode_state(raw, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+            assert st.last_pos == e.last_seq, (sid, st.last_pos, e.last_seq)
+            assert st.tokens_seen == len(e.tokens), (sid, st.tokens_seen, len(e.tokens))
+            assert st.messages == len(e.seqs), (sid, st.messages, len(e.seqs))
+            assert st.ended == e.ended
+            if not e.ended:
+                d = float(np.abs(st.h - h_want).max())
+                worst = max(worst, d)
+                assert d <= TOL, f"{sid}: state h differs from offline by {d}"
+    finally:
+        client.close()
+    return OracleReport(len(expected), len(preds), len(preds) - len(by_key), worst)
+
+
+def session_pairs(sessions, seed: int, end: bool = False) -> list[tuple[bytes, bytes]]:
+    from .streams import interleave
+    return interleave(sessions, seed=seed, end=end)
+
+
+def jitter(rng: random.Random, a: float, b: float) -> float:
+    return rng.uniform(a, b)
