@@ -27,3 +27,33 @@ def test_worker_run_rejects_a_bad_model_dir(tmp_path, kind, reason):
     assert proc.returncode == 2, proc.stderr
     assert "cannot load the model" in proc.stderr and reason in proc.stderr
     assert str(target) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_redis_tls_and_auth_settings_reach_the_client(monkeypatch):
+    from worker.app import redis_client
+    from worker.config import Settings
+
+    for k, v in {"GRU_REDIS__URL": "rediss://cache.example:6380/0", "GRU_REDIS__USERNAME": "gru",
+                 "GRU_REDIS__PASSWORD": "s3cret", "GRU_REDIS__SSL_CA_CERTS": "/etc/ca.pem",
+                 "GRU_REDIS__SSL_CERTFILE": "/etc/client.pem",
+                 "GRU_REDIS__SSL_KEYFILE": "/etc/client.key"}.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert "s3cret" not in repr(s)  # the password is a SecretStr
+    kw = redis_client(s).connection_pool.connection_kwargs  # nothing is connected yet
+    assert kw["username"] == "gru" and kw["password"] == "s3cret"
+    assert (kw["ssl_ca_certs"], kw["ssl_certfile"], kw["ssl_keyfile"]) == (
+        "/etc/ca.pem", "/etc/client.pem", "/etc/client.key")
+
+
+def test_kafka_sasl_ssl_settings_reach_the_clients(monkeypatch):
+    from worker.config import Settings
+
+    for k, v in {"GRU_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "GRU_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+                 "GRU_KAFKA__SASL_PLAIN_USERNAME": "gru", "GRU_KAFKA__SASL_PLAIN_PASSWORD": "pw",
+                 "GRU_KAFKA__SSL_CAFILE": "/etc/ca.pem"}.items():
+        monkeypatch.setenv(k, v)
+    opts = Settings().kafka.client_options()
+    assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert opts["sasl_plain_username"] == "gru" and opts["sasl_plain_password"] == "pw"
+    assert opts["ssl_cafile"] == "/etc/ca.pem"

@@ -39,7 +39,8 @@ def redis_client(settings: Settings) -> redis.Redis:
         r.url, username=r.username,
         password=r.password.get_secret_value() if r.password else None,
         socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
-        **({"ssl_ca_certs": r.ssl_ca_certs} if r.ssl_ca_certs else {}))
+        **{k: v for k, v in (("ssl_ca_certs", r.ssl_ca_certs), ("ssl_certfile", r.ssl_certfile),
+                             ("ssl_keyfile", r.ssl_keyfile)) if v})
 
 
 def build_store(settings: Settings, model_id: str) -> StateStore:

@@ -58,6 +58,8 @@ class RedisSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS (rediss://)")
+    ssl_keyfile: str | None = None
     prefix: str = Field("gru", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     ttl_seconds: int = Field(86_400, ge=1, description="idle expiry, refreshed on every write")
     end_ttl_seconds: int = Field(3_600, ge=0, description="how long an ended session's tombstone "
