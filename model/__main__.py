@@ -1,4 +1,4 @@
-"""Command line: ``python -m model train | eval | predict``."""
+"""Command line: ``python -m model train | eval | predict | import-keras``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from . import artifact, data
+from .keras_import import KerasImportError, import_keras, read_labels
 from .train import TrainConfig, evaluate_artifact, train
 
 
@@ -33,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--dataset", default=None, help="override the dataset recorded in the artifact")
     pr = sub.add_parser("predict", help="classify text read from stdin, print JSON")
     pr.add_argument("--model", required=True)
+    kx = sub.add_parser("import-keras", help="convert a Keras Embedding->GRU->Dense model")
+    kx.add_argument("keras_file", help="a Keras 3 .keras file or a legacy .h5 file")
+    kx.add_argument("--vocab", required=True,
+                    help="token-per-line file (line i = id i), JSON list, or JSON token->id map")
+    kx.add_argument("--labels", required=True,
+                    help="comma-separated class names in output order, or a file of them")
+    kx.add_argument("--unk-token", help="the out-of-vocabulary token (default: detect [UNK], <OOV>, ...)")
+    kx.add_argument("--out", required=True, help="artifact directory to write")
     args = ap.parse_args(argv)
 
     try:
@@ -50,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             label = max(probs, key=probs.get)
             print(json.dumps({"label": label, "confidence": probs[label], "probs": probs,
                               "model_id": clf.model_id}))
-    except (artifact.ArtifactError, data.DatasetError) as e:
+        elif args.cmd == "import-keras":
+            model_id = import_keras(args.keras_file, args.vocab, read_labels(args.labels),
+                                    args.out, args.unk_token)
+            print(json.dumps({"model_id": model_id, "out": args.out}))
+    except (artifact.ArtifactError, data.DatasetError, KerasImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
