@@ -19,8 +19,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+
+# Messages up to this many tokens take the unrolled step (a table lookup and K small
+# matmuls); longer ones go through nn.GRU's fused loop. Both compute the same function.
+UNROLL_MAX_TOKENS = 32
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
                 "linear": lambda x: x}
@@ -84,6 +89,20 @@ class GRUClassifier(nn.Module):
         out, _ = self.gru(x, h0)  # (B, T, H)
         return self.classify_hidden(out)  # (B, T, C)
 
+    def prepare_streaming(self, max_table_bytes: int = 512 * 2**20) -> None:
+        """Precompute layer 0's input side for every token: (V, 3H) = embed @ W_ih^T + b_ih.
+
+        The streaming step then looks up a token's gate inputs instead of multiplying for
+        them. It snapshots the current weights: call it again after changing them.
+        """
+        table_bytes = self.config.vocab_size * 3 * self.config.hidden_size * 4
+        if table_bytes > max_table_bytes:
+            self._input_table = None
+            return
+        with torch.no_grad():
+            self._input_table = torch.addmm(self.gru.bias_ih_l0, self.embed.weight,
+                                            self.gru.weight_ih_l0.t())  # (V, 3H)
+
     @torch.inference_mode()
     def step(self, h: torch.Tensor, token_ids: torch.Tensor,
              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +112,16 @@ class GRUClassifier(nn.Module):
         lengths: (B,) real tokens per row, >= 0. Returns (new h (L, B, H), probs (B, C)).
         A row with length 0 keeps its state.
         """
+        if token_ids.shape[1] <= UNROLL_MAX_TOKENS:
+            h_new = self._step_unrolled(h, token_ids, lengths)
+        else:
+            h_new = self._step_fused(h, token_ids, lengths)
+        probs = torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)  # (B, C)
+        return h_new, probs
+
+    def _step_fused(self, h: torch.Tensor, token_ids: torch.Tensor,
+                    lengths: torch.Tensor) -> torch.Tensor:
+        """Long messages: nn.GRU's own time loop over a packed batch."""
         h_new = h.clone()
         moving = lengths > 0
         if bool(moving.any()):
@@ -102,5 +131,39 @@ class GRUClassifier(nn.Module):
                                           enforce_sorted=False)
             _, h_rows = self.gru(packed, h[:, rows].contiguous())  # (L, B', H)
             h_new[:, rows] = h_rows
-        probs = torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)  # (B, C)
-        return h_new, probs
+        return h_new
+
+    def _step_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+        """Short messages: K explicit GRU steps; rows past their length keep their state.
+
+        The gate arithmetic is ATen's GRU cell: r and z from sigmoid, n = tanh(i_n + r * h_n),
+        h' = n + z * (h - n). Layer 0's input side comes from the precomputed table if any.
+        """
+        B, K = token_ids.shape
+        g = self.gru
+        table = getattr(self, "_input_table", None)
+        if table is not None and not self.training:
+            gi0 = table[token_ids]  # (B, K, 3H)
+        else:
+            gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, g.bias_ih_l0)  # (B, K, 3H)
+        state = list(h.unbind(0))  # L x (B, H)
+        full = bool((lengths >= K).all())
+        mask = None if full else (torch.arange(K, device=lengths.device)[None, :]
+                                  < lengths.to(token_ids.device)[:, None])  # (B, K)
+        for t in range(K):
+            x_gates = gi0[:, t]  # (B, 3H)
+            for layer in range(len(state)):
+                if layer:
+                    x_gates = F.linear(state[layer - 1], getattr(g, f"weight_ih_l{layer}"),
+                                       getattr(g, f"bias_ih_l{layer}"))
+                h_gates = F.linear(state[layer], getattr(g, f"weight_hh_l{layer}"),
+                                   getattr(g, f"bias_hh_l{layer}"))
+                i_r, i_z, i_n = x_gates.chunk(3, 1)
+                h_r, h_z, h_n = h_gates.chunk(3, 1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                new = n + z * (state[layer] - n)  # (B, H)
+                state[layer] = new if mask is None else torch.where(mask[:, t:t + 1], new, state[layer])
+        return torch.stack(state)  # (L, B, H)

@@ -28,12 +28,16 @@ def chunk(ids, cuts):
     return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-@settings(max_examples=40, deadline=None)
-@given(ids=st.lists(st.integers(2, 49), min_size=1, max_size=60),
-       cuts=st.lists(st.integers(1, 59), max_size=10),
-       layers=st.integers(1, 2))
-def test_folding_step_over_chunks_equals_forward(ids, cuts, layers):
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(2, 49), min_size=1, max_size=80),
+       cuts=st.lists(st.integers(1, 79), max_size=10),
+       layers=st.integers(1, 2), prepared=st.booleans())
+def test_folding_step_over_chunks_equals_forward(ids, cuts, layers, prepared):
+    """Chunks of up to 32 tokens take the unrolled step (with or without the precomputed
+    input table), longer ones the fused nn.GRU loop: all must agree with forward."""
     model = make_model(layers)
+    if prepared:
+        model.prepare_streaming()
     h = model.initial_state(1)
     for part in chunk(ids, cuts):
         h, probs = model.step(h, torch.tensor([part]), torch.tensor([len(part)]))
@@ -69,6 +73,20 @@ def test_batched_step_interleaves_sessions_like_separate_runs(texts, seed):
         ref_probs, ref_h = full_run(model, ids)
         assert (last[i] - ref_probs).abs().max() <= TOL
         assert (h[:, i] - ref_h).abs().max() <= TOL
+
+
+def test_both_step_paths_agree_on_a_mixed_batch():
+    from model.gru import UNROLL_MAX_TOKENS
+    model = make_model(2)
+    model.prepare_streaming()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 16, generator=g)
+    lengths = torch.tensor([UNROLL_MAX_TOKENS, 3, 0, 17])
+    ids = torch.randint(2, 50, (4, UNROLL_MAX_TOKENS), generator=g) * (
+        torch.arange(UNROLL_MAX_TOKENS)[None, :] < lengths[:, None])
+    unrolled = model._step_unrolled(h, ids, lengths)
+    fused = model._step_fused(h, ids, lengths)
+    assert (unrolled - fused).abs().max() <= TOL
 
 
 def test_zero_length_rows_keep_their_state():

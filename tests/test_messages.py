@@ -81,6 +81,22 @@ def test_decode_is_total(value):
         json.loads(encode_dead_letter(out))  # every rejection can be dead-lettered
 
 
+@settings(max_examples=200, deadline=None)
+@given(sid=st.text(min_size=1, max_size=20), seq=st.integers(0, 2**53),
+       probs=st.lists(st.floats(0, 1, width=32), min_size=3, max_size=3),
+       labels=st.lists(st.text(min_size=1, max_size=8), min_size=3, max_size=3, unique=True),
+       final=st.booleans())
+def test_fast_prediction_encoder_equals_json_dumps(sid, seq, probs, labels, final):
+    p = Prediction(sid, seq, tuple(probs), 5, final, rec(b"x"))
+    best = max(range(3), key=probs.__getitem__)
+    want = json.dumps({"session_id": sid, "seq": seq, "label": labels[best],
+                       "confidence": round(probs[best], 6),
+                       "probs": {l: round(x, 6) for l, x in zip(labels, probs)},
+                       "tokens_seen": 5, "final": final, "model_id": "m\"1",
+                       "partition": 0, "offset": 7}, separators=(",", ":")).encode()
+    assert encode_prediction(p, labels, 'm"1') == want
+
+
 def test_prediction_and_dead_letter_encoding():
     r = rec(b"\xff", key=b"k")
     p = json.loads(encode_prediction(Prediction("s1", 3, (0.1, 0.9), 12, True, r), ["a", "b"], "m1"))

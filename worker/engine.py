@@ -20,7 +20,7 @@ from model.gru import GRUClassifier
 
 from .messages import Prediction, Rejection, TokenMessage
 from .state import (OutboxEntry, PosKind, SessionState, StateCorrupt, TopicPartition,
-                    decode_state, encode_state)
+                    decode_outbox, decode_state, encode_state)
 
 
 @dataclass(slots=True)
@@ -65,6 +65,7 @@ class Engine:
     def __init__(self, model: GRUClassifier, device: str = "cpu", state_dtype: str = "float32",
                  ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000) -> None:
         self.model = model.eval().to(device)
+        self.model.prepare_streaming()
         self.device = torch.device(device)
         self.state_dtype = state_dtype
         self.ttl_ms, self.end_ttl_ms = ttl_ms, end_ttl_ms
@@ -82,22 +83,23 @@ class Engine:
         for sid, msgs in by_session.items():
             try:
                 raw = loaded.get(sid)
-                state = decode_state(raw, self.layers, self.hidden, self.num_labels) if raw else None
+                state = decode_state(raw, self.layers, self.hidden, self.num_labels,
+                                     with_outbox=False) if raw else None
             except StateCorrupt as e:
                 result.rejections += [Rejection(m.record, f"stored state of session {sid!r} is "
                                                 f"unreadable: {e}") for m in msgs]
                 continue
-            steps = self._plan(state, msgs, result)
+            steps = self._plan(state, raw, msgs, result)
             if steps:
                 plans.append((sid, state, steps))
         if plans:
             self._run(plans, result)
         return result
 
-    def _plan(self, state: SessionState | None, msgs: list[TokenMessage],
+    def _plan(self, state: SessionState | None, raw: bytes | None, msgs: list[TokenMessage],
               result: BatchResult) -> list[_Step]:
         """Decide, without the model, what each message does to its session."""
-        outbox = {e.position: e for e in state.outbox} if state else {}
+        outbox: dict[int, OutboxEntry] | None = None  # decoded on the first duplicate
         last_pos = state.last_pos if state else None
         kind = state.pos_kind if state else None
         live = state is not None and not state.ended
@@ -113,6 +115,8 @@ class Engine:
                 continue
             if last_pos is not None and m.position <= last_pos:
                 result.duplicates.append(m)
+                if outbox is None:
+                    outbox = {e.position: e for e in decode_outbox(raw)} if raw else {}
                 entry = outbox.get(m.position)
                 if entry is not None:
                     result.replayed.append(Prediction(m.session_id, entry.seq, entry.probs,

@@ -142,6 +142,7 @@ class KafkaSink:
             # Idempotence off: the loop retries unacknowledged sends itself (predictions are
             # at-least-once anyway), and an idempotent producer can wedge after a timeout.
             self.producer = KafkaProducer(acks="all", linger_ms=settings.linger_ms,
+                                          batch_size=settings.producer_batch_bytes,
                                           retries=5, enable_idempotence=False, request_timeout_ms=int(timeout_s * 1000),
                                           max_block_ms=int(timeout_s * 1000),
                                           **settings.client_options())

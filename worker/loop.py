@@ -36,7 +36,7 @@ from .config import Settings
 from .engine import BatchResult, Engine
 from .errors import DependencyError, ShutdownRequested
 from .messages import (Prediction, Record, Rejection, TokenMessage, decode, encode_dead_letter,
-                       encode_prediction)
+                       PredictionEncoder)
 from .metrics import Metrics
 from .state import StateStore, StateWrite, TopicPartition, WriteStatus
 
@@ -95,6 +95,7 @@ class Worker:
         self.engine, self.store, self.source, self.sink = engine, store, source, sink
         self.metrics = metrics
         self.labels, self.model_id = list(labels), model_id
+        self.encoder = PredictionEncoder(labels, model_id)
         self.encode_tokens, self.vocab_size = encode_tokens, vocab_size
         self.clock = clock
         self.epochs: dict[TopicPartition, int] = {}
@@ -259,7 +260,7 @@ class Worker:
         for p in preds:
             if (p.record.topic, p.record.partition) not in fenced:
                 out.append(Outgoing(k.output_topic, p.session_id.encode(),
-                                    encode_prediction(p, self.labels, self.model_id)))
+                                    self.encoder.encode(p)))
         for rej in [*rejections, *result.rejections]:
             if (rej.record.topic, rej.record.partition) not in fenced:
                 out.append(Outgoing(k.dlq_topic, rej.record.key, encode_dead_letter(rej)))

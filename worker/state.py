@@ -76,7 +76,10 @@ def encode_state(s: SessionState, num_labels: int, dtype: str = "float32") -> by
     return b"".join(parts)
 
 
-def decode_state(raw: bytes, layers: int, hidden: int, num_labels: int) -> SessionState:
+def decode_state(raw: bytes, layers: int, hidden: int, num_labels: int,
+                 with_outbox: bool = True) -> SessionState:
+    """Decode and validate a value. The outbox is only needed when a duplicate arrives, so
+    the hot path skips it (``with_outbox=False``) and calls ``decode_outbox`` on demand."""
     if len(raw) < _HEADER.size:
         raise StateCorrupt(f"state value is {len(raw)} bytes, shorter than its header")
     magic, flags, l, hdim, c, n_out, last_pos, tokens, messages = _HEADER.unpack_from(raw)
@@ -88,19 +91,27 @@ def decode_state(raw: bytes, layers: int, hidden: int, num_labels: int) -> Sessi
                            f"L={layers} H={hidden} C={num_labels}")
     width = 2 if flags & _F16 else 4
     h_end = _HEADER.size + l * hdim * width
-    entry = _OUTBOX.size + 4 * c
-    if len(raw) != h_end + n_out * entry:
-        raise StateCorrupt(f"state value is {len(raw)} bytes, header implies {h_end + n_out * entry}")
+    if len(raw) != h_end + n_out * (_OUTBOX.size + 4 * c):
+        raise StateCorrupt(f"state value is {len(raw)} bytes, header implies "
+                           f"{h_end + n_out * (_OUTBOX.size + 4 * c)}")
     h = np.frombuffer(raw, dtype="<f2" if width == 2 else "<f4", count=l * hdim,
                       offset=_HEADER.size).astype(np.float32).reshape(l, hdim)
-    outbox = []
+    return SessionState(h, last_pos, PosKind.SEQ if flags & _SEQ else PosKind.OFFSET, tokens,
+                        messages, ended, decode_outbox(raw) if with_outbox else ())
+
+
+def decode_outbox(raw: bytes) -> tuple[OutboxEntry, ...]:
+    """The outbox of a value that ``decode_state`` has already validated."""
+    _, flags, l, hdim, c, n_out, *_ = _HEADER.unpack_from(raw)
+    entry = _OUTBOX.size + 4 * c
+    start = _HEADER.size + l * hdim * (2 if flags & _F16 else 4)
+    out = []
     for i in range(n_out):
-        at = h_end + i * entry
+        at = start + i * entry
         pos, seq, seen, final = _OUTBOX.unpack_from(raw, at)
         probs = np.frombuffer(raw, dtype="<f4", count=c, offset=at + _OUTBOX.size)
-        outbox.append(OutboxEntry(pos, seq, seen, bool(final), tuple(float(p) for p in probs)))
-    return SessionState(h, last_pos, PosKind.SEQ if flags & _SEQ else PosKind.OFFSET, tokens,
-                        messages, ended, tuple(outbox))
+        out.append(OutboxEntry(pos, seq, seen, bool(final), tuple(float(p) for p in probs)))
+    return tuple(out)
 
 
 # --- keys --------------------------------------------------------------------------------
