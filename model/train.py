@@ -5,6 +5,10 @@ classify a stream after its first sentences, not just at the end. Training seque
 cut to ``max_train_tokens`` (the prefix: that is what a stream shows first); evaluation
 always reads whole texts. Early stopping keeps the epoch with the best validation score,
 which weighs early prefixes as well as the full text.
+
+The default recipe (BBC News, 2 CPU cores, about 3-4 minutes): 512-wide embeddings, a
+one-cycle learning rate over 12 epochs, 20% of training tokens replaced by ``<unk>``, and
+validation (and the saved weights) on an exponential moving average of the weights.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from . import artifact, data
 from .evaluate import evaluate
 from .gru import GRUClassifier, ModelConfig
-from .tokenizer import Vocab, tokenize
+from .tokenizer import UNK_ID, Vocab, tokenize
 
 
 @dataclass
@@ -35,17 +40,26 @@ class TrainConfig:
     seed: int = 0
     min_freq: int = 2
     max_vocab: int | None = None
-    embed_dim: int = 128
+    embed_dim: int = 512
     hidden_size: int = 128
     num_layers: int = 1
     dropout: float = 0.3
-    epochs: int = 14
-    patience: int = 4
+    epochs: int = 12
+    patience: int = 12  # the one-cycle schedule runs its epochs; val picks the best
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
     clip: float = 1.0
-    max_train_tokens: int = 400
+    max_train_tokens: int = 300
+    word_dropout: float = 0.2  # training only: replace this share of input tokens by <unk>
+    crop_prob: float = 0.0  # training only: share of long texts read from a random window
+    carry_state: int = 0  # 1: a random window starts from the state its preceding tokens give
+    schedule: str = "onecycle"  # const | onecycle | cosine (per batch, with warmup)
+    warmup: float = 0.1  # share of the steps spent warming up (onecycle, cosine)
+    label_smoothing: float = 0.0
+    loss_ramp: int = 0  # weight of position t is min(1, (t + 1) / loss_ramp); 0: uniform
+    init: str = "default"  # default | orthogonal (GRU recurrent weights)
+    ema: float = 0.99  # > 0: validate and keep an exponential moving average of the weights
     device: str = "cpu"
     threads: int | None = None
     limit: int | None = None  # keep only N documents per label before splitting (quick runs)
@@ -72,13 +86,34 @@ def _batches(seqs: Sequence[list[int]], targets: Sequence[int], batch_size: int,
 
 
 def _collate(idx: list[int], seqs: Sequence[list[int]], targets: Sequence[int],
-             max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lens = [min(max(1, len(seqs[i])), max_len) for i in idx]
+             max_len: int, starts: Sequence[int] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    starts = starts or [0] * len(idx)
+    lens = [min(max(1, len(seqs[i]) - st), max_len) for i, st in zip(idx, starts)]
     ids = torch.zeros(len(idx), max(lens), dtype=torch.long)
-    for row, i in enumerate(idx):
-        s = seqs[i][:max_len]
+    for row, (i, st) in enumerate(zip(idx, starts)):
+        s = seqs[i][st:st + max_len]
         ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
     return ids, torch.tensor(lens), torch.tensor([targets[i] for i in idx])
+
+
+def _prefix_state(model: GRUClassifier, idx: list[int], seqs: Sequence[list[int]],
+                  starts: Sequence[int]) -> torch.Tensor | None:
+    """The GRU state after each text's first ``starts[row]`` tokens (zeros where 0), no grad."""
+    if not any(starts):
+        return None
+    rows = [r for r, st in enumerate(starts) if st > 0]
+    pre = torch.zeros(len(rows), max(starts[r] for r in rows), dtype=torch.long)
+    for k, r in enumerate(rows):
+        pre[k, : starts[r]] = torch.tensor(seqs[idx[r]][: starts[r]], dtype=torch.long)
+    dev = model.head.weight.device
+    h0 = model.initial_state(len(idx), device=dev)
+    with torch.no_grad():
+        packed = pack_padded_sequence(model.embed(pre.to(dev)), torch.tensor([starts[r] for r in rows]),
+                                      batch_first=True, enforce_sorted=False)
+        _, h_rows = model.gru(packed)
+    h0[:, rows] = h_rows
+    return h0
 
 
 def _val_score(report: dict) -> float:
@@ -110,34 +145,84 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     mconf = ModelConfig(len(vocab), len(labels), cfg.embed_dim, cfg.hidden_size, cfg.num_layers,
                         cfg.dropout)
     model = GRUClassifier(mconf).to(cfg.device)
+    if cfg.init == "orthogonal":
+        H = cfg.hidden_size
+        for name, p in model.gru.named_parameters():
+            if name.startswith("weight_hh"):
+                for g in range(3):
+                    nn.init.orthogonal_(p.data[g * H:(g + 1) * H])
+            elif name.startswith("weight_ih"):
+                nn.init.xavier_uniform_(p.data)
+            elif name.startswith("bias"):
+                nn.init.zeros_(p.data)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    n_batches = math.ceil(len(tr_x) / cfg.batch_size)
+    total_steps = cfg.epochs * n_batches
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
+                                                    pct_start=cfg.warmup)
+    elif cfg.schedule == "cosine":
+        warm = max(1, int(cfg.warmup * total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, total_steps - warm)))))
+    elif cfg.schedule == "const":
+        sched = None
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
     log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"train: {len(split.train)} docs, val {len(split.val)}, test {len(split.test)}, "
         f"vocab {len(vocab)}, labels {labels}, device {cfg.device}")
 
+    params = [p for p in model.parameters()]
+    # The average needs a few time constants (1 / (1 - ema) steps) to forget the initial
+    # weights; a run shorter than five of them keeps the plain weights.
+    use_ema = cfg.ema > 0 and total_steps >= 5 / (1 - cfg.ema)
+    if cfg.ema > 0 and not use_ema:
+        log(f"ema off: {total_steps} steps is too short for ema {cfg.ema}")
+    ema_params = [p.detach().clone() for p in params] if use_ema else None
     best_score, best_state, best_epoch, history, stale = -1.0, None, 0, [], 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         batches = _batches(tr_x, tr_y, cfg.batch_size, rng)
         total_loss = correct = count = 0.0
         for b, idx in enumerate(batches, start=1):
-            ids, lens, y = _collate(idx, tr_x, tr_y, cfg.max_train_tokens)
+            starts = [rng.randrange(len(tr_x[i]) - cfg.max_train_tokens + 1)
+                      if len(tr_x[i]) > cfg.max_train_tokens and rng.random() < cfg.crop_prob
+                      else 0 for i in idx]
+            ids, lens, y = _collate(idx, tr_x, tr_y, cfg.max_train_tokens, starts)
+            h0 = _prefix_state(model, idx, tr_x, starts) if cfg.carry_state else None
+            if cfg.word_dropout > 0:
+                drop = (torch.rand(ids.shape) < cfg.word_dropout) & (ids > 0)
+                ids = ids.masked_fill(drop, UNK_ID)
             ids, lens, y = ids.to(cfg.device), lens.to(cfg.device), y.to(cfg.device)
-            logits = model(ids)  # (B, T, C)
+            logits = model(ids, h0=h0)  # (B, T, C)
             T = ids.shape[1]
-            mask = torch.arange(T, device=ids.device)[None, :] < lens[:, None]  # (B, T)
+            mask = (torch.arange(T, device=ids.device)[None, :] < lens[:, None]).float()  # (B, T)
+            if cfg.loss_ramp > 0:
+                pos = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)
+                mask = mask * ((pos + 1).float() / cfg.loss_ramp).clamp(max=1.0)
             per_pos = loss_fn(logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(T))
             loss = (per_pos.view(len(idx), T) * mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
+            if sched is not None:
+                sched.step()
+            if ema_params is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - cfg.ema)
             last = logits[torch.arange(len(idx)), lens - 1].argmax(-1)
             total_loss += loss.item() * len(idx)
             correct += float((last == y).sum())
             count += len(idx)
             _progress(f"epoch {epoch:2d}", b, len(batches), f"loss {total_loss / count:.4f}", cfg.quiet)
+        if ema_params is not None:
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, e in zip(params, ema_params):
+                    p.copy_(e)
         report = evaluate(model, va_x, va_y, labels, device=cfg.device)
         score = _val_score(report)
         acc = report["accuracy_at_fraction"]
@@ -149,7 +234,11 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
         if score > best_score:
             best_score, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
+        if ema_params is not None:
+            with torch.no_grad():
+                for p, l in zip(params, live):
+                    p.copy_(l)
+        if best_epoch != epoch:
             stale += 1
             if stale >= cfg.patience:
                 log(f"early stop: no val improvement for {cfg.patience} epochs")
