@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,8 @@ class Cluster:
                 w.kill()
         self.redis.close()
         self.kafka.close()
+        if not os.environ.get("GRU_FAULTS_KEEP_LOGS"):  # failures already show the log tails
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def worker(self, name: str = "w", **kw) -> WorkerProc:
         return WorkerProc(self, name, **kw).start()
@@ -204,8 +207,8 @@ class Cluster:
     # --- Kafka I/O --------------------------------------------------------------------------
 
     def producer(self, **kw) -> KafkaProducer:
-        return KafkaProducer(bootstrap_servers=self.kafka.bootstrap, acks="all", linger_ms=5,
-                             enable_idempotence=False, **kw)
+        opts = {"acks": "all", "linger_ms": 5, "enable_idempotence": False, **kw}
+        return KafkaProducer(bootstrap_servers=self.kafka.bootstrap, **opts)
 
     def feed(self, pairs: list[tuple[bytes | None, bytes]], seconds: float, **kw) -> "Feeder":
         f = Feeder(self, pairs, seconds, **kw)

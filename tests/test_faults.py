@@ -20,6 +20,8 @@ import pytest
 import model
 from worker.state import decode_state
 
+from worker.local_services import wait_for
+
 from .faults_support import Cluster, check_oracle, expected_from, offline
 from .streams import bbc_sessions, interleave
 
@@ -127,21 +129,29 @@ def test_crash_after_state_write_before_commit(cluster, tiny_model_dir):
 
 @pytest.mark.slow
 def test_paused_zombie_is_fenced_and_writes_nothing_stale(cluster, tiny_model_dir):
-    sessions, pairs = stream(30, seed=103)
-    a = cluster.worker("a", env=FAST)
+    sessions, pairs = stream(30, seed=103, max_tokens=200)
+    # The zombie fills batches for up to 1.5 s, so it is nearly always holding polled records
+    # when it is stopped: on SIGCONT it goes on to write them with its old epoch.
+    a = cluster.worker("a", env={**FAST, "GRU_BATCH__MAX_WAIT_MS": "1500"})
     b = cluster.worker("b", env=FAST)
     a.wait_ready()
     b.wait_ready()
     time.sleep(4)  # let the second join settle: both hold partitions
-    feeder = cluster.feed(pairs, seconds=16)
-    feeder.wait_progress(0.25)
+    feeder = cluster.feed(pairs, seconds=24)
+    feeder.wait_progress(0.15)
     fenced, pauses = 0.0, 0
-    while fenced == 0 and pauses < 3 and feeder.progress() < 0.9:
+    while fenced == 0 and pauses < 2:
+        wait_for(lambda: a.metrics().get("gru_assigned_partitions", 0) > 0, 30, 0.2, "a assigned")
+        # Catch a in the middle of a batch: hang Redis until a's next batch waits on its MGET,
+        # stop a there, and let Redis go. On SIGCONT a finds its reply and goes on to write.
+        cluster.redis.pause()
+        time.sleep(2.0)
         a.signal(signal.SIGSTOP)  # past its 6 s session timeout: its partitions move to b
+        cluster.redis.resume()
         pauses += 1
-        time.sleep(8)
+        time.sleep(12)  # session timeout (6 s) + tansu's rebalance (~3 s) + b's INCR of the epochs
         a.signal(signal.SIGCONT)
-        time.sleep(3)
+        time.sleep(2)
         fenced = a.metrics().get("gru_fenced_partitions_total", 0.0)
     expected = finish(cluster, pairs, feeder)
     time.sleep(1.0)
@@ -164,10 +174,10 @@ def test_rebalance_storm(cluster, tiny_model_dir):
     sessions, pairs = stream(30, seed=104)
     live = [cluster.worker("w0", env=FAST)]
     live[0].wait_ready()
-    feeder = cluster.feed(pairs, seconds=20)
+    feeder = cluster.feed(pairs, seconds=24)
     n, actions = 1, []
-    while feeder.progress() < 0.95:
-        time.sleep(rng.uniform(2.0, 3.5))
+    while feeder.progress() < 0.9:
+        time.sleep(rng.uniform(3.0, 5.0))
         if len(live) < 2 or (len(live) < 3 and rng.random() < 0.5):
             live.append(cluster.worker(f"w{n}", env=FAST))
             n += 1
@@ -180,6 +190,10 @@ def test_rebalance_storm(cluster, tiny_model_dir):
             else:
                 victim.kill()
                 actions.append("sigkill")
+    # Calm down to one member: tansu 0.6.0's coordinator can livelock two members that keep
+    # re-joining a second apart (see docs/reliability.md); one member always converges.
+    while len(live) > 1:
+        assert live.pop().terminate() == 0
     expected = finish(cluster, pairs, feeder, timeout=120)
     rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
     report("rebalance storm", actions="/".join(actions), workers_started=n,
