@@ -133,8 +133,16 @@ class GRUClassifier(nn.Module):
             h_new[:, rows] = h_rows
         return h_new
 
+    @torch.inference_mode()
+    def step_static(self, h: torch.Tensor, token_ids: torch.Tensor,
+                    lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step`` with no data-dependent branch or host sync, for CUDA graph capture:
+        always the unrolled, masked path. Same results as ``step``."""
+        h_new = self._step_unrolled(h, token_ids, lengths, masked=True)
+        return h_new, torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)
+
     def _step_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor,
-                       lengths: torch.Tensor) -> torch.Tensor:
+                       lengths: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
         """Short messages: K explicit GRU steps; rows past their length keep their state.
 
         The gate arithmetic is ATen's GRU cell: r and z from sigmoid, n = tanh(i_n + r * h_n),
@@ -148,8 +156,9 @@ class GRUClassifier(nn.Module):
         else:
             gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, g.bias_ih_l0)  # (B, K, 3H)
         state = list(h.unbind(0))  # L x (B, H)
-        full = bool((lengths >= K).all())
-        mask = None if full else (torch.arange(K, device=lengths.device)[None, :]
+        if masked is None:
+            masked = not bool((lengths >= K).all())
+        mask = None if not masked else (torch.arange(K, device=lengths.device)[None, :]
                                   < lengths.to(token_ids.device)[:, None])  # (B, K)
         for t in range(K):
             x_gates = gi0[:, t]  # (B, 3H)

@@ -72,9 +72,12 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     store = build_store(settings, clf.model_id)
     metrics = Metrics(registry)
     metrics.model_info.labels(clf.model_id, device).set(1)
+    if settings.model.dtype == "float16" and device != "cuda":
+        raise SystemExit("model.dtype=float16 needs model.device=cuda (or auto with a GPU)")
     engine = Engine(clf.model, device=device, state_dtype=settings.redis.state_dtype,
                     ttl_ms=settings.redis.ttl_seconds * 1000,
-                    end_ttl_ms=settings.redis.end_ttl_seconds * 1000)
+                    end_ttl_ms=settings.redis.end_ttl_seconds * 1000,
+                    compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs)
     source = KafkaSource(settings.kafka)
     sink = KafkaSink(settings.kafka)
     worker = Worker(settings, engine, store, source, sink, metrics, clf.labels, clf.model_id,

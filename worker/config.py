@@ -75,6 +75,9 @@ class ModelSettings(BaseModel):
     dir: Path = Path("artifacts/bbc-gru")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    dtype: Literal["float32", "float16"] = Field("float32", description="compute dtype; "
+                                                 "float16 needs device cuda")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay captured graphs per batch bucket")
 
 
 class BatchSettings(BaseModel):

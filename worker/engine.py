@@ -18,6 +18,8 @@ import torch
 
 from model.gru import GRUClassifier
 
+from .compute import Stepper
+
 from .messages import Prediction, Rejection, TokenMessage
 from .state import (OutboxEntry, PosKind, SessionState, StateCorrupt, TopicPartition,
                     decode_outbox, decode_state, encode_state)
@@ -63,10 +65,12 @@ class _Step:
 
 class Engine:
     def __init__(self, model: GRUClassifier, device: str = "cpu", state_dtype: str = "float32",
-                 ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000) -> None:
-        self.model = model.eval().to(device)
-        self.model.prepare_streaming()
-        self.device = torch.device(device)
+                 ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000,
+                 compute_dtype: str = "float32", cuda_graphs: bool = True) -> None:
+        self.stepper = Stepper(model, device, compute_dtype, cuda_graphs=cuda_graphs)
+        self.model = self.stepper.model
+        self.device = self.stepper.device
+        self._pinned: torch.Tensor | None = None
         self.state_dtype = state_dtype
         self.ttl_ms, self.end_ttl_ms = ttl_ms, end_ttl_ms
         c = model.config
@@ -95,6 +99,17 @@ class Engine:
         if plans:
             self._run(plans, result)
         return result
+
+    def _to_device(self, h0: np.ndarray) -> torch.Tensor:
+        """Host states to the device; through a reused pinned buffer when that is a GPU."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(h0)
+        n = h0.shape[0]
+        if self._pinned is None or self._pinned.shape[0] < n:
+            self._pinned = torch.empty((max(n, 1024), *h0.shape[1:]), pin_memory=True)
+        buf = self._pinned[:n]
+        buf.numpy()[:] = h0
+        return buf.to(self.device, non_blocking=True)
 
     def _plan(self, state: SessionState | None, raw: bytes | None, msgs: list[TokenMessage],
               result: BatchResult) -> list[_Step]:
@@ -141,7 +156,7 @@ class Engine:
         for i, (_, state, _) in enumerate(plans):
             if state is not None and not state.ended:
                 h0[i] = state.h
-        h = torch.from_numpy(h0).to(self.device).transpose(0, 1).contiguous()  # (L, S, H)
+        h = self._to_device(h0).transpose(0, 1).contiguous()  # (L, S, H)
         rounds = max(len(steps) for _, _, steps in plans)
         for r in range(rounds):
             rows = [i for i, (_, _, steps) in enumerate(plans) if r < len(steps)]
@@ -155,13 +170,14 @@ class Engine:
                 ids[j, : len(s.message.token_ids)] = s.message.token_ids
             lengths = torch.tensor([len(s.message.token_ids) for s in batch])
             idx = torch.tensor(rows, device=self.device)
-            h_rows, probs = self.model.step(h.index_select(1, idx),
-                                            torch.from_numpy(ids).to(self.device), lengths)
+            h_rows, probs = self.stepper.step(h.index_select(1, idx),
+                                              torch.from_numpy(ids).to(self.device),
+                                              lengths.to(self.device))
             h.index_copy_(1, idx, h_rows)
             for s, p in zip(batch, probs.float().cpu().tolist()):
                 s.probs = tuple(p)
             result.tokens += int(lengths.sum())
-        h_out = h.transpose(0, 1).float().cpu().numpy()  # (S, L, H)
+        h_out = h.transpose(0, 1).cpu().numpy()  # (S, L, H)
         result.step_seconds = time.perf_counter() - t0
 
         for i, (sid, state, steps) in enumerate(plans):
