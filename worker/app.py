@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import redis
+import redis.cluster
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -33,21 +34,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0] in CLUSTER_SCHEMES
+
+
+def redis_client(settings: Settings):
+    """A redis-py client; ``redis+cluster://`` (or ``rediss+cluster://``) gives RedisCluster."""
     r = settings.redis
-    return redis.Redis.from_url(
-        r.url, username=r.username,
-        password=r.password.get_secret_value() if r.password else None,
-        socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
-        **{k: v for k, v in (("ssl_ca_certs", r.ssl_ca_certs), ("ssl_certfile", r.ssl_certfile),
-                             ("ssl_keyfile", r.ssl_keyfile)) if v})
+    options = dict(username=r.username,
+                   password=r.password.get_secret_value() if r.password else None,
+                   socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s)
+    if r.ssl_ca_certs:
+        options["ssl_ca_certs"] = r.ssl_ca_certs
+    if r.ssl_certfile:
+        options["ssl_certfile"] = r.ssl_certfile
+    if r.ssl_keyfile:
+        options["ssl_keyfile"] = r.ssl_keyfile
+    scheme, rest = r.url.split("://", 1)
+    if scheme in CLUSTER_SCHEMES:
+        return redis.cluster.RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+    return redis.Redis.from_url(r.url, **options)
 
 
 def build_store(settings: Settings, model_id: str) -> StateStore:
     if settings.redis.url == "memory":
         log.warning("state store: in-process memory (state is lost when the worker stops)")
         return MemoryStateStore()
-    keys = Keys(settings.redis.prefix, model_id, settings.kafka.group_id)
+    keys = Keys(settings.redis.prefix, model_id, settings.kafka.group_id,
+                cluster=is_cluster_url(settings.redis.url))
     return RedisStateStore(redis_client(settings), keys)
 
 

@@ -192,9 +192,12 @@ class Worker:
         return messages, rejections
 
     def _load(self, messages: Sequence[TokenMessage]) -> dict[str, bytes | None]:
-        sids = list(dict.fromkeys(m.session_id for m in messages))
+        first = {}
+        for m in messages:
+            first.setdefault(m.session_id, (m.record.topic, m.record.partition))
+        sids, parts = list(first), list(first.values())
         t0 = time.perf_counter()
-        values = self._retry(lambda: self.store.load(sids), "redis")
+        values = self._retry(lambda: self.store.load(sids, parts), "redis")
         self.metrics.load_seconds.observe(time.perf_counter() - t0)
         return dict(zip(sids, values))
 
@@ -245,7 +248,8 @@ class Worker:
         if not stale:
             return statuses
         current = self._retry(lambda: self.store.load(
-            [result.updates[i].session_id for i in stale]), "redis")
+            [result.updates[i].session_id for i in stale],
+            [result.updates[i].partition for i in stale]), "redis")
         out = list(statuses)
         for i, value in zip(stale, current):
             if value is not None and value == result.updates[i].value:

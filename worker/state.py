@@ -119,20 +119,33 @@ def decode_outbox(raw: bytes) -> tuple[OutboxEntry, ...]:
 @dataclass(frozen=True)
 class Keys:
     """Every Redis key the worker touches. State is namespaced by model, so a new model
-    never reads an old model's state; epochs by consumer group, topic and partition."""
+    never reads an old model's state; epochs by consumer group, topic and partition.
+
+    On a Redis Cluster every key also carries the hash tag ``{topic|partition}``, so the
+    epoch of a partition and the states of its sessions share one slot and each write
+    script touches a single slot. (A session therefore keeps its state only while the
+    input topic keeps its partition count.)
+    """
 
     prefix: str
     model_id: str
     group_id: str
+    cluster: bool = False
 
-    def session(self, session_id: str) -> str:
-        return f"{self.prefix}:{self.model_id}:s:{session_id}"
+    def tag(self, partition: "TopicPartition | None") -> str:
+        if not self.cluster:
+            return ""
+        if partition is None:
+            raise ValueError("on a Redis Cluster a session key needs its topic partition")
+        return f"{{{partition[0]}|{partition[1]}}}:"
+
+    def session(self, session_id: str, partition: "TopicPartition | None" = None) -> str:
+        return f"{self.prefix}:{self.model_id}:{self.tag(partition)}s:{session_id}"
 
     def epoch(self, topic: str, partition: int) -> str:
+        if self.cluster:
+            return f"{self.prefix}:epoch:{self.group_id}:{self.tag((topic, partition))}"
         return f"{self.prefix}:epoch:{self.group_id}:{topic}:{partition}"
-
-    def session_pattern(self) -> str:
-        return f"{self.prefix}:{self.model_id}:s:*"
 
 
 # --- the store ---------------------------------------------------------------------------
@@ -159,7 +172,8 @@ class StateWrite:
 
 class StateStore(Protocol):
     def acquire_epochs(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]: ...
-    def load(self, session_ids: Sequence[str]) -> list[bytes | None]: ...
+    def load(self, session_ids: Sequence[str],
+             partitions: Sequence[TopicPartition] | None = None) -> list[bytes | None]: ...
     def store(self, writes: Sequence[StateWrite]) -> list[WriteStatus]: ...
     def ping(self) -> bool: ...
 
@@ -215,7 +229,8 @@ def _transient(fn):
 
 
 class RedisStateStore:
-    """The production store. One MGET per load, one script call per store."""
+    """The production store: one MGET per load and one script call per store, or, on a
+    Redis Cluster, one script call per partition (each in its own slot)."""
 
     def __init__(self, client, keys: Keys) -> None:
         self.client = client
@@ -224,24 +239,44 @@ class RedisStateStore:
 
     @_transient
     def acquire_epochs(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self.keys.cluster:
+            return {tp: int(self.client.incr(self.keys.epoch(*tp))) for tp in partitions}
         pipe = self.client.pipeline(transaction=False)
         for topic, p in partitions:
             pipe.incr(self.keys.epoch(topic, p))
         return {tp: int(e) for tp, e in zip(partitions, pipe.execute())}
 
     @_transient
-    def load(self, session_ids: Sequence[str]) -> list[bytes | None]:
+    def load(self, session_ids: Sequence[str],
+             partitions: Sequence[TopicPartition] | None = None) -> list[bytes | None]:
         if not session_ids:
             return []
-        return self.client.mget([self.keys.session(s) for s in session_ids])
+        parts = partitions if partitions is not None else [None] * len(session_ids)
+        keys = [self.keys.session(s, tp) for s, tp in zip(session_ids, parts)]
+        if self.keys.cluster:
+            return self.client.mget_nonatomic(keys)
+        return self.client.mget(keys)
 
     @_transient
     def store(self, writes: Sequence[StateWrite]) -> list[WriteStatus]:
         if not writes:
             return []
+        if not self.keys.cluster:
+            return self._store(writes)
+        by_partition: dict[TopicPartition, list[int]] = {}
+        for i, w in enumerate(writes):
+            by_partition.setdefault(w.partition, []).append(i)
+        out: list[WriteStatus] = [WriteStatus.STALE] * len(writes)
+        for idx in by_partition.values():
+            for i, status in zip(idx, self._store([writes[i] for i in idx])):
+                out[i] = status
+        return out
+
+    def _store(self, writes: Sequence[StateWrite]) -> list[WriteStatus]:
         parts = list(dict.fromkeys((w.partition, w.epoch) for w in writes))
         index = {pe: i + 1 for i, pe in enumerate(parts)}
-        keys = [self.keys.epoch(*tp) for tp, _ in parts] + [self.keys.session(w.session_id) for w in writes]
+        keys = [self.keys.epoch(*tp) for tp, _ in parts] + [
+            self.keys.session(w.session_id, w.partition) for w in writes]
         args: list = [len(parts), *(str(e) for _, e in parts)]
         for w in writes:
             args += [index[(w.partition, w.epoch)], "-" if w.expected_pos is None else w.expected_pos,
@@ -278,7 +313,8 @@ class MemoryStateStore:
             return None
         return item[0]
 
-    def load(self, session_ids: Sequence[str]) -> list[bytes | None]:
+    def load(self, session_ids: Sequence[str],
+             partitions: Sequence[TopicPartition] | None = None) -> list[bytes | None]:
         with self._lock:
             return [self._get(s) for s in session_ids]
 
