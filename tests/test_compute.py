@@ -64,3 +64,13 @@ def test_cuda_graph_step_equals_cpu_step(dtype, tol):
         h2, p2 = gpu.step(ref_h.cuda(), ids.cuda(), lengths.cuda())
     assert gpu._graphs
     assert (h1 - h2.cpu()).abs().max() <= tol and (p1 - p2.cpu()).abs().max() <= tol
+
+
+def test_supervisor_child_command_lines():
+    import sys
+    from worker.supervisor import child_argv
+    argv = ["run", "--processes", "3", "--bootstrap", "k:9092", "--metrics-port", "9108",
+            "--processes=3"]
+    assert child_argv(argv, 2, 9108) == [sys.executable, "-m", "worker", "run", "--bootstrap",
+                                         "k:9092", "--metrics-port", "9110"]
+    assert child_argv(["run"], 1, 0)[-2:] == ["--metrics-port", "0"]

@@ -78,15 +78,20 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-interval-ms", type=int)
     p.add_argument("--max-messages", type=int, help="stop after N input messages")
     p.add_argument("--idle-exit", type=float, help="stop after S seconds without input")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run N worker processes in the group (metrics on port, port+1, ...)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from model.artifact import ArtifactError
 
-    from .app import build_worker
     settings = _settings_from_args(args)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.processes > 1:
+        from .supervisor import supervise
+        return supervise(args.argv, args.processes, settings.metrics.port)
+    from .app import build_worker
     try:
         app = build_worker(settings, CollectorRegistry())
     except ArtifactError as e:  # missing, not a directory, or not a valid model artifact
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     add_tail(sub, _common, _settings_from_args)
     add_demo(sub)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 
