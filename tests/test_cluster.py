@@ -1,0 +1,220 @@
+"""The worker against a real 3-node Redis Cluster (``redis+cluster://``) and tansu.
+
+A session-scoped fixture starts three ``redis-server --cluster-enabled yes`` nodes on free
+loopback ports, joins them with ``redis-cli --cluster create`` (no replicas) and waits for
+``cluster_state:ok`` on every node. The tests check what a user would: the predictions, and
+which node and slot each key ended up in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+import redis
+import redis.cluster
+from prometheus_client import CollectorRegistry
+
+import model
+from worker.app import build_worker
+from worker.local_services import RedisServer, ServiceError, free_port, wait_for
+from worker.state import Keys, decode_state
+
+from .streams import bbc_sessions, interleave
+from .test_e2e import broker, names, publish, read_topic, run_worker, settings_for  # noqa: F401
+
+pytestmark = pytest.mark.services
+
+
+class RedisCluster:
+    """N cluster-enabled redis-server nodes on loopback, joined into one cluster (no replicas)."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        if shutil.which("redis-cli") is None:
+            raise ServiceError("redis-cli not found on PATH")
+        self.nodes: list[RedisServer] = []
+        self.count = nodes
+
+    def start(self) -> "RedisCluster":
+        try:
+            for _ in range(self.count):
+                port = free_port()
+                # The bus port defaults to port + 10000, which may be taken or above 65535.
+                node = RedisServer(port=port, extra_args=[
+                    "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                    "--cluster-node-timeout", "2000", "--cluster-port", str(free_port())])
+                self.nodes.append(node)
+                node.start()
+            out = subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise ServiceError(f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}")
+            wait_for(self._ok, 30.0, interval=0.1, what="cluster_state:ok on every node")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ok(self) -> bool:
+        for n in self.nodes:
+            c = n.client(socket_timeout=1)
+            try:
+                info = c.cluster("info")
+            finally:
+                c.close()
+            if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                return False
+        return True
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def client(self) -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def keys_by_node(self, pattern: str) -> dict[int, set[str]]:
+        """The keys each node actually holds (SCAN on each node directly, no redirects)."""
+        out = {}
+        for n in self.nodes:
+            c = n.client()
+            try:
+                out[n.port] = {k.decode() for k in c.scan_iter(pattern, count=1000)}
+            finally:
+                c.close()
+        return out
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()  # SIGTERM the process group, then remove its temp dir
+        self.nodes = []
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    c = RedisCluster(3).start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _spread_topic(cluster: RedisCluster, names: dict, model_id: str, partitions: int) -> str:
+    """An input topic name whose partitions' hash tags land on more than one node: with three
+    nodes a random name puts all partitions on one node 1 time in 9, so draw until not."""
+    client = cluster.client()
+    try:
+        for _ in range(100):
+            topic = f"in-{uuid.uuid4().hex[:8]}"
+            keys = Keys(names["prefix"], model_id, names["group"], cluster=True)
+            nodes = {client.get_node_from_key(keys.session("x", (topic, p))).name
+                     for p in range(partitions)}
+            if len(nodes) > 1:
+                return topic
+    finally:
+        client.close()
+    raise AssertionError("no topic name spread over more than one node in 100 draws")
+
+
+def test_end_to_end_on_a_redis_cluster(broker, names, tiny_model_dir, redis_cluster):
+    clf = model.load(tiny_model_dir)
+    names["in"] = _spread_topic(redis_cluster, names, clf.model_id, 3)
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=3)
+    sessions = bbc_sessions(40, seed=21, max_chunk=30, max_tokens=200)
+    pairs = interleave(sessions, seed=21)
+    publish(broker, names["in"], pairs)
+    settings = settings_for(broker, names, tiny_model_dir, batch={"max_records": 128},
+                            redis={"url": redis_cluster.url})
+    app, summary = run_worker(settings)
+    assert type(app.worker.store.client) is redis.cluster.RedisCluster
+    assert app.worker.store.ping() is True  # what /readyz asks
+
+    preds = read_topic(broker, names["out"])
+    assert len(preds) == len(pairs) == summary.outcomes["ok"]
+    assert sorted((p["session_id"], p["seq"]) for p in preds) == sorted(
+        (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs)
+    last, partition_of = {}, {}
+    for p in preds:
+        partition_of.setdefault(p["session_id"], set()).add(p["partition"])
+        if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
+            last[p["session_id"]] = p
+    assert all(len(v) == 1 for v in partition_of.values())
+    assert {p for v in partition_of.values() for p in v} == {0, 1, 2}
+
+    keys = Keys(names["prefix"], clf.model_id, names["group"], cluster=True)
+    client = redis_cluster.client()
+    try:
+        state_key = {}
+        for s in sessions:
+            want = clf.classify(s.tokens)
+            got = last[s.session_id]
+            assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5
+            assert got["tokens_seen"] == len(s.tokens) and got["model_id"] == clf.model_id
+            tp = (names["in"], got["partition"])
+            key = state_key[s.session_id] = keys.session(s.session_id, tp)
+            st = decode_state(client.get(key), 1, 32, 5)
+            assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
+            assert 0 < client.pttl(key) <= 86_400_000
+        # One slot per partition: its epoch and every state key of its sessions.
+        slot_of_partition = {}
+        for p in range(3):
+            epoch_key = keys.epoch(names["in"], p)
+            assert int(client.get(epoch_key)) == 1
+            slots = {client.cluster_keyslot(epoch_key)} | {
+                client.cluster_keyslot(state_key[sid]) for sid, ps in partition_of.items() if p in ps}
+            assert len(slots) == 1, (p, slots)
+            slot_of_partition[p] = slots.pop()
+        assert len(set(slot_of_partition.values())) == 3
+    finally:
+        client.close()
+
+    # Where the keys really are: each partition's keys on one node, more than one node in use,
+    # and nothing else under the prefix.
+    by_node = redis_cluster.keys_by_node(f"{names['prefix']}:*")
+    expected = set(state_key.values()) | {keys.epoch(names["in"], p) for p in range(3)}
+    assert set().union(*by_node.values()) == expected
+    assert sum(len(v) for v in by_node.values()) == len(expected)
+    node_of_partition = {}
+    for p in range(3):
+        part_keys = {keys.epoch(names["in"], p)} | {
+            state_key[sid] for sid, ps in partition_of.items() if p in ps}
+        holders = [port for port, ks in by_node.items() if part_keys & ks]
+        assert len(holders) == 1 and part_keys <= by_node[holders[0]], (p, holders)
+        node_of_partition[p] = holders[0]
+    assert len(set(node_of_partition.values())) > 1, node_of_partition
+    assert app.registry.get_sample_value("gru_messages_total", {"outcome": "ok"}) == len(pairs)
+
+
+def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_model_dir,
+                                                        redis_cluster):
+    """A worker whose partition epoch was superseded (a paused zombie) writes nothing."""
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
+    sessions = bbc_sessions(3, seed=24, max_tokens=60)
+    publish(broker, names["in"], interleave(sessions, seed=24))
+    settings = settings_for(broker, names, tiny_model_dir, redis={"url": redis_cluster.url})
+    app = build_worker(settings, CollectorRegistry())
+    w = app.worker
+    try:
+        records = []
+        deadline = time.monotonic() + 30
+        while not records and time.monotonic() < deadline:
+            records = w.source.poll(500, 200)  # joins the group: epoch 1
+        assert records and w.epochs == {(names["in"], 0): 1}
+        # Meanwhile the partition moved to another worker, which took a newer epoch.
+        assert w.store.acquire_epochs(list(w.epochs)) == {(names["in"], 0): 2}
+        w.process(records)
+        held = redis_cluster.keys_by_node(f"{names['prefix']}:*")
+        assert set().union(*held.values()) == {w.store.keys.epoch(names["in"], 0)}
+        assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0
+        assert app.registry.get_sample_value("gru_fenced_partitions_total") == 1
+    finally:
+        w.source.close()
+        w.sink.close()
+        app.close()
+    assert read_topic(broker, names["out"]) == []
