@@ -4,6 +4,9 @@ One invocation starts a tansu broker and a private redis-server (appendonly off;
 Redis at 127.0.0.1:6379 is never touched), then measures, for S sessions x K tokens/message:
 
   (a) passthrough  kafka-python consume -> produce loop, flush + commit per poll batch
+                   (producer linger 2 ms / 16 KiB batches, as in the first series), and
+  (a')             the same with the worker's producer settings (linger 50 ms / 256 KiB;
+                   --no-passthrough-worker-producer skips it)
   (b) naive        per message: Redis GET, model.step (batch 1), Redis SET, produce;
                    flush + commit per poll batch (the generous variant of a naive loop)
   (c) worker       worker.app.build_worker(Settings(...)).worker.run(), in-process, for
@@ -161,11 +164,11 @@ def consumer_for(bootstrap, topic, group, **kw):
     return c
 
 
-def producer_for(bootstrap, linger_ms=2):
+def producer_for(bootstrap, linger_ms=2, **kw):
     from kafka import KafkaProducer
 
     return KafkaProducer(bootstrap_servers=[bootstrap], acks="all", linger_ms=linger_ms,
-                         enable_idempotence=False)
+                         enable_idempotence=False, **kw)
 
 
 def commit_batch(consumer, polled):
@@ -177,9 +180,9 @@ def commit_batch(consumer, polled):
 
 # --- (a) pass-through ----------------------------------------------------------------------
 
-def run_passthrough(bootstrap, topic_in, topic_out, n, batch):
+def run_passthrough(bootstrap, topic_in, topic_out, n, batch, linger_ms=2, batch_bytes=None):
     c = consumer_for(bootstrap, topic_in, f"pt-{uuid.uuid4().hex[:6]}")
-    p = producer_for(bootstrap)
+    p = producer_for(bootstrap, linger_ms, **({"batch_size": batch_bytes} if batch_bytes else {}))
     done, t_first, batches = 0, None, 0
     deadline = time.monotonic() + 120
     try:
@@ -202,6 +205,7 @@ def run_passthrough(bootstrap, topic_in, topic_out, n, batch):
         c.close(autocommit=False)
         p.close()
     return {"messages": done, "seconds": secs, "msgs_per_s": done / secs,
+            "linger_ms": linger_ms, "producer_batch_bytes": batch_bytes or 16384,
             "batches": batches, "mean_batch": done / max(batches, 1),
             "cpu": cpu_usage(cpu0, cpu1, secs, done)}
 
@@ -278,7 +282,7 @@ def run_naive(bootstrap, topic_in, topic_out, redis_url, clf, seconds, batch, k)
 
 # --- (c) the real worker -------------------------------------------------------------------
 
-LINGER_MS = 2
+LINGER_MS = None  # None: the Settings default (kafka.linger_ms)
 
 
 def worker_settings(bootstrap, redis_url, model_dir, names, batch, max_wait_ms, threads, **extra):
@@ -287,7 +291,8 @@ def worker_settings(bootstrap, redis_url, model_dir, names, batch, max_wait_ms, 
     s = {"kafka": {"bootstrap_servers": bootstrap, "input_topic": names["in"],
                    "output_topic": names["out"], "dlq_topic": names["dlq"],
                    "group_id": names["group"], "session_timeout_ms": SESSION_TIMEOUT_MS,
-                   "heartbeat_interval_ms": HEARTBEAT_MS, "linger_ms": LINGER_MS},
+                   "heartbeat_interval_ms": HEARTBEAT_MS,
+                   **({} if LINGER_MS is None else {"linger_ms": LINGER_MS})},
          "redis": {"url": redis_url, "prefix": names["prefix"]},
          "model": {"dir": str(model_dir), "threads": threads},
          "batch": {"max_records": batch, "max_wait_ms": max_wait_ms},
@@ -557,6 +562,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=4, help="tokens per message (K)")
     ap.add_argument("--messages", type=int, default=30000, help="input messages for (c)")
     ap.add_argument("--passthrough-messages", type=int, default=60000)
+    ap.add_argument("--passthrough-worker-producer", action=argparse.BooleanOptionalAction,
+                    default=True, help="also run (a) with the worker's producer linger/batch size")
     ap.add_argument("--naive-seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, nargs="+", default=[512, 1024],
                     help="worker batch.max_records values for (c)")
@@ -568,7 +575,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-warmup-s", type=float, default=2.0)
     ap.add_argument("--collector-fetch-wait-ms", type=int, default=5)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--linger-ms", type=int, default=2, help="worker kafka.linger_ms (default: "
+    ap.add_argument("--linger-ms", type=int, default=None, help="worker kafka.linger_ms (default: "
                     "the Settings default)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (worker and naive)")
     ap.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
@@ -640,6 +647,14 @@ def main(argv=None) -> int:
             R["passthrough"] = run_passthrough(kafka.bootstrap, names["in"], names["out"],
                                                args.passthrough_messages, max(args.batch))
             log(f"  {R['passthrough']['msgs_per_s']:.0f} msg/s")
+            if args.passthrough_worker_producer:
+                names = fresh("pt50")
+                feed(names, args.passthrough_messages, 1, "a")
+                log("(a') pass-through with the worker's producer settings (linger 50, 256 KiB) ...")
+                R["passthrough_worker_producer"] = run_passthrough(
+                    kafka.bootstrap, names["in"], names["out"], args.passthrough_messages,
+                    max(args.batch), 50, 262_144)
+                log(f"  {R['passthrough_worker_producer']['msgs_per_s']:.0f} msg/s")
         if "b" in args.only:
             names = fresh("nv")
             est = int(args.naive_seconds * 1500) + 2000
@@ -703,8 +718,11 @@ def print_table(res, args) -> None:
     pt = R.get("passthrough", {}).get("msgs_per_s")
     nv = R.get("naive", {}).get("msgs_per_s")
     rows = []
+    pt2 = R.get("passthrough_worker_producer", {}).get("msgs_per_s")
     if pt:
         rows.append(("(a) pass-through consume->produce", pt, pt * K, "", ""))
+    if pt2:
+        rows.append(("(a') pass-through, linger 50 / 256 KiB", pt2, pt2 * K, "", ""))
     if nv:
         rows.append(("(b) naive per-message loop", nv, R["naive"]["tokens_per_s"], "", ""))
     for r in R.get("worker", []):
@@ -725,6 +743,8 @@ def print_table(res, args) -> None:
         ratios["worker_vs_naive"] = best / nv
     if best and pt:
         ratios["worker_vs_passthrough"] = best / pt
+    if best and pt2:
+        ratios["worker_vs_passthrough_linger50"] = best / pt2
     for L in R.get("latency", []):
         ratios[f"p99_e2e_ms_at_{L['fraction_of_max']:g}x_max"] = L["e2e_ms_p99"]
     res["ratios"] = ratios
