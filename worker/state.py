@@ -144,7 +144,7 @@ class Keys:
 
     def epoch(self, topic: str, partition: int) -> str:
         if self.cluster:
-            return f"{self.prefix}:epoch:{self.group_id}:{self.tag((topic, partition))}"
+            return f"{self.prefix}:epoch:{self.group_id}:{{{topic}|{partition}}}"
         return f"{self.prefix}:epoch:{self.group_id}:{topic}:{partition}"
 
 
@@ -285,6 +285,8 @@ class RedisStateStore:
 
     @_transient
     def ping(self) -> bool:
+        if self.keys.cluster:  # ready only if every node answers, not just one
+            return bool(self.client.ping(target_nodes=self.client.ALL_NODES))
         return bool(self.client.ping())
 
 
