@@ -82,7 +82,8 @@ class ModelSettings(BaseModel):
 
 class BatchSettings(BaseModel):
     max_records: int = Field(512, ge=1, description="most records polled into one batch")
-    max_wait_ms: int = Field(20, ge=0, description="longest wait for a batch to fill")
+    max_wait_ms: int = Field(0, ge=0, description="extra wait for a batch to fill after its "
+                             "first record; 0 takes what has arrived (batches grow with load)")
 
 
 class LimitSettings(BaseModel):

@@ -64,6 +64,9 @@ class KafkaSource:
         self.consumer.subscribe([self.settings.input_topic], listener=self._listener)
 
     def poll(self, max_records: int, max_wait_ms: int) -> list[Record]:
+        """Wait up to ``idle_poll_ms`` for a first record, then take whatever the fetcher
+        already holds (polls that do not wait) and, if ``max_wait_ms`` > 0, keep waiting for
+        more until that much time has passed since the first record."""
         out: list[Record] = []
         timeout = self.idle_poll_ms
         deadline = None
@@ -71,19 +74,24 @@ class KafkaSource:
             while len(out) < max_records:
                 polled = self.consumer.poll(timeout_ms=timeout, max_records=max_records - len(out),
                                             update_offsets=True)
+                got = 0
                 for tp, recs in polled.items():
                     for r in recs:
                         out.append(Record(tp.topic, tp.partition, r.offset, r.key, r.value,
                                           r.timestamp))
                     if recs:
+                        got += len(recs)
                         self._next[(tp.topic, tp.partition)] = recs[-1].offset + 1
                 if not out:
                     return out
                 now = time.monotonic()
                 deadline = deadline or now + max_wait_ms / 1000
-                if now >= deadline:
+                if got:
+                    timeout = 0  # drain what is already fetched before waiting any longer
+                elif now < deadline:
+                    timeout = max(1, int((deadline - now) * 1000))
+                else:
                     break
-                timeout = int((deadline - now) * 1000)
         except KafkaError as e:
             if out:  # hand over what we have; the error resurfaces on the next poll
                 return out

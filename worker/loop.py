@@ -177,8 +177,12 @@ class Worker:
         result = self.engine.apply(messages, states)                    # 2. step
         fenced, stale = self._write(result)                             # 3. write states
         outgoing = self._outgoing(result, rejections, fenced)
+        t0 = time.perf_counter()
         self._retry_delivery(outgoing)                                  # 4. produce, flush
+        t1 = time.perf_counter()
         self._commit(owned, fenced)                                     # 5. commit
+        self.metrics.produce_seconds.observe(t1 - t0)
+        self.metrics.commit_seconds.observe(time.perf_counter() - t1)
         self._account(owned, result, rejections, fenced, stale, t_batch)
 
     def _decode(self, records: Sequence[Record]) -> tuple[list[TokenMessage], list[Rejection]]:

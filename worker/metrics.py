@@ -38,6 +38,11 @@ class Metrics:
                                       buckets=STAGE_BUCKETS, registry=r)
         self.store_seconds = Histogram("gru_state_store_seconds", "Redis state write time per batch",
                                        buckets=STAGE_BUCKETS, registry=r)
+        self.produce_seconds = Histogram("gru_produce_seconds",
+                                         "Produce and wait for acknowledgements, per batch",
+                                         buckets=STAGE_BUCKETS, registry=r)
+        self.commit_seconds = Histogram("gru_commit_seconds", "Offset commit time per batch",
+                                        buckets=STAGE_BUCKETS, registry=r)
         self.batch_seconds = Histogram("gru_batch_seconds", "Whole batch: decode to commit",
                                        buckets=STAGE_BUCKETS, registry=r)
         self.batch_size = Histogram("gru_batch_size_messages", "Input messages per batch",
