@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from model.data import load_bbc
 from model.tokenizer import tokenize
+from worker import client
 
 
 @dataclass
@@ -37,22 +38,16 @@ def bbc_sessions(n: int, seed: int = 0, max_chunk: int = 40, max_tokens: int | N
 def interleave(sessions: list[Session], seed: int = 0, with_seq: bool = True,
                end: bool = False) -> list[tuple[bytes, bytes]]:
     """(key, value) pairs in a random global order that keeps each session's own order."""
-    rng = random.Random(seed)
-    cursors = {s.session_id: 0 for s in sessions}
-    by_id = {s.session_id: s for s in sessions}
-    live = [s.session_id for s in sessions]
-    out = []
-    while live:
-        sid = rng.choice(live)
-        i = cursors[sid]
-        s = by_id[sid]
-        body = {"session_id": sid, "tokens": s.chunks[i]}
-        if with_seq:
-            body["seq"] = i
-        if end and i == len(s.chunks) - 1:
-            body["end"] = True
-        out.append((sid.encode(), json.dumps(body).encode()))
-        cursors[sid] = i + 1
-        if cursors[sid] == len(s.chunks):
-            live.remove(sid)
-    return out
+    streams = []
+    for s in sessions:
+        msgs = []
+        for i, chunk in enumerate(s.chunks):
+            body: dict = {"session_id": s.session_id, "tokens": chunk}
+            if with_seq:
+                body["seq"] = i
+            if end and i == len(s.chunks) - 1:
+                body["end"] = True
+            msgs.append(body)
+        streams.append(msgs)
+    return [(m["session_id"].encode(), json.dumps(m).encode())
+            for m in client.interleave(streams, seed)]
