@@ -751,7 +751,7 @@ def print_table(res, args) -> None:
     print()
     for k, v in ratios.items():
         print(f"{k:<28} {v:.2f}")
-    print(f"(targets: worker_vs_naive >= 10, worker_vs_passthrough >= 0.6, p99 <= 50 ms)")
+    print("(targets: worker_vs_naive >= 10, worker_vs_passthrough >= 0.6, p99 <= 50 ms)")
 
 
 if __name__ == "__main__":

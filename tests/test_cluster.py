@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -25,7 +24,8 @@ from worker.local_services import RedisServer, ServiceError, free_port, wait_for
 from worker.state import Keys, decode_state
 
 from .streams import bbc_sessions, interleave
-from .test_e2e import broker, names, publish, read_topic, run_worker, settings_for  # noqa: F401
+from .test_e2e import (broker, join_and_poll, names, publish, read_topic, run_worker,  # noqa: F401
+                       settings_for)
 
 pytestmark = pytest.mark.services
 
@@ -201,10 +201,7 @@ def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_mod
     app = build_worker(settings, CollectorRegistry())
     w = app.worker
     try:
-        records = []
-        deadline = time.monotonic() + 30
-        while not records and time.monotonic() < deadline:
-            records = w.source.poll(500, 200)  # joins the group: epoch 1
+        records = join_and_poll(w)  # joins the group: epoch 1
         assert records and w.epochs == {(names["in"], 0): 1}
         # Meanwhile the partition moved to another worker, which took a newer epoch.
         assert w.store.acquire_epochs(list(w.epochs)) == {(names["in"], 0): 2}

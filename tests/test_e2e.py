@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -178,6 +177,15 @@ def test_bad_input_goes_to_the_dlq_and_good_messages_are_unaffected(broker, name
         assert max(abs(finals[s.session_id]["probs"][l] - want[l]) for l in want) <= 1e-5
 
 
+def join_and_poll(worker, timeout_s: float = 30) -> list:
+    """Poll until the worker has joined its group and holds records (or time runs out)."""
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while not records and time.monotonic() < deadline:
+        records = worker.source.poll(500, 200)
+    return records
+
+
 def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_model_dir):
     """A worker whose partition epoch was superseded (a paused zombie) writes nothing."""
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
@@ -187,10 +195,7 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
     app = build_worker(settings, CollectorRegistry())
     w = app.worker
     try:
-        records = []
-        deadline = time.monotonic() + 30
-        while not records and time.monotonic() < deadline:
-            records = w.source.poll(500, 200)  # joins the group: epoch 1
+        records = join_and_poll(w)  # joins the group: epoch 1
         assert records and w.epochs
         # Meanwhile the partition moved to another worker, which took a newer epoch.
         w.store.acquire_epochs(list(w.epochs))

@@ -132,7 +132,7 @@ def test_crash_after_state_write_before_commit(cluster, tiny_model_dir):
 
     w2 = cluster.worker("w2", env=FAST)
     want = {(sid, s) for sid, e in expected.items() for s in e.seqs}
-    preds = cluster.wait_predictions(want, 90)
+    cluster.wait_predictions(want, 90)
     time.sleep(1.0)
     rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
     # The redelivered batch was recognised as already applied: every one of its messages is a

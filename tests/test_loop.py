@@ -12,7 +12,7 @@ from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
-from worker.state import Keys, MemoryStateStore, decode_state
+from worker.state import MemoryStateStore, decode_state
 
 from .fakes import FakeLog, FakeSink, FakeSource
 from .streams import bbc_sessions, interleave
