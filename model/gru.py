@@ -89,8 +89,15 @@ class GRUClassifier(nn.Module):
         out, _ = self.gru(x, h0)  # (B, T, H)
         return self.classify_hidden(out)  # (B, T, C)
 
+    def _input_bias(self, layer: int) -> torch.Tensor:
+        """b_ih with the r and z parts of b_hh folded in: those two add up before the sigmoid,
+        so the step adds them once per token instead of once per token and layer and gate."""
+        g, H = self.gru, self.config.hidden_size
+        b_hh = getattr(g, f"bias_hh_l{layer}")
+        return getattr(g, f"bias_ih_l{layer}") + torch.cat([b_hh[: 2 * H], b_hh.new_zeros(H)])
+
     def prepare_streaming(self, max_table_bytes: int = 512 * 2**20) -> None:
-        """Precompute layer 0's input side for every token: (V, 3H) = embed @ W_ih^T + b_ih.
+        """Precompute layer 0's input side for every token: (V, 3H) = embed @ W_ih^T + bias.
 
         The streaming step then looks up a token's gate inputs instead of multiplying for
         them. It snapshots the current weights: call it again after changing them.
@@ -100,7 +107,7 @@ class GRUClassifier(nn.Module):
             self._input_table = None
             return
         with torch.no_grad():
-            self._input_table = torch.addmm(self.gru.bias_ih_l0, self.embed.weight,
+            self._input_table = torch.addmm(self._input_bias(0), self.embed.weight,
                                             self.gru.weight_ih_l0.t())  # (V, 3H)
 
     @torch.inference_mode()
@@ -145,34 +152,33 @@ class GRUClassifier(nn.Module):
                        lengths: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
         """Short messages: K explicit GRU steps; rows past their length keep their state.
 
-        The gate arithmetic is ATen's GRU cell: r and z from sigmoid, n = tanh(i_n + r * h_n),
-        h' = n + z * (h - n). Layer 0's input side comes from the precomputed table if any.
+        The gate arithmetic is ATen's GRU cell — r, z = sigmoid(x_rz + h_rz),
+        n = tanh(x_n + r * h_n), h' = n + z * (h - n) — in fused ops (addmm, addcmul, lerp).
+        Layer 0's input side comes from the precomputed table if any.
         """
         B, K = token_ids.shape
-        g = self.gru
+        g, H = self.gru, self.config.hidden_size
         table = getattr(self, "_input_table", None)
         if table is not None and not self.training:
             gi0 = table[token_ids]  # (B, K, 3H)
         else:
-            gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, g.bias_ih_l0)  # (B, K, 3H)
+            gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, self._input_bias(0))  # (B, K, 3H)
         state = list(h.unbind(0))  # L x (B, H)
         if masked is None:
             masked = not bool((lengths >= K).all())
         mask = None if not masked else (torch.arange(K, device=lengths.device)[None, :]
                                   < lengths.to(token_ids.device)[:, None])  # (B, K)
         for t in range(K):
-            x_gates = gi0[:, t]  # (B, 3H)
+            x_gates = gi0[:, t]  # (B, 3H), b_ih and b_hr, b_hz included
             for layer in range(len(state)):
                 if layer:
                     x_gates = F.linear(state[layer - 1], getattr(g, f"weight_ih_l{layer}"),
-                                       getattr(g, f"bias_ih_l{layer}"))
-                h_gates = F.linear(state[layer], getattr(g, f"weight_hh_l{layer}"),
-                                   getattr(g, f"bias_hh_l{layer}"))
-                i_r, i_z, i_n = x_gates.chunk(3, 1)
-                h_r, h_z, h_n = h_gates.chunk(3, 1)
-                r = torch.sigmoid(i_r + h_r)
-                z = torch.sigmoid(i_z + h_z)
-                n = torch.tanh(i_n + r * h_n)
-                new = n + z * (state[layer] - n)  # (B, H)
-                state[layer] = new if mask is None else torch.where(mask[:, t:t + 1], new, state[layer])
+                                       self._input_bias(layer))
+                w_hh, b_hh = getattr(g, f"weight_hh_l{layer}"), getattr(g, f"bias_hh_l{layer}")
+                h_prev = state[layer]
+                rz = torch.addmm(x_gates[:, : 2 * H], h_prev, w_hh[: 2 * H].t()).sigmoid_()
+                h_n = torch.addmm(b_hh[2 * H:], h_prev, w_hh[2 * H:].t())  # (B, H)
+                n = torch.addcmul(x_gates[:, 2 * H:], rz[:, :H], h_n).tanh_()
+                new = torch.lerp(n, h_prev, rz[:, H:])  # n + z * (h - n)
+                state[layer] = new if mask is None else torch.where(mask[:, t:t + 1], new, h_prev)
         return torch.stack(state)  # (L, B, H)
