@@ -48,10 +48,6 @@ class BatchResult:
     tokens: int = 0
     step_seconds: float = 0.0
 
-    @property
-    def applied(self) -> int:
-        return sum(len(u.predictions) for u in self.updates)
-
 
 @dataclass(slots=True)
 class _Step:
@@ -68,7 +64,6 @@ class Engine:
                  ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000,
                  compute_dtype: str = "float32", cuda_graphs: bool = True) -> None:
         self.stepper = Stepper(model, device, compute_dtype, cuda_graphs=cuda_graphs)
-        self.model = self.stepper.model
         self.device = self.stepper.device
         self._pinned: torch.Tensor | None = None
         self.state_dtype = state_dtype

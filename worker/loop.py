@@ -322,7 +322,8 @@ class Worker:
             if u.predictions:
                 m.sessions_started.inc(u.started)
                 m.sessions_ended.inc(u.predictions[-1].final)
-        produced += len(result.replayed)
+        produced += sum(1 for p in result.replayed
+                        if (p.record.topic, p.record.partition) not in fenced)
         m.predictions.inc(produced)
         m.tokens.inc(result.tokens)
         m.step_seconds.observe(result.step_seconds)
