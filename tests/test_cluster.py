@@ -16,16 +16,14 @@ import uuid
 import pytest
 import redis
 import redis.cluster
-from prometheus_client import CollectorRegistry
 
 import model
-from worker.app import build_worker
 from worker.local_services import RedisServer, ServiceError, free_port, wait_for
 from worker.state import Keys, decode_state
 
 from .streams import bbc_sessions, interleave
 from .test_e2e import (broker, join_and_poll, names, publish, read_topic, run_worker,  # noqa: F401
-                       settings_for)
+                       settings_for, stepped_worker)
 
 pytestmark = pytest.mark.services
 
@@ -198,9 +196,8 @@ def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_mod
     sessions = bbc_sessions(3, seed=24, max_tokens=60)
     publish(broker, names["in"], interleave(sessions, seed=24))
     settings = settings_for(broker, names, tiny_model_dir, redis={"url": redis_cluster.url})
-    app = build_worker(settings, CollectorRegistry())
-    w = app.worker
-    try:
+    with stepped_worker(settings) as app:
+        w = app.worker
         records = join_and_poll(w)  # joins the group: epoch 1
         assert records and w.epochs == {(names["in"], 0): 1}
         # Meanwhile the partition moved to another worker, which took a newer epoch.
@@ -210,8 +207,4 @@ def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_mod
         assert set().union(*held.values()) == {w.store.keys.epoch(names["in"], 0)}
         assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0
         assert app.registry.get_sample_value("gru_fenced_partitions_total") == 1
-    finally:
-        w.source.close()
-        w.sink.close()
-        app.close()
     assert read_topic(broker, names["out"]) == []

@@ -6,6 +6,7 @@ left behind and the /metrics text.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -177,6 +178,18 @@ def test_bad_input_goes_to_the_dlq_and_good_messages_are_unaffected(broker, name
         assert max(abs(finals[s.session_id]["probs"][l] - want[l]) for l in want) <= 1e-5
 
 
+@contextlib.contextmanager
+def stepped_worker(settings):
+    """A worker built but not run, for tests that drive poll/process by hand; closes all."""
+    app = build_worker(settings, CollectorRegistry())
+    try:
+        yield app
+    finally:
+        app.worker.source.close()
+        app.worker.sink.close()
+        app.close()
+
+
 def join_and_poll(worker, timeout_s: float = 30) -> list:
     """Poll until the worker has joined its group and holds records (or time runs out)."""
     records: list = []
@@ -192,9 +205,8 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
     sessions = bbc_sessions(3, seed=14, max_tokens=60)
     publish(broker, names["in"], interleave(sessions, seed=14))
     settings = settings_for(broker, names, tiny_model_dir)
-    app = build_worker(settings, CollectorRegistry())
-    w = app.worker
-    try:
+    with stepped_worker(settings) as app:
+        w = app.worker
         records = join_and_poll(w)  # joins the group: epoch 1
         assert records and w.epochs
         # Meanwhile the partition moved to another worker, which took a newer epoch.
@@ -204,10 +216,6 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
         assert [k for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k] == []
         assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0
         assert app.registry.get_sample_value("gru_fenced_partitions_total") == 1
-    finally:
-        w.source.close()
-        w.sink.close()
-        app.close()
     assert read_topic(broker, names["out"]) == []
 
 
