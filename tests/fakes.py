@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 
 from worker.errors import DependencyError
-from worker.messages import Record
+from worker.ports import Record
 
 
 class FakeLog:
@@ -16,7 +17,7 @@ class FakeLog:
         self.partitions = partitions
         self.records: dict[tuple[str, int], list[Record]] = defaultdict(list)
         self.committed: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
-        self.clock_ms = 1_000_000
+        self.clock_ms = int(time.time() * 1000)  # record timestamps: now, 1 ms apart
 
     def append(self, topic: str, key: bytes | None, value: bytes | None,
                partition: int | None = None) -> Record:
@@ -63,6 +64,19 @@ class FakeSource:
             self.positions[tp] = pos + len(recs)
         return out
 
+    def committed(self, partitions):
+        return {tp: self.log.committed[self.group].get(tp) for tp in partitions}
+
+    def offsets_for_time(self, partitions, timestamp_ms):
+        out = {}
+        for tp in partitions:
+            out[tp] = next((r.offset for r in self.log.records[tp]
+                            if r.timestamp_ms >= timestamp_ms), None)
+        return out
+
+    def seek(self, partition, offset) -> None:
+        self.positions[partition] = offset
+
     def commit(self, offsets) -> bool:
         committed = self.log.committed[self.group]
         for tp, off in offsets.items():
@@ -83,19 +97,51 @@ class FakeSource:
 
 
 class FakeSink:
-    def __init__(self, log: FakeLog, fail_times: int = 0, crash: bool = False) -> None:
+    """Appends to the log. ``refuse(message)`` returning a reason refuses that message for
+    good, as Kafka does a message over its size limit."""
+
+    def __init__(self, log: FakeLog, fail_times: int = 0, crash: bool = False,
+                 refuse=None) -> None:
         self.log = log
         self.fail_times = fail_times
         self.crash = crash
+        self.refuse = refuse
+        self.refused: list = []
 
-    def deliver(self, messages) -> None:
+    def deliver(self, messages):
         if self.crash:
             raise SystemExit("simulated crash before produce")
         if self.fail_times:
             self.fail_times -= 1
             raise DependencyError("kafka", "broker unavailable (simulated)", pending=list(messages))
+        rejected = []
         for m in messages:
+            why = self.refuse(m) if self.refuse else None
+            if why:
+                rejected.append((m, why))
+                self.refused.append(m)
+                continue
             self.log.append(m.topic, m.key, m.value)
+        return rejected
 
     def close(self) -> None:
         pass
+
+
+# --- what Redis can do to the state store -------------------------------------------------
+
+def snapshot(store) -> tuple[dict, dict]:
+    """A point-in-time copy of a MemoryStateStore (an RDB snapshot, a lagging replica)."""
+    with store._lock:
+        return dict(store._data), {tp: dict(m) for tp, m in store._marks.items()}
+
+
+def restore(store, snap: tuple[dict, dict]) -> None:
+    """Roll the store back to a snapshot: every later write is gone, marks included."""
+    with store._lock:
+        store._data, store._marks = dict(snap[0]), {tp: dict(m) for tp, m in snap[1].items()}
+
+
+def wipe(store) -> None:
+    """Redis restarted empty: every state and every mark is gone."""
+    restore(store, ({}, {}))

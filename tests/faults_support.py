@@ -31,7 +31,8 @@ from kafka.structs import TopicPartition
 
 import model
 from worker.local_services import RedisServer, Tansu, free_port, wait_for
-from worker.state import Keys, decode_state
+from worker.codec import decode_state
+from worker.state import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5

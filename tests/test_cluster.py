@@ -19,7 +19,8 @@ import redis.cluster
 
 import model
 from worker.local_services import RedisServer, ServiceError, free_port, wait_for
-from worker.state import Keys, decode_state
+from worker.codec import decode_state
+from worker.state import Keys
 
 from .streams import bbc_sessions, interleave
 from .test_e2e import (broker, join_and_poll, names, publish, read_topic, run_worker,  # noqa: F401
@@ -122,6 +123,9 @@ def _spread_topic(cluster: RedisCluster, names: dict, model_id: str, partitions:
 
 def test_end_to_end_on_a_redis_cluster(broker, names, tiny_model_dir, redis_cluster):
     clf = model.load(tiny_model_dir)
+    # A group id with braces used to put the epoch key in another slot (CROSSSLOT on every
+    # write): keys now start with the partition's hash tag.
+    names["group"] = "team{a}-" + names["group"]
     names["in"] = _spread_topic(redis_cluster, names, clf.model_id, 3)
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=3)
     sessions = bbc_sessions(40, seed=21, max_chunk=30, max_tokens=200)
@@ -159,11 +163,11 @@ def test_end_to_end_on_a_redis_cluster(broker, names, tiny_model_dir, redis_clus
             st = decode_state(client.get(key), 1, 32, 5)
             assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
             assert 0 < client.pttl(key) <= 86_400_000
-        # One slot per partition: its epoch and every state key of its sessions.
+        # One slot per partition: its mark and every state key of its sessions.
         slot_of_partition = {}
         for p in range(3):
-            epoch_key = keys.epoch(names["in"], p)
-            assert int(client.get(epoch_key)) == 1
+            epoch_key = keys.mark(names["in"], p)
+            assert client.hget(epoch_key, "epoch").decode().startswith("1:")
             slots = {client.cluster_keyslot(epoch_key)} | {
                 client.cluster_keyslot(state_key[sid]) for sid, ps in partition_of.items() if p in ps}
             assert len(slots) == 1, (p, slots)
@@ -175,12 +179,12 @@ def test_end_to_end_on_a_redis_cluster(broker, names, tiny_model_dir, redis_clus
     # Where the keys really are: each partition's keys on one node, more than one node in use,
     # and nothing else under the prefix.
     by_node = redis_cluster.keys_by_node(f"{names['prefix']}:*")
-    expected = set(state_key.values()) | {keys.epoch(names["in"], p) for p in range(3)}
+    expected = set(state_key.values()) | {keys.mark(names["in"], p) for p in range(3)}
     assert set().union(*by_node.values()) == expected
     assert sum(len(v) for v in by_node.values()) == len(expected)
     node_of_partition = {}
     for p in range(3):
-        part_keys = {keys.epoch(names["in"], p)} | {
+        part_keys = {keys.mark(names["in"], p)} | {
             state_key[sid] for sid, ps in partition_of.items() if p in ps}
         holders = [port for port, ks in by_node.items() if part_keys & ks]
         assert len(holders) == 1 and part_keys <= by_node[holders[0]], (p, holders)
@@ -198,13 +202,15 @@ def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_mod
     settings = settings_for(broker, names, tiny_model_dir, redis={"url": redis_cluster.url})
     with stepped_worker(settings) as app:
         w = app.worker
-        records = join_and_poll(w)  # joins the group: epoch 1
-        assert records and w.epochs == {(names["in"], 0): 1}
-        # Meanwhile the partition moved to another worker, which took a newer epoch.
-        assert w.store.acquire_epochs(list(w.epochs)) == {(names["in"], 0): 2}
+        records = join_and_poll(w)  # joins the group
+        w.process([])  # claims partition 0 before its first batch: token 1
+        assert records and w.epochs[(names["in"], 0)].startswith("1:")
+        # Meanwhile the partition moved to another worker, which took a newer token.
+        (newer,) = w.store.claim(list(w.epochs)).values()
+        assert newer.token.startswith("2:")
         w.process(records)
         held = redis_cluster.keys_by_node(f"{names['prefix']}:*")
-        assert set().union(*held.values()) == {w.store.keys.epoch(names["in"], 0)}
+        assert set().union(*held.values()) == {w.store.keys.mark(names["in"], 0)}
         assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0
         assert app.registry.get_sample_value("gru_fenced_partitions_total") == 1
     assert read_topic(broker, names["out"]) == []

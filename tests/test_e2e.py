@@ -26,7 +26,8 @@ import model
 from worker.app import build_worker
 from worker.config import Settings
 from worker.local_services import Tansu, free_port
-from worker.state import Keys, decode_state
+from worker.codec import decode_state
+from worker.state import Keys
 
 from .streams import bbc_sessions, interleave
 
@@ -126,16 +127,33 @@ def test_end_to_end_many_interleaved_sessions(broker, names, tiny_model_dir):
         st = decode_state(client.get(keys.session(s.session_id)), 1, 32, 5)
         assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
         assert 0 < client.pttl(keys.session(s.session_id)) <= 86_400_000
-    # Exactly the keys a user should find: one per session, one epoch per partition.
+    # Exactly the keys a user should find: one per session, one mark per partition, and each
+    # mark records the offset the worker committed.
     left = sorted(k.decode() for k in client.scan_iter(f"{names['prefix']}:*"))
     assert left == sorted([keys.session(s.session_id) for s in sessions]
-                          + [keys.epoch(names["in"], p) for p in range(3)])
+                          + [keys.mark(names["in"], p) for p in range(3)])
+    counts = {p: 0 for p in range(3)}
+    for p in preds:
+        counts[p["partition"]] = max(counts[p["partition"]], p["offset"] + 1)
+    for p, nxt in counts.items():
+        assert int(client.hget(keys.mark(names["in"], p), "next_offset")) == nxt
     reg = app.registry
     assert reg.get_sample_value("gru_e2e_latency_seconds_count") == len(pairs)
     assert reg.get_sample_value("gru_messages_total", {"outcome": "ok"}) == len(pairs)
 
 
-def test_replay_by_a_fresh_group_changes_no_state(broker, names, tiny_model_dir):
+def reset_group(broker, topic, group, partitions):
+    """What `kafka-consumer-groups --reset-offsets --to-earliest` does (the group is empty)."""
+    from kafka.structs import OffsetAndMetadata
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group,
+                      enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    c.assign(tps)
+    c.commit({tp: OffsetAndMetadata(0, "", -1) for tp in tps})
+    c.close()
+
+
+def test_replay_after_a_group_reset_changes_no_state(broker, names, tiny_model_dir):
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
     sessions = bbc_sessions(10, seed=12, max_tokens=120)
     pairs = interleave(sessions, seed=12)
@@ -145,12 +163,31 @@ def test_replay_by_a_fresh_group_changes_no_state(broker, names, tiny_model_dir)
     client = redis.Redis.from_url(REDIS_URL)
     state_keys = sorted(k for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k)
     before = {k: client.get(k) for k in state_keys}
-    # The same offsets again: a new consumer group starts from the earliest offset.
-    s2 = settings_for(broker, names, tiny_model_dir, kafka={"group_id": names["group"] + "-replay"})
-    app, summary = run_worker(s2)
+    reset_group(broker, names["in"], names["group"], 2)
+    app, summary = run_worker(s1)  # the same offsets again
     assert {k: client.get(k) for k in state_keys} == before
     assert summary.outcomes["duplicate"] == len(pairs) and summary.outcomes["ok"] == 0
     assert app.registry.get_sample_value("gru_messages_total", {"outcome": "duplicate"}) == len(pairs)
+    assert app.registry.get_sample_value("gru_state_rebuilds_total", {"reason": "rollback"}) == 0
+
+
+def test_two_groups_keep_separate_states(broker, names, tiny_model_dir):
+    """Two consumer groups on one topic and model used to share state keys but not epochs, so
+    they raced unfenced. Each group now has its own states, like its own offsets."""
+    clf = model.load(tiny_model_dir)
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
+    sessions = bbc_sessions(4, seed=16, max_tokens=80)
+    publish(broker, names["in"], interleave(sessions, seed=16))
+    _, first = run_worker(settings_for(broker, names, tiny_model_dir))
+    other = names["group"] + "-b"
+    _, second = run_worker(settings_for(broker, names, tiny_model_dir, kafka={"group_id": other}))
+    assert first.outcomes["ok"] == second.outcomes["ok"] > 0
+    client = redis.Redis.from_url(REDIS_URL)
+    for group in (names["group"], other):
+        keys = Keys(names["prefix"], clf.model_id, group)
+        for s in sessions:
+            st = decode_state(client.get(keys.session(s.session_id)), 1, 32, 5)
+            assert st.tokens_seen == len(s.tokens)
 
 
 def test_bad_input_goes_to_the_dlq_and_good_messages_are_unaffected(broker, names, tiny_model_dir):
@@ -207,10 +244,11 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
     settings = settings_for(broker, names, tiny_model_dir)
     with stepped_worker(settings) as app:
         w = app.worker
-        records = join_and_poll(w)  # joins the group: epoch 1
+        records = join_and_poll(w)  # joins the group
+        w.process([])  # claims partition 0 before its first batch
         assert records and w.epochs
-        # Meanwhile the partition moved to another worker, which took a newer epoch.
-        w.store.acquire_epochs(list(w.epochs))
+        # Meanwhile the partition moved to another worker, which took a newer token.
+        w.store.claim(list(w.epochs))
         w.process(records)
         client = redis.Redis.from_url(REDIS_URL)
         assert [k for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k] == []

@@ -19,7 +19,7 @@ import warnings
 import pytest
 
 import model
-from worker.state import decode_state
+from worker.codec import decode_state
 
 from worker.local_services import wait_for
 

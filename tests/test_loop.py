@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,7 +13,8 @@ from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
-from worker.state import MemoryStateStore, decode_state
+from worker.codec import decode_state
+from worker.state import MemoryStateStore
 
 from .fakes import FakeLog, FakeSink, FakeSource
 from .streams import bbc_sessions, interleave
@@ -147,10 +149,12 @@ def test_zombie_with_stale_epoch_is_fenced_and_writes_nothing(clf):
     sessions = bbc_sessions(3, seed=6)
     publish(log, interleave(sessions, seed=6))
     zombie = make_worker(clf, log, store)
-    zombie.source.poll(1, 0)  # joins: takes epoch 1 for partition 0, reads nothing yet
+    zombie.source.poll(1, 0)  # joins the group
+    zombie.process([])  # claims partition 0 (token 1) before its first batch
     zombie.source.positions = {(IN, 0): 0}
     owner = make_worker(clf, log, store, source=FakeSource(log, IN, group="g"))
-    owner.source._assign()  # the rebalance gives partition 0 to the owner: epoch 2
+    owner.source._assign()  # the rebalance gives partition 0 to the owner...
+    owner.process([])  # ...which claims it: token 2
     records = log.records[(IN, 0)]
     zombie.process(records)  # the paused worker wakes up with its old epoch
     assert store.load([s.session_id for s in sessions]) == [None, None, None]
@@ -212,13 +216,11 @@ def test_end_emits_final_prediction_and_tombstone_rejects_replays(clf):
     assert summary.outcomes["ok"] == 0 and summary.outcomes["duplicate"] > 0
 
 
-def test_end_with_zero_end_ttl_deletes_the_key(clf):
-    log, store = FakeLog(partitions=1), MemoryStateStore()
-    sessions = bbc_sessions(2, seed=9)
-    publish(log, interleave(sessions, seed=9, end=True))
-    make_worker(clf, log, store, redis={"end_ttl_seconds": 0}).run()
-    assert store.load([s.session_id for s in sessions]) == [None, None]
-    assert len(store) == 0
+def test_end_ttl_below_a_minute_is_rejected():
+    # 0 used to delete an ended session's key at once; a crash after that write recomputed the
+    # whole session from zero on redelivery, so its only final prediction was wrong.
+    with pytest.raises(ValueError, match="end_ttl_seconds"):
+        Settings(redis={"end_ttl_seconds": 0})
 
 
 def test_mixing_seq_and_offset_numbering_is_rejected(clf):
@@ -226,7 +228,8 @@ def test_mixing_seq_and_offset_numbering_is_rejected(clf):
     publish(log, [(b"m", b'{"session_id": "m", "seq": 0, "tokens": ["a"]}'),
                   (b"m", b'{"session_id": "m", "tokens": ["b"]}')])
     summary = make_worker(clf, log, store).run()
-    assert summary.outcomes == {"ok": 1, "dead_lettered": 1, "duplicate": 0, "fenced": 0, "replayed": 0}
+    assert summary.outcomes == {"ok": 1, "dead_lettered": 1, "duplicate": 0, "fenced": 0,
+                                "replayed": 0, "rebuilt": 0, "deferred": 0}
     assert "must not mix" in json.loads(log.values(DLQ)[0])["reason"]
 
 
@@ -246,8 +249,8 @@ class LostReplyStore(MemoryStateStore):
         super().__init__()
         self.lost = 0
 
-    def store(self, writes):
-        statuses = super().store(writes)
+    def store(self, marks, writes):
+        statuses = super().store(marks, writes)
         if not self.lost:
             self.lost += 1
             from worker.errors import DependencyError
@@ -271,3 +274,372 @@ def test_write_whose_reply_was_lost_still_produces_its_predictions(clf):
         (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs}
     assert w.summary.outcomes["duplicate"] == 0
     assert_matches_offline(clf, sessions, preds, store)
+
+
+# --- regressions of issue 10: rebalances, races, reused ids, corrupt values, refusals ------
+
+class RebalanceInPollSource(FakeSource):
+    """Its first poll gathers records of every partition, then a rebalance completes inside
+    it and revokes partition 1: the batch holds a revoked partition's records next to owned
+    ones (kafka-python can hand these over when the rebalance lands mid-poll)."""
+
+    def poll(self, max_records, max_wait_ms):
+        first = not self.assigned
+        out = super().poll(max_records, max_wait_ms)
+        if first:
+            self.on_revoked([(self.topic, 1)])
+            self.partitions = [p for p in self.partitions if p != 1]
+        return out
+
+
+def test_rebalance_inside_one_poll_drops_the_revoked_records_and_keeps_the_rest(clf):
+    log, store = FakeLog(partitions=2), MemoryStateStore()
+    sessions = bbc_sessions(8, seed=30)
+    pairs = interleave(sessions, seed=30)
+    for k, v in pairs:
+        log.append(IN, k, v, partition=int(json.loads(v)["session_id"][1]) % 2)
+    src = RebalanceInPollSource(log, IN)
+    w = make_worker(clf, log, store, source=src)
+    w.run()  # used to rejoin, empty the epochs and die with KeyError in the write
+    assert src.rejoins == 0
+    assert log.committed["g"] == {(IN, 0): len(log.records[(IN, 0)])}
+    own = [s for s in sessions if int(s.session_id[1]) % 2 == 0]
+    assert_matches_offline(clf, own, predictions(log), store)
+    assert {p["partition"] for p in predictions(log)} == {0}
+
+
+class RacingStore(MemoryStateStore):
+    """Runs ``before_first_store`` once, right before the first write: another writer lands
+    between this worker's load and its write."""
+
+    def __init__(self, before_first_store=None):
+        super().__init__()
+        self.before = before_first_store
+
+    def store(self, marks, writes):
+        if self.before is not None:
+            run, self.before = self.before, None
+            run()
+        return super().store(marks, writes)
+
+
+def test_a_stale_write_is_stepped_again_not_lost(clf):
+    """Two writers of one session (unkeyed records on two partitions, owned by two workers):
+    the loser of the race used to withdraw its predictions and commit, losing its message."""
+    log = FakeLog(partitions=2)
+    shared = RacingStore()
+    body = {"session_id": "race", "seq": 0, "tokens": ["the", "bank", "said"]}
+    log.append(IN, None, json.dumps(body).encode(), partition=0)
+    body2 = {"session_id": "race", "seq": 1, "tokens": ["shares", "rose", "sharply"]}
+    log.append(IN, None, json.dumps(body2).encode(), partition=1)
+    lax = {"limits": {"require_key": False}}
+    a = make_worker(clf, log, shared, source=FakeSource(log, IN, partitions=[0]), **lax)
+    b = make_worker(clf, log, shared, source=FakeSource(log, IN, partitions=[1]), **lax)
+    shared.before = a.run  # a writes seq 0 after b loaded nothing and stepped seq 1 alone
+    b.run()
+    raw = shared.load(["race"])[0]
+    st = decode_state(raw, 1, clf.model.config.hidden_size, len(clf.labels))
+    assert (st.last_pos, st.tokens_seen, st.messages) == (1, 6, 2)
+    want = clf.classify(body["tokens"] + body2["tokens"])
+    last = final_by_session(predictions(log))["race"]
+    assert last["seq"] == 1 and last["tokens_seen"] == 6
+    assert max(abs(last["probs"][l] - want[l]) for l in want) <= 1e-5
+    assert b.summary.outcomes["ok"] == 1 and b.summary.outcomes["deferred"] == 0
+
+
+class RefusingStore(MemoryStateStore):
+    """Refuses every write of one session as STALE while ``refusing`` is set (a writer that
+    keeps winning the race); the session's value is left as it is."""
+
+    def __init__(self, session_id):
+        super().__init__()
+        self.sid, self.refusing, self.calls = session_id, True, 0
+
+    def store(self, marks, writes):
+        from worker.ports import StoreResult, WriteStatus
+        if not self.refusing:
+            return super().store(marks, writes)
+        self.calls += 1
+        keep = [w for w in writes if w.session_id != self.sid]
+        res = super().store(marks, keep)
+        it = iter(res.statuses)
+        return StoreResult(res.fenced, [WriteStatus.STALE if w.session_id == self.sid else next(it)
+                                        for w in writes])
+
+
+def test_a_write_that_never_lands_is_rewound_not_committed(clf):
+    log = FakeLog(partitions=1)
+    sessions = bbc_sessions(4, seed=31)
+    pairs = interleave(sessions, seed=31)
+    publish(log, pairs)
+    victim = sessions[0].session_id
+    store = RefusingStore(victim)
+    w = make_worker(clf, log, store)
+    w.process(w.source.poll(1000, 0))
+    first = next(r.offset for r in log.records[(IN, 0)] if json.loads(r.value)["session_id"] == victim)
+    assert store.calls == 4  # the write and three attempts to step the session again
+    assert log.committed["g"] == {(IN, 0): first}  # nothing at or after its message
+    assert w.source.positions[(IN, 0)] == first  # rewound: redelivered next
+    assert w.summary.outcomes["deferred"] == len(sessions[0].chunks)
+    assert victim not in {p["session_id"] for p in predictions(log)}
+    store.refusing = False
+    w.run()
+    assert_matches_offline(clf, sessions, predictions(log), store)
+
+
+def test_crash_after_an_end_write_re_emits_the_true_final_prediction(clf):
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(3, seed=32)
+    publish(log, interleave(sessions, seed=32, end=True))
+    with pytest.raises(SystemExit):
+        make_worker(clf, log, store, sink=FakeSink(log, crash=True)).run()
+    make_worker(clf, log, store).run()
+    finals = {p["session_id"]: p for p in predictions(log) if p["final"]}
+    assert set(finals) == {s.session_id for s in sessions}
+    for s in sessions:
+        assert finals[s.session_id]["tokens_seen"] == len(s.tokens)
+
+
+def test_a_reused_session_id_never_re_emits_the_old_conversation(clf):
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    old = [{"session_id": "r", "seq": i, "tokens": t, **({"end": True} if i == 2 else {})}
+           for i, t in enumerate([["the", "match"], ["ended", "in"], ["a", "draw"]])]
+    publish(log, [(b"r", json.dumps(m).encode()) for m in old])
+    make_worker(clf, log, store).run()
+    assert len(predictions(log)) == 3
+    # Inside the tombstone's lifetime a new conversation reuses the id and starts at seq 0; the
+    # tombstone's outbox used to answer it with the old conversation's predictions.
+    new = [{"session_id": "r", "seq": i, "tokens": t} for i, t in enumerate([["shares"], ["fell"]])]
+    publish(log, [(b"r", json.dumps(m).encode()) for m in new])
+    # ...and a true replay of the old last message, which must still be re-emitted.
+    publish(log, [(b"r", json.dumps(old[2]).encode())])
+    summary = make_worker(clf, log, store).run()
+    dlq = [json.loads(v) for v in log.values(DLQ)]
+    assert len(dlq) == 2 and all("reused session id or seq" in d["reason"] for d in dlq)
+    preds = predictions(log)
+    assert len(preds) == 4 and preds[-1]["seq"] == 2 and preds[-1]["final"]
+    assert summary.outcomes["dead_lettered"] == 2 and summary.outcomes["replayed"] == 1
+
+
+def test_an_empty_stored_value_is_corrupt_not_a_crash(clf):
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(3, seed=33)
+    publish(log, interleave(sessions, seed=33))
+    victim = sessions[0].session_id
+    store._data[victim] = (b"", float("inf"))  # not None: the engine read it as "no state"
+    w = make_worker(clf, log, store)
+    w.run()
+    dlq = [json.loads(v) for v in log.values(DLQ)]
+    assert len(dlq) == len(sessions[0].chunks)
+    assert all("unreadable" in d["reason"] for d in dlq)
+    assert w.metrics.registry.get_sample_value("gru_corrupt_states_total") == 1
+    assert_matches_offline(clf, sessions[1:], predictions(log))
+    assert store.load([victim]) == [b""]  # left for the operator, not overwritten
+
+
+def test_batch_size_is_bounded_by_the_outbox_count():
+    with pytest.raises(ValueError, match="max_records"):
+        Settings(batch={"max_records": 70_000})
+
+
+class SlowClaimStore(MemoryStateStore):
+    """Redis is down for the first two claims."""
+
+    def __init__(self):
+        super().__init__()
+        self.claims = 0
+
+    def claim(self, partitions):
+        from worker.errors import DependencyError
+        self.claims += 1
+        if self.claims <= 2:
+            raise DependencyError("redis", "down (simulated)")
+        return super().claim(partitions)
+
+
+def test_the_rebalance_callback_never_waits_on_redis(clf):
+    log, store = FakeLog(partitions=2), SlowClaimStore()
+    publish(log, interleave(bbc_sessions(3, seed=34), seed=34))
+    w = make_worker(clf, log, store, retry={"initial_backoff_s": 0.001, "max_backoff_s": 0.002})
+    t0 = time.monotonic()
+    w.on_assigned([(IN, 0), (IN, 1)])  # what the client calls inside poll()
+    assert time.monotonic() - t0 < 0.01 and store.claims == 0 and not w.epochs
+    w.source.assigned = True
+    w.source.positions = {(IN, 0): 0, (IN, 1): 0}
+    w.run()
+    assert store.claims == 3 and len(predictions(log)) == len(log.records[(IN, 0)]) + len(
+        log.records[(IN, 1)])
+    assert w.metrics.registry.get_sample_value("gru_dependency_retries_total",
+                                               {"dependency": "redis"}) == 2
+
+
+def test_a_refused_dead_letter_falls_back_and_a_refused_prediction_never_blocks(clf):
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(3, seed=35)
+    good = interleave(sessions, seed=35)
+    bad = (b"x", b"\x01" * 5000)
+    victim = sessions[1].session_id.encode()
+
+    def refuse(m):
+        if m.topic == DLQ and b"copy_dropped" not in m.value:
+            return "MessageSizeTooLargeError (simulated)"
+        if m.topic == OUT and m.key == victim:
+            return "InvalidRecordError (simulated)"
+        return None
+
+    publish(log, good[:3] + [bad] + good[3:])
+    w = make_worker(clf, log, store, sink=FakeSink(log, refuse=refuse))
+    w.run()
+    dlq = [json.loads(v) for v in log.values(DLQ)]
+    assert len(dlq) == 1 and dlq[0]["offset"] == 3 and "MessageSizeTooLarge" in dlq[0]["copy_dropped"]
+    reg = w.metrics.registry
+    assert reg.get_sample_value("gru_dead_letter_fallbacks_total") == 1
+    assert reg.get_sample_value("gru_undeliverable_total", {"topic": OUT}) == len(sessions[1].chunks)
+    assert log.committed["g"] == {(IN, 0): len(good) + 1}  # the batch was not blocked
+
+
+class UndecodableSource(FakeSource):
+    def __init__(self, *a, fail=2, **kw):
+        super().__init__(*a, **kw)
+        self.fail = fail
+
+    def poll(self, max_records, max_wait_ms):
+        from worker.errors import UndecodableInput
+        if self.fail:
+            self.fail -= 1
+            raise UndecodableInput(IN, 1, 5, RuntimeError("Libraries for zstd compression codec "
+                                                          "not found"))
+        return super().poll(max_records, max_wait_ms)
+
+
+def test_an_undecodable_batch_is_counted_and_named_never_silent(clf, caplog):
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    publish(log, interleave(bbc_sessions(2, seed=36), seed=36))
+    w = make_worker(clf, log, store, source=UndecodableSource(log, IN),
+                    retry={"initial_backoff_s": 0.001, "max_backoff_s": 0.002})
+    with caplog.at_level("ERROR", logger="worker.loop"):
+        w.run()
+    assert w.metrics.registry.get_sample_value("gru_undecodable_batches_total",
+                                               {"topic": IN, "partition": "1"}) == 2
+    assert any("tokens[1] at offset 5" in r.getMessage() and "zstd" in r.getMessage()
+               for r in caplog.records)
+    assert len(predictions(log)) == len(log.records[(IN, 0)])
+
+
+# --- issue 11: the log is the truth; Redis may roll back or lose everything ----------------
+
+def _thirds(pairs):
+    n = len(pairs) // 3
+    return pairs[:n], pairs[n:2 * n], pairs[2 * n:]
+
+
+def test_redis_rolled_back_after_commits_is_rebuilt_from_the_log(clf):
+    from .fakes import restore, snapshot
+    log, store = FakeLog(partitions=2), MemoryStateStore()
+    sessions = bbc_sessions(20, seed=40)
+    pairs = interleave(sessions, seed=40)
+    a, b, c = _thirds(pairs)
+    publish(log, a)
+    make_worker(clf, log, store).run()
+    snap = snapshot(store)  # the snapshot a lagging replica or a backup holds
+    publish(log, b)
+    make_worker(clf, log, store).run()  # b applied, produced and committed
+    restore(store, snap)  # failover to the replica: b's writes are gone, its commits are not
+    publish(log, c)
+    w = make_worker(clf, log, store)
+    w.run()
+    # Every session exact, as if nothing happened, and b's predictions not produced twice.
+    assert_matches_offline(clf, sessions, predictions(log), store)
+    assert len(predictions(log)) == len(pairs)
+    reg = w.metrics.registry
+    assert reg.get_sample_value("gru_state_rebuilds_total", {"reason": "rollback"}) == 2
+    assert w.summary.outcomes["rebuilt"] == len(b) == reg.get_sample_value(
+        "gru_rebuild_messages_total")
+    assert w.summary.outcomes["ok"] == len(c) and not w.rebuilds
+
+
+def test_redis_restarted_empty_is_rebuilt_from_the_log(clf):
+    from .fakes import wipe
+    log, store = FakeLog(partitions=2), MemoryStateStore()
+    sessions = bbc_sessions(20, seed=41)
+    pairs = interleave(sessions, seed=41)
+    half = len(pairs) // 2
+    publish(log, pairs[:half])
+    make_worker(clf, log, store).run()
+    wipe(store)
+    publish(log, pairs[half:])
+    w = make_worker(clf, log, store)
+    w.run()
+    assert_matches_offline(clf, sessions, predictions(log), store)
+    assert len(predictions(log)) == len(pairs)
+    reg = w.metrics.registry
+    assert reg.get_sample_value("gru_state_rebuilds_total", {"reason": "loss"}) == 2
+    assert w.summary.outcomes["rebuilt"] == half
+
+
+class WipingStore(MemoryStateStore):
+    """Loses everything right after its ``at``-th write call (Redis restarted without data
+    under a running worker)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def store(self, marks, writes):
+        from .fakes import wipe
+        out = super().store(marks, writes)
+        self.calls += 1
+        if self.calls == self.at:
+            wipe(self)
+        return out
+
+
+def test_redis_lost_under_a_running_worker_fences_it_and_the_rebuild_follows(clf):
+    log, store = FakeLog(partitions=2), WipingStore(at=3)
+    sessions = bbc_sessions(15, seed=42)
+    pairs = interleave(sessions, seed=42)
+    publish(log, pairs)
+    w = make_worker(clf, log, store, batch={"max_records": 16})
+    w.run()
+    assert w.source.rejoins == 1  # its token was gone: fenced, rejoined, claimed again
+    assert w.metrics.registry.get_sample_value("gru_state_rebuilds_total", {"reason": "loss"}) >= 1
+    assert_matches_offline(clf, sessions, predictions(log), store)
+
+
+def test_a_session_whose_beginning_was_never_applied_says_so(clf):
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    publish(log, [(b"late", json.dumps({"session_id": "late", "seq": 7, "tokens": ["rates"]}).encode()),
+                  (b"late", json.dumps({"session_id": "late", "seq": 8, "tokens": ["rose"]}).encode()),
+                  (b"new", json.dumps({"session_id": "new", "seq": 0, "tokens": ["goal"]}).encode())])
+    w = make_worker(clf, log, store)
+    w.run()
+    ctx = {(p["session_id"], p["seq"]): p["context"] for p in predictions(log)}
+    assert ctx == {("late", 7): "partial", ("late", 8): "partial", ("new", 0): "full"}
+    assert w.metrics.registry.get_sample_value("gru_sessions_partial_total") == 1
+
+
+def test_a_zombie_holding_a_token_from_before_a_rollback_stays_fenced(clf):
+    """Integer epochs came back after a rollback: the next INCR handed out the very number a
+    zombie held, and its writes passed the fence. Tokens carry a random nonce."""
+    from .fakes import restore, snapshot
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(3, seed=43)
+    publish(log, interleave(sessions, seed=43))
+    first = make_worker(clf, log, store)
+    first.source.poll(1, 0)
+    first.process([])  # token 1
+    snap = snapshot(store)
+    zombie = make_worker(clf, log, store)
+    zombie.source.poll(1, 0)
+    zombie.process([])  # token 2, taken after the snapshot
+    zombie.source.positions = {(IN, 0): 0}
+    restore(store, snap)  # Redis rolls back: the counter is 1 again
+    owner = make_worker(clf, log, store)
+    owner.source._assign()
+    owner.process([])  # the counter hands out 2 again
+    assert owner.epochs[(IN, 0)].split(":")[0] == zombie.epochs[(IN, 0)].split(":")[0] == "2"
+    zombie.process(log.records[(IN, 0)])
+    assert zombie.summary.outcomes["fenced"] == len(log.records[(IN, 0)])
+    assert store.load([s.session_id for s in sessions]) == [None] * 3 and not predictions(log)
+    owner.run()
+    assert_matches_offline(clf, sessions, predictions(log), store)

@@ -5,8 +5,10 @@ import json
 from hypothesis import given, settings, strategies as st
 
 from worker.config import LimitSettings
-from worker.messages import (Prediction, Record, Rejection, TokenMessage, decode,
-                             encode_dead_letter, encode_prediction)
+from worker.messages import (DEAD_LETTER_KEY_MAX_BYTES, DEAD_LETTER_MAX_BYTES, Prediction,
+                             Rejection, TokenMessage, dead_letter_key, decode, encode_dead_letter,
+                             encode_prediction, minimal_dead_letter)
+from worker.ports import Record
 
 LIMITS = LimitSettings(max_tokens_per_message=10, max_session_id_len=8, max_message_bytes=2000)
 VOCAB = {"hello": 2, "world": 3}
@@ -35,9 +37,17 @@ def test_three_payload_forms():
     assert m.token_ids == [5, 99] and m.seq is None and m.position == 7
 
 
-def test_key_may_be_absent_but_must_match_when_set():
-    assert isinstance(dec({"session_id": "s1", "tokens": ["a"]}, key=None), TokenMessage)
+def test_key_must_be_the_session_id_unless_allowed():
+    # Unkeyed sessions spread over partitions, and partitions come back in no order: seq 1 could
+    # be applied before seq 0, which was then dropped as a duplicate and committed.
+    r = dec({"session_id": "s1", "tokens": ["a"]}, key=None)
+    assert isinstance(r, Rejection) and "key is missing" in r.reason
     r = dec({"session_id": "s1", "tokens": ["a"]}, key=b"s2")
+    assert isinstance(r, Rejection) and "does not equal session_id" in r.reason
+    lax = LIMITS.model_copy(update={"require_key": False})
+    assert isinstance(decode(rec({"session_id": "s1", "tokens": ["a"]}, key=None), 100, enc, lax),
+                      TokenMessage)
+    r = decode(rec({"session_id": "s1", "tokens": ["a"]}, key=b"s2"), 100, enc, lax)
     assert isinstance(r, Rejection) and "does not equal session_id" in r.reason
 
 
@@ -53,7 +63,7 @@ def test_rules_name_the_field():
         "end must be a boolean": {"session_id": "s1", "end": 1, "tokens": ["a"]},
         "token_ids[0]=1.5 is not an integer": {"session_id": "s1", "token_ids": [1.5]},
         "token_ids[1]=100 is out of range for vocab size 100": {"session_id": "s1", "token_ids": [0, 100]},
-        "unknown field(s) ['extra']": {"session_id": "s1", "tokens": ["a"], "extra": 1},
+        "unknown field(s) 'extra'": {"session_id": "s1", "tokens": ["a"], "extra": 1},
         "value must be a JSON object": [1, 2],
         "text has no tokens": {"session_id": "s1", "text": "..."},
     }
@@ -92,7 +102,7 @@ def test_fast_prediction_encoder_equals_json_dumps(sid, seq, probs, labels, fina
     want = json.dumps({"session_id": sid, "seq": seq, "label": labels[best],
                        "confidence": round(probs[best], 6),
                        "probs": {l: round(x, 6) for l, x in zip(labels, probs)},
-                       "tokens_seen": 5, "final": final, "model_id": "m\"1",
+                       "tokens_seen": 5, "final": final, "context": "full", "model_id": "m\"1",
                        "partition": 0, "offset": 7}, separators=(",", ":")).encode()
     assert encode_prediction(p, labels, 'm"1') == want
 
@@ -102,7 +112,9 @@ def test_prediction_and_dead_letter_encoding():
     p = json.loads(encode_prediction(Prediction("s1", 3, (0.1, 0.9), 12, True, r), ["a", "b"], "m1"))
     assert p == {"session_id": "s1", "seq": 3, "label": "b", "confidence": 0.9,
                  "probs": {"a": 0.1, "b": 0.9}, "tokens_seen": 12, "final": True,
-                 "model_id": "m1", "partition": 0, "offset": 7}
+                 "context": "full", "model_id": "m1", "partition": 0, "offset": 7}
+    partial = Prediction("s1", 3, (0.1, 0.9), 12, True, r, partial=True)
+    assert json.loads(encode_prediction(partial, ["a", "b"], "m1"))["context"] == "partial"
     d = json.loads(encode_dead_letter(Rejection(r, "bad")))
     assert d == {"reason": "bad", "topic": "tokens", "partition": 0, "offset": 7,
                  "timestamp_ms": 123, "key": "k", "value_b64": "/w=="}
@@ -121,8 +133,8 @@ def test_session_id_with_a_lone_surrogate_is_rejected():
     # could not be written, and the worker crashed on every redelivery.
     out = dec(b'{"session_id": "a\\ud800", "tokens": ["a"]}', key=None)
     assert isinstance(out, Rejection) and "session_id" in out.reason
-    assert isinstance(dec(b'{"session_id": "a\\u00e9\\ud83d\\ude00", "tokens": ["a"]}', key=None),
-                      TokenMessage)
+    assert isinstance(dec(b'{"session_id": "a\\u00e9\\ud83d\\ude00", "tokens": ["a"]}',
+                          key="a\u00e9\U0001f600".encode()), TokenMessage)
 
 
 def test_dead_letter_of_a_huge_record_stays_under_the_producer_limit():
@@ -139,3 +151,39 @@ def test_dead_letter_of_a_huge_record_stays_under_the_producer_limit():
         assert d["key_truncated"] is True and d["key_bytes"] == 300_000
     small = json.loads(encode_dead_letter(Rejection(rec(b"abc"), "bad")))
     assert small["value"] == "abc" and "value_truncated" not in small
+
+
+def test_dead_letters_are_bounded_by_their_encoded_size():
+    # Two records that made dead letters over kafka-python's 1 MiB request limit, retried for
+    # ever: a reason naming many non-ASCII unknown fields (3.16 MB), and a record of control
+    # bytes in key and value, whose JSON escaping grew 6x (1.69 MB).
+    fields = {f"\u00e9\u4e16{i:06d}" * 4: 1 for i in range(18_000)}
+    big = json.dumps({"session_id": "s1", "tokens": ["a"], **fields}, ensure_ascii=False).encode()
+    assert 900_000 < len(big) < 1_000_000
+    r = decode(rec(big), 100, enc, LimitSettings())
+    assert isinstance(r, Rejection) and "unknown field(s)" in r.reason and len(r.reason) < 2000
+    ctrl = Rejection(rec(b"\x01" * 260_000, key=b"\x01" * 260_000), "bad")
+    for rej in (r, ctrl):
+        out = encode_dead_letter(rej)
+        assert len(out) <= DEAD_LETTER_MAX_BYTES
+        json.loads(out)
+    assert dead_letter_key(ctrl.record) is None  # too long to be the dead letter's Kafka key
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.none() | st.binary(max_size=64), key_times=st.integers(1, 20_000),
+       value=st.binary(min_size=1, max_size=64), value_times=st.integers(1, 20_000),
+       reason=st.text(max_size=50), reason_times=st.integers(1, 5_000))
+def test_every_dead_letter_fits_the_producer_limit(key, key_times, value, value_times, reason,
+                                                   reason_times):
+    """Arbitrary keys and values up to max_message_bytes (1 MB), any reason: the dead letter,
+    its Kafka key included, fits well under the producer's 1 MiB request limit."""
+    k = None if key is None else (key * key_times)[:1_000_000]
+    v = (value * value_times)[:1_000_000]
+    rej = Rejection(rec(v, key=k), reason * reason_times)
+    out = encode_dead_letter(rej)
+    d = json.loads(out)
+    assert len(out) <= DEAD_LETTER_MAX_BYTES
+    assert len(dead_letter_key(rej.record) or b"") <= DEAD_LETTER_KEY_MAX_BYTES
+    assert d["offset"] == 7 and d["reason"].startswith((reason * reason_times)[:100])
+    assert len(minimal_dead_letter(rej, "MessageSizeTooLargeError")) < 16_384

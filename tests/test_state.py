@@ -1,4 +1,4 @@
-"""Tier 1 and 3: the state codec, and the write script's cases on both store implementations."""
+"""Tier 1 and 3: the state codec, and the write rule on both store implementations."""
 
 import uuid
 
@@ -7,30 +7,40 @@ import pytest
 import redis
 from hypothesis import given, settings, strategies as st
 
-from worker.state import (Keys, MemoryStateStore, OutboxEntry, PosKind, RedisStateStore,
-                          SessionState, StateCorrupt, StateWrite, WriteStatus, decode_state,
-                          encode_state)
+from worker.codec import (HEADER, OUTBOX_ENTRY, OutboxEntry, PosKind, SessionState, StateCorrupt,
+                          decode_state, encode_state, token_digest, write_status)
+from worker.ports import PartitionMark, StateWrite, WriteStatus
+from worker.state import Keys, MemoryStateStore, RedisStateStore
 
 
 @settings(max_examples=50, deadline=None)
 @given(layers=st.integers(1, 3), hidden=st.integers(1, 40), labels=st.integers(1, 6),
        n_out=st.integers(0, 3), pos=st.integers(0, 2**53 - 1), ended=st.booleans(),
-       seed=st.integers(0, 2**31))
-def test_codec_roundtrip(layers, hidden, labels, n_out, pos, ended, seed):
+       partial=st.booleans(), seed=st.integers(0, 2**31))
+def test_codec_roundtrip(layers, hidden, labels, n_out, pos, ended, partial, seed):
     rng = np.random.default_rng(seed)
     h = rng.standard_normal((layers, hidden)).astype(np.float32)
-    outbox = tuple(OutboxEntry(pos - i, i, 10 * i, i == 0, tuple(float(x) for x in
-                   rng.random(labels).astype(np.float32))) for i in range(n_out))
-    s = SessionState(h, pos, PosKind.SEQ, 123, 4, ended, outbox)
+    outbox = tuple(OutboxEntry(pos - i, i, 10 * i, i == 0, token_digest([i, 2], i == 0),
+                               tuple(float(x) for x in rng.random(labels).astype(np.float32)))
+                   for i in range(n_out))
+    s = SessionState(h, pos, PosKind.SEQ, 123, 4, ended, outbox, partial)
     raw = encode_state(s, labels)
     back = decode_state(raw, layers, hidden, labels)
     assert back.last_pos == pos and back.pos_kind == PosKind.SEQ and back.ended == ended
     assert back.tokens_seen == 123 and back.messages == 4 and back.outbox == outbox
+    assert back.partial == partial
     if ended:
         assert back.h.shape == (0, 0)
     else:
         assert np.array_equal(back.h, h)
-    assert len(raw) == 36 + (0 if ended else layers * hidden * 4) + n_out * (25 + 4 * labels)
+    assert len(raw) == HEADER.size + (0 if ended else layers * hidden * 4) + n_out * (
+        OUTBOX_ENTRY.size + 4 * labels)
+
+
+def test_token_digest_tells_messages_apart():
+    assert token_digest([1, 2, 3], False) == token_digest([1, 2, 3], False)
+    assert len({token_digest([1, 2, 3], False), token_digest([1, 2, 3], True),
+                token_digest([1, 2], False), token_digest([3, 2, 1], False)}) == 4
 
 
 def test_float16_state_is_half_the_size_and_close():
@@ -73,34 +83,95 @@ def store(request):
 TP = ("tokens", 0)
 
 
+def put(store, sid, raw):
+    """Place a raw value under a session's key, bypassing the write rule."""
+    if isinstance(store, MemoryStateStore):
+        store._data[sid] = (raw, float("inf"))
+    else:
+        store.client.set(store.keys.session(sid, TP), raw)
+
+
+# (stored value, expected position, new position) -> status. The one rule both stores apply:
+# codec.write_status in Python (the memory store), the WRITE_SCRIPT in Lua (Redis).
+RULE_TABLE = [
+    (None, None, 0, WriteStatus.OK),  # a new session
+    (None, 3, 4, WriteStatus.STALE),  # we loaded a state that is gone
+    (value(3), 3, 4, WriteStatus.OK),  # the position we loaded, moving forward
+    (value(3), 3, 3, WriteStatus.STALE),  # not forward: a duplicate
+    (value(3), 3, 2, WriteStatus.STALE),
+    (value(3), 2, 5, WriteStatus.STALE),  # someone moved it since we loaded: a lost race
+    (value(3), None, 5, WriteStatus.STALE),  # we loaded nothing, something is there now
+    (b"", None, 1, WriteStatus.CORRUPT),  # an empty value used to crash the Lua script
+    (b"", 0, 1, WriteStatus.CORRUPT),
+    (b"XXXX" + value(3)[4:], 3, 4, WriteStatus.CORRUPT),  # another program's value
+    (value(3)[:20], 3, 4, WriteStatus.CORRUPT),  # shorter than a header
+]
+
+
+@pytest.mark.parametrize("current, expected, new, status", RULE_TABLE)
+def test_write_rule_table_in_python(current, expected, new, status):
+    assert write_status(current, expected, new) == status
+
+
+def test_write_rule_table_on_both_stores(store):
+    (claim,) = store.claim([TP]).values()
+    mark = {TP: PartitionMark(claim.token, 1)}
+    for i, (current, expected, new, status) in enumerate(RULE_TABLE):
+        sid = f"case{i}"
+        if current is not None:
+            put(store, sid, current)
+        got = store.store(mark, [StateWrite(sid, TP, expected, new, value(new), 60_000)])
+        assert got.statuses == [status], (i, current[:8] if current else None, expected, new)
+        want = value(new) if status == WriteStatus.OK else current
+        assert store.load([sid], [TP]) == [want], i
+
+
 def test_write_script_cases(store):
-    (epoch,) = store.acquire_epochs([TP]).values()
-    w = lambda sid, exp, new, ttl=60_000, e=epoch: StateWrite(sid, TP, e, exp, new, value(new), ttl)  # noqa: E731
-    assert store.store([w("a", None, 0), w("b", None, 3)]) == [WriteStatus.OK, WriteStatus.OK]
-    assert store.load(["a", "b", "c"]) == [value(0), value(3), None]
-    # at or before the stored position: rejected, value unchanged
-    assert store.store([w("a", 0, 0), w("b", 3, 2)]) == [WriteStatus.STALE, WriteStatus.STALE]
-    # expected position must match what is stored (a lost race)
-    assert store.store([w("a", 5, 6), w("c", 1, 2), w("a", None, 9)]) == [WriteStatus.STALE] * 3
-    assert store.store([w("a", 0, 1)]) == [WriteStatus.OK]
-    assert store.load(["a", "b"]) == [value(1), value(3)]
-    # ttl 0 deletes
-    assert store.store([w("b", 3, 4, ttl=0)]) == [WriteStatus.OK]
-    assert store.load(["b"]) == [None]
-    # a newer epoch fences the older writer, whatever the state
-    (newer,) = store.acquire_epochs([TP]).values()
-    assert newer == epoch + 1
-    assert store.store([w("a", 1, 2), w("z", None, 0)]) == [WriteStatus.FENCED] * 2
-    assert store.load(["a", "z"]) == [value(1), None]
-    assert store.store([w("a", 1, 2, e=newer)]) == [WriteStatus.OK]
+    (claim,) = store.claim([TP]).values()
+    assert claim.next_offset is None
+    m = lambda nxt, token=claim.token: {TP: PartitionMark(token, nxt)}  # noqa: E731
+    w = lambda sid, exp, new: StateWrite(sid, TP, exp, new, value(new), 60_000)  # noqa: E731
+    res = store.store(m(10), [w("a", None, 0), w("b", None, 3)])
+    assert res.statuses == [WriteStatus.OK, WriteStatus.OK] and not res.fenced
+    assert store.load(["a", "b", "c"], [TP] * 3) == [value(0), value(3), None]
+    # a refused write keeps the partition's next offset where it was
+    assert store.store(m(20), [w("a", 0, 0), w("b", 3, 4)]).statuses == [WriteStatus.STALE,
+                                                                          WriteStatus.OK]
+    assert store.load(["b"], [TP]) == [value(4)]
+    (again,) = store.claim([TP]).values()
+    assert again.next_offset == 10
+    # the old token is fenced: nothing of its call lands, nor its offset
+    res = store.store(m(30), [w("a", 0, 1), w("z", None, 0)])
+    assert res.fenced == {TP} and res.statuses == [WriteStatus.FENCED] * 2
+    assert store.load(["a", "z"], [TP, TP]) == [value(0), None]
+    # a call with no writes still records the offset (a batch of duplicates and dead letters)
+    assert store.store(m(40, again.token), []).statuses == []
+    assert store.store(m(35, again.token), []).statuses == []  # never backwards
+    (third,) = store.claim([TP]).values()
+    assert third.next_offset == 40
 
 
-def test_epochs_are_per_partition(store):
-    e = store.acquire_epochs([("t", 0), ("t", 1)])
-    e2 = store.acquire_epochs([("t", 1)])
-    assert e2[("t", 1)] == e[("t", 1)] + 1
-    ok = StateWrite("s", ("t", 0), e[("t", 0)], None, 1, value(1), 1000)
-    assert store.store([ok]) == [WriteStatus.OK]
+def test_tokens_are_per_partition_and_never_reused(store):
+    c = store.claim([("t", 0), ("t", 1)])
+    c2 = store.claim([("t", 1)])
+    assert c2[("t", 1)].token.split(":")[0] == "2" and c[("t", 0)].token.split(":")[0] == "1"
+    ok = StateWrite("s", ("t", 0), None, 1, value(1), 1000)
+    assert store.store({("t", 0): PartitionMark(c[("t", 0)].token, 1)}, [ok]).statuses == [
+        WriteStatus.OK]
+    # A Redis that forgot the counter hands out the same number again, never the same token:
+    # a zombie holding "1:..." from before the loss stays fenced.
+    fresh = type(store)() if isinstance(store, MemoryStateStore) else store
+    if fresh is store:
+        store.client.delete(store.keys.mark("t", 0))
+    (after,) = fresh.claim([("t", 0)]).values()
+    assert after.token.split(":")[0] == "1" and after.token != c[("t", 0)].token
+    old = {("t", 0): PartitionMark(c[("t", 0)].token, 2)}
+    assert fresh.store(old, [StateWrite("s2", ("t", 0), None, 1, value(1), 1000)]).fenced
+
+
+def test_a_write_for_an_unmarked_partition_is_a_bug(store):
+    with pytest.raises(ValueError, match="without a mark"):
+        store.store({}, [StateWrite("s", TP, None, 1, value(1), 1000)])
 
 
 def test_redis_ttl_is_set_and_keys_are_namespaced():
@@ -108,21 +179,29 @@ def test_redis_ttl_is_set_and_keys_are_namespaced():
     keys = Keys(f"test-{uuid.uuid4().hex[:8]}", "model9", "grp")
     store = RedisStateStore(client, keys)
     try:
-        (e,) = store.acquire_epochs([TP]).values()
-        store.store([StateWrite("sess", TP, e, None, 1, value(1), 5000)])
+        (c,) = store.claim([TP]).values()
+        store.store({TP: PartitionMark(c.token, 1)}, [StateWrite("sess", TP, None, 1, value(1), 5000)])
         assert 0 < client.pttl(keys.session("sess")) <= 5000
-        assert keys.session("sess") == f"{keys.prefix}:model9:s:sess"
+        assert keys.session("sess") == f"{keys.prefix}:model9:grp:s:sess"
+        assert keys.mark("tokens", 0) == f"{keys.prefix}:p:grp:tokens:0"
+        assert client.pttl(keys.mark("tokens", 0)) == -1  # marks never expire
         assert sorted(k.decode() for k in client.scan_iter(f"{keys.prefix}:*")) == sorted(
-            [keys.session("sess"), keys.epoch("tokens", 0)])
+            [keys.session("sess"), keys.mark("tokens", 0)])
     finally:
         client.delete(*client.scan_iter(f"{keys.prefix}:*"))
+
+
+def test_cluster_keys_start_with_the_partition_tag_whatever_the_group():
+    keys = Keys("gru", "m", "team{a}", cluster=True)
+    assert keys.session("s{x}", ("tokens", 3)) == "gru:{tokens|3}:m:team{a}:s:s{x}"
+    assert keys.mark("tokens", 3) == "gru:{tokens|3}:p:team{a}:tokens:3"
 
 
 def test_memory_store_expires_with_its_clock():
     now = [0.0]
     store = MemoryStateStore(clock=lambda: now[0])
-    (e,) = store.acquire_epochs([TP]).values()
-    store.store([StateWrite("s", TP, e, None, 1, value(1), 1000)])
+    (c,) = store.claim([TP]).values()
+    store.store({TP: PartitionMark(c.token, 1)}, [StateWrite("s", TP, None, 1, value(1), 1000)])
     now[0] = 0.999
     assert store.load(["s"]) == [value(1)]
     now[0] = 1.0

@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry
 
 import model as model_pkg
 
-from .config import Settings
+from .config import CLUSTER_SCHEMES, Settings
 from .engine import Engine
-from .kafka_io import KafkaSink, KafkaSource
+from .kafka_io import KafkaSink, KafkaSource, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics
-from .state import Keys, MemoryStateStore, RedisStateStore, StateStore
+from .ports import StateStore
+from .state import Keys, MemoryStateStore, RedisStateStore
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("model.device=cuda but torch sees no CUDA device")
     return device
-
-
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.split("://", 1)[0] in CLUSTER_SCHEMES
 
 
 def redis_client(settings: Settings):
@@ -64,7 +58,7 @@ def build_store(settings: Settings, model_id: str) -> StateStore:
         log.warning("state store: in-process memory (state is lost when the worker stops)")
         return MemoryStateStore()
     keys = Keys(settings.redis.prefix, model_id, settings.kafka.group_id,
-                cluster=is_cluster_url(settings.redis.url))
+                cluster=settings.redis.cluster)
     return RedisStateStore(redis_client(settings), keys)
 
 
@@ -95,6 +89,11 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
                     ttl_ms=settings.redis.ttl_seconds * 1000,
                     end_ttl_ms=settings.redis.end_ttl_seconds * 1000,
                     compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs)
+    missing = missing_codecs()
+    if missing:
+        log.error("kafka-python cannot decode %s: input compressed with them will stall its "
+                  "partition (gru_undecodable_batches_total). Install the project's "
+                  "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
     source = KafkaSource(settings.kafka)
     sink = KafkaSink(settings.kafka)
     worker = Worker(settings, engine, store, source, sink, metrics, clf.labels, clf.model_id,
@@ -106,9 +105,8 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
         except Exception:
             redis_ok = False
         kafka_ok = time.monotonic() - worker.last_poll_ok < max(30.0, settings.kafka.session_timeout_ms / 1000)
-        assigned = len(worker.epochs)
-        return (redis_ok and kafka_ok and assigned > 0,
-                {"redis": redis_ok, "kafka": kafka_ok, "assigned_partitions": assigned})
+        ok, details = worker.ready()
+        return redis_ok and kafka_ok and ok, {"redis": redis_ok, "kafka": kafka_ok, **details}
 
     health = HealthServer(registry, settings.metrics.host, settings.metrics.port, ready).start()
     return App(worker, health, registry)

@@ -33,6 +33,11 @@ class KafkaSettings(BaseModel):
     producer_batch_bytes: int = Field(262_144, ge=1024)
     fetch_max_wait_ms: int = Field(20, ge=0, description="broker-side wait for a fetch to fill; "
                                    "bounds the latency an idle partition adds")
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "lz4", description="compression of what the worker produces (predictions, dead "
+        "letters); every codec is decoded on input whatever this says")
+    request_timeout_ms: int = Field(10_000, ge=100, description="longest wait for a commit, "
+                                    "an offset lookup or leaving the group")
     # Security, passed through to kafka-python unchanged.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -55,6 +60,9 @@ class KafkaSettings(BaseModel):
         return opts
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
 class RedisSettings(BaseModel):
     url: str = Field("redis://127.0.0.1:6379/0",
                      description="redis:// or rediss:// (TLS); 'memory' for the in-process store")
@@ -65,10 +73,15 @@ class RedisSettings(BaseModel):
     ssl_keyfile: str | None = None
     prefix: str = Field("gru", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     ttl_seconds: int = Field(86_400, ge=1, description="idle expiry, refreshed on every write")
-    end_ttl_seconds: int = Field(3_600, ge=0, description="how long an ended session's tombstone "
-                                 "keeps rejecting replays; 0 deletes the key at once")
+    end_ttl_seconds: int = Field(3_600, ge=60, description="how long an ended session's "
+                                 "tombstone keeps rejecting replays and re-emitting its final "
+                                 "prediction; it must outlast any redelivery")
     state_dtype: Literal["float32", "float16"] = "float32"
     socket_timeout_s: float = Field(5.0, gt=0)
+
+    @property
+    def cluster(self) -> bool:
+        return self.url.split("://", 1)[0] in CLUSTER_SCHEMES
 
 
 class ModelSettings(BaseModel):
@@ -81,12 +94,16 @@ class ModelSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
-    max_records: int = Field(512, ge=1, description="most records polled into one batch")
+    max_records: int = Field(512, ge=1, le=16_384, description="most records polled into one "
+                             "batch (a state's outbox holds at most 65,535 entries)")
     max_wait_ms: int = Field(0, ge=0, description="extra wait for a batch to fill after its "
                              "first record; 0 takes what has arrived (batches grow with load)")
 
 
 class LimitSettings(BaseModel):
+    require_key: bool = Field(True, description="dead-letter records whose Kafka key is not "
+                              "their session_id; false also accepts unkeyed records (not with a "
+                              "Redis Cluster; see README, 'Message contract')")
     max_tokens_per_message: int = Field(4096, ge=1)
     max_session_id_len: int = Field(256, ge=1)
     max_message_bytes: int = Field(1_000_000, ge=64)
@@ -134,4 +151,7 @@ class Settings(BaseSettings):
         topics = {self.kafka.input_topic, self.kafka.output_topic, self.kafka.dlq_topic}
         if len(topics) != 3:
             raise ValueError("kafka input, output and dlq topics must be three different topics")
+        if not self.limits.require_key and self.redis.cluster:
+            raise ValueError("limits.require_key=false cannot be used with a Redis Cluster: keys "
+                             "are placed by partition, and unkeyed sessions span partitions")
         return self

@@ -18,11 +18,11 @@ import torch
 
 from model.gru import GRUClassifier
 
+from .codec import (MAX_OUTBOX, OutboxEntry, PosKind, SessionState, StateCorrupt, decode_outbox,
+                    decode_state, encode_state, token_digest)
 from .compute import Stepper
-
 from .messages import Prediction, Rejection, TokenMessage
-from .state import (OutboxEntry, PosKind, SessionState, StateCorrupt, TopicPartition,
-                    decode_outbox, decode_state, encode_state)
+from .ports import TopicPartition
 
 
 @dataclass(slots=True)
@@ -37,6 +37,7 @@ class SessionUpdate:
     ttl_ms: int
     predictions: list[Prediction]
     started: bool  # the session had no live state before this batch
+    tokens: int  # tokens this batch applied to the session
 
 
 @dataclass(slots=True)
@@ -45,8 +46,33 @@ class BatchResult:
     replayed: list[Prediction] = field(default_factory=list)  # re-emitted from outboxes
     rejections: list[Rejection] = field(default_factory=list)
     duplicates: list[TokenMessage] = field(default_factory=list)
-    tokens: int = 0
+    corrupt_sessions: set[str] = field(default_factory=set)  # stored value unreadable
+    partial_sessions: set[str] = field(default_factory=set)  # begun with no state at a seq > 0
     step_seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(u.tokens for u in self.updates)
+
+    def without_sessions(self, session_ids: set[str]) -> "BatchResult":
+        """This result minus everything it decided for ``session_ids`` (to re-run them)."""
+        return BatchResult(
+            updates=[u for u in self.updates if u.session_id not in session_ids],
+            replayed=[p for p in self.replayed if p.session_id not in session_ids],
+            rejections=[r for r in self.rejections if r.session_id not in session_ids],
+            duplicates=[m for m in self.duplicates if m.session_id not in session_ids],
+            corrupt_sessions=self.corrupt_sessions - session_ids,
+            partial_sessions=self.partial_sessions - session_ids,
+            step_seconds=self.step_seconds)
+
+    def merge(self, other: "BatchResult") -> None:
+        self.updates += other.updates
+        self.replayed += other.replayed
+        self.rejections += other.rejections
+        self.duplicates += other.duplicates
+        self.corrupt_sessions |= other.corrupt_sessions
+        self.partial_sessions |= other.partial_sessions
+        self.step_seconds += other.step_seconds
 
 
 @dataclass(slots=True)
@@ -56,6 +82,7 @@ class _Step:
     seq: int  # the seq reported in the prediction
     tokens_seen: int  # after this message
     messages: int  # messages applied to the session after this one
+    partial: bool  # the session's first messages were never applied
     probs: tuple[float, ...] = ()
 
 
@@ -80,13 +107,14 @@ class Engine:
 
         plans: list[tuple[str, SessionState | None, list[_Step]]] = []
         for sid, msgs in by_session.items():
+            raw = loaded.get(sid)
             try:
-                raw = loaded.get(sid)
                 state = decode_state(raw, self.layers, self.hidden, self.num_labels,
-                                     with_outbox=False) if raw else None
+                                     with_outbox=False) if raw is not None else None
             except StateCorrupt as e:
+                result.corrupt_sessions.add(sid)
                 result.rejections += [Rejection(m.record, f"stored state of session {sid!r} is "
-                                                f"unreadable: {e}") for m in msgs]
+                                                f"unreadable: {e}", sid) for m in msgs]
                 continue
             steps = self._plan(state, raw, msgs, result)
             if steps:
@@ -115,31 +143,49 @@ class Engine:
         live = state is not None and not state.ended
         tokens = state.tokens_seen if live else 0
         count = state.messages if live else 0
+        partial = state.partial if live else False
         steps: list[_Step] = []
         for m in msgs:
             m_kind = PosKind.SEQ if m.seq is not None else PosKind.OFFSET
             if kind is not None and m_kind != kind:
                 result.rejections.append(Rejection(m.record, (
                     f"session {m.session_id!r} is numbered by {kind.name.lower()}, but this message "
-                    f"{'has' if m.seq is not None else 'has no'} seq; a session must not mix the two")))
+                    f"{'has' if m.seq is not None else 'has no'} seq; a session must not mix the two"),
+                    m.session_id))
                 continue
             if last_pos is not None and m.position <= last_pos:
-                result.duplicates.append(m)
                 if outbox is None:
                     outbox = {e.position: e for e in decode_outbox(raw)} if raw else {}
                 entry = outbox.get(m.position)
+                if entry is not None and entry.digest != token_digest(m.token_ids, m.end):
+                    result.rejections.append(Rejection(m.record, (
+                        f"session {m.session_id!r} already applied position {m.position} with "
+                        f"other tokens: a reused session id or seq; start a new conversation "
+                        f"with a new session_id, or number it after {last_pos}"), m.session_id))
+                    continue
+                result.duplicates.append(m)
                 if entry is not None:
                     result.replayed.append(Prediction(m.session_id, entry.seq, entry.probs,
                                                       entry.tokens_seen, entry.final, m.record,
-                                                      replayed=True))
+                                                      replayed=True, partial=state.partial))
                 continue
             reset = not live
             if reset:
                 tokens = count = 0
+                # No state at all (not even an ended session's tombstone) and a seq past 0:
+                # the session's beginning was never applied here (expired, or lost by Redis
+                # and older than the log's rebuild window).
+                partial = state is None and not steps and m.seq is not None and m.seq > 0
+                if partial:
+                    result.partial_sessions.add(m.session_id)
             tokens += len(m.token_ids)
-            steps.append(_Step(m, reset, m.seq if m.seq is not None else count, tokens, count + 1))
+            steps.append(_Step(m, reset, m.seq if m.seq is not None else count, tokens, count + 1,
+                               partial))
             count += 1
             last_pos, kind, live = m.position, m_kind, not m.end
+        if len(steps) > MAX_OUTBOX:
+            raise ValueError(f"session {msgs[0].session_id!r} has {len(steps)} messages in one "
+                             f"batch; an outbox holds at most {MAX_OUTBOX}")
         return steps
 
     @torch.inference_mode()
@@ -171,7 +217,6 @@ class Engine:
             h.index_copy_(1, idx, h_rows)
             for s, p in zip(batch, probs.float().cpu().tolist()):
                 s.probs = tuple(p)
-            result.tokens += int(lengths.sum())
         h_out = h.transpose(0, 1).cpu().numpy()  # (S, L, H)
         result.step_seconds = time.perf_counter() - t0
 
@@ -183,13 +228,16 @@ class Engine:
                 pos_kind=PosKind.SEQ if last.message.seq is not None else PosKind.OFFSET,
                 tokens_seen=last.tokens_seen, messages=last.messages, ended=ended,
                 outbox=tuple(OutboxEntry(s.message.position, s.seq, s.tokens_seen, s.message.end,
-                                         s.probs) for s in steps))
-            preds = [Prediction(sid, s.seq, s.probs, s.tokens_seen, s.message.end, s.message.record)
-                     for s in steps]
+                                         token_digest(s.message.token_ids, s.message.end), s.probs)
+                             for s in steps),
+                partial=last.partial)
+            preds = [Prediction(sid, s.seq, s.probs, s.tokens_seen, s.message.end, s.message.record,
+                                partial=s.partial) for s in steps]
             result.updates.append(SessionUpdate(
                 session_id=sid, partition=(last.message.record.topic, last.message.record.partition),
                 expected_pos=state.last_pos if state else None, new_pos=new_state.last_pos,
                 value=encode_state(new_state, self.num_labels, self.state_dtype),
                 ttl_ms=self.end_ttl_ms if ended else self.ttl_ms,
-                predictions=preds, started=state is None or state.ended))
+                predictions=preds, started=state is None or state.ended,
+                tokens=sum(len(s.message.token_ids) for s in steps)))
 

@@ -1,39 +1,55 @@
 """Kafka adapters: the consumer-group ``Source``, the acknowledged ``Sink`` and topic admin.
 
-They translate kafka-python's objects and errors into the loop's ``Record``, ``Outgoing``
-and ``DependencyError``, and hold no processing logic.
+They translate kafka-python's objects and errors into the ports' ``Record``, ``Outgoing``,
+``DependencyError`` and ``UndecodableInput``, and hold no processing logic.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import errors as kerr
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTP
 
 from .config import KafkaSettings
-from .errors import DependencyError
-from .loop import Outgoing
-from .messages import Record
-from .state import TopicPartition
+from .errors import DependencyError, UndecodableInput
+from .ports import Outgoing, Record, TopicPartition
 
 log = logging.getLogger(__name__)
 
+# Errors after which the same send can never succeed: retrying would block the batch for ever.
+PERMANENT_SEND_ERRORS = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError,
+                         kerr.InvalidRecordError, kerr.CorruptRecordError, kerr.InvalidTopicError)
+UNDECODABLE_ERRORS = (kerr.UnsupportedCodecError, kerr.CorruptRecordError)
+
+
+def missing_codecs() -> list[str]:
+    """Compression codecs kafka-python cannot decode here (their libraries are missing)."""
+    from kafka import codec
+    have = {"gzip": codec.has_gzip(), "snappy": codec.has_snappy(), "lz4": codec.has_lz4(),
+            "zstd": codec.has_zstd()}
+    return [name for name, ok in have.items() if not ok]
+
 
 class _Listener(ConsumerRebalanceListener):
+    """Only notes what changed (the loop does the work), and counts rebalances."""
+
     def __init__(self, on_assigned: Callable, on_revoked: Callable) -> None:
         self._assigned, self._revoked = on_assigned, on_revoked
+        self.rebalances = 0
 
     def on_partitions_revoked(self, revoked) -> None:
+        self.rebalances += 1
         self._revoked([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned) -> None:
+        self.rebalances += 1
         self._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
@@ -44,6 +60,7 @@ class KafkaSource:
     def __init__(self, settings: KafkaSettings, idle_poll_ms: int = 200) -> None:
         self.settings = settings
         self.idle_poll_ms = idle_poll_ms
+        self.timeout_ms = settings.request_timeout_ms
         try:
             self.consumer = KafkaConsumer(
                 group_id=settings.group_id,
@@ -54,7 +71,7 @@ class KafkaSource:
                 max_poll_interval_ms=settings.max_poll_interval_ms,
                 fetch_max_wait_ms=settings.fetch_max_wait_ms,
                 **settings.client_options())
-        except KafkaError as e:
+        except kerr.KafkaError as e:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
         self._listener: _Listener | None = None
         self._next: dict[TopicPartition, int] = {}
@@ -66,14 +83,24 @@ class KafkaSource:
     def poll(self, max_records: int, max_wait_ms: int) -> list[Record]:
         """Wait up to ``idle_poll_ms`` for a first record, then take whatever the fetcher
         already holds (polls that do not wait) and, if ``max_wait_ms`` > 0, keep waiting for
-        more until that much time has passed since the first record."""
+        more until that much time has passed since the first record.
+
+        A rebalance inside one of the client's polls drops what earlier polls gathered: the
+        new assignment restarts every partition from its committed offset, so those records
+        come again, and a revoked partition's records belong to its new owner."""
         out: list[Record] = []
         timeout = self.idle_poll_ms
         deadline = None
         try:
             while len(out) < max_records:
+                before = self._listener.rebalances if self._listener else 0
                 polled = self.consumer.poll(timeout_ms=timeout, max_records=max_records - len(out),
                                             update_offsets=True)
+                if self._listener is not None and self._listener.rebalances != before and out:
+                    log.info("rebalance during a poll: %d records gathered before it are "
+                             "dropped (they are fetched again from the committed offsets)",
+                             len(out))
+                    out = []
                 got = 0
                 for tp, recs in polled.items():
                     for r in recs:
@@ -92,22 +119,61 @@ class KafkaSource:
                     timeout = max(1, int((deadline - now) * 1000))
                 else:
                     break
-        except KafkaError as e:
-            if out:  # hand over what we have; the error resurfaces on the next poll
+        except UNDECODABLE_ERRORS as e:
+            if out:  # hand over what we have; the error comes back on the next poll
+                return out
+            raise self._undecodable(e) from e
+        except kerr.KafkaError as e:
+            if out:
                 return out
             raise DependencyError("kafka", f"poll failed: {e!r}") from e
         return out
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+    def _undecodable(self, error: BaseException) -> UndecodableInput:
+        """Name the partition and offset of a batch the client could not decode, and rewind
+        to it: kafka-python otherwise leaves the partition stalled without a word."""
+        part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        offset = getattr(part, "fetch_offset", None)
+        if tp is None:
+            return UndecodableInput(None, None, None, error)
+        try:
+            self.consumer.seek(tp, offset)  # fetch it again next time: a CRC error may pass
+        except Exception as e:  # noqa: BLE001 - the report matters more than the rewind
+            log.warning("could not rewind %s to %s: %r", tp, offset, e)
+        return UndecodableInput(tp.topic, tp.partition, offset, error)
+
+    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+        try:
+            return {tp: self.consumer.committed(KafkaTP(*tp), timeout_ms=self.timeout_ms)
+                    for tp in partitions}
+        except kerr.KafkaError as e:
+            raise DependencyError("kafka", f"reading committed offsets failed: {e!r}") from e
+
+    def offsets_for_time(self, partitions: Sequence[TopicPartition],
+                         timestamp_ms: int) -> dict[TopicPartition, int | None]:
+        try:
+            found = self.consumer.offsets_for_times({KafkaTP(*tp): timestamp_ms for tp in partitions},
+                                                    timeout_ms=self.timeout_ms)
+        except kerr.KafkaError as e:
+            raise DependencyError("kafka", f"offsets_for_times failed: {e!r}") from e
+        return {(tp.topic, tp.partition): (o.offset if o is not None else None)
+                for tp, o in found.items()}
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.consumer.seek(KafkaTP(*partition), offset)
+        self._next[partition] = offset
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
         payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         for attempt in range(3):
             try:
-                self.consumer.commit(payload)
+                self.consumer.commit(payload, timeout_ms=self.timeout_ms)
                 return True
-            except CommitFailedError as e:
+            except kerr.CommitFailedError as e:
                 log.warning("commit rejected by the group coordinator: %s", e)
                 return False
-            except KafkaError as e:
+            except kerr.KafkaError as e:
                 log.warning("commit attempt %d failed: %r", attempt + 1, e)
                 time.sleep(0.2 * (attempt + 1))
         return False
@@ -129,59 +195,73 @@ class KafkaSource:
         held = self.assignment()
         self.consumer.unsubscribe()
         if self._listener is not None:
-            self._listener._revoked(held)
+            self._listener.on_partitions_revoked([KafkaTP(*tp) for tp in held])
             self.consumer.subscribe([self.settings.input_topic], listener=self._listener)
         self._next.clear()
 
     def close(self) -> None:
         try:
-            self.consumer.close(autocommit=False)
+            self.consumer.close(autocommit=False, timeout_ms=self.timeout_ms)
         except Exception as e:  # closing must not hide the real exit reason
             log.warning("consumer close failed: %r", e)
 
 
 class KafkaSink:
-    """Sends and waits for every acknowledgement (acks=all). Failed sends come back as
-    ``DependencyError.pending`` so the loop can retry exactly those."""
+    """Sends and waits for every acknowledgement (acks=all). Sends that may succeed on a
+    retry come back as ``DependencyError.pending``; sends refused for good are returned."""
 
     def __init__(self, settings: KafkaSettings, timeout_s: float = 30.0) -> None:
         self.timeout_s = timeout_s
+        compression = None if settings.compression_type == "none" else settings.compression_type
         try:
             # Idempotence off: the loop retries unacknowledged sends itself (predictions are
             # at-least-once anyway), and an idempotent producer can wedge after a timeout.
             self.producer = KafkaProducer(acks="all", linger_ms=settings.linger_ms,
                                           batch_size=settings.producer_batch_bytes,
-                                          retries=5, enable_idempotence=False, request_timeout_ms=int(timeout_s * 1000),
+                                          compression_type=compression,
+                                          retries=5, enable_idempotence=False,
+                                          request_timeout_ms=int(timeout_s * 1000),
                                           max_block_ms=int(timeout_s * 1000),
                                           **settings.client_options())
-        except KafkaError as e:
+        except kerr.KafkaError as e:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
 
-    def deliver(self, messages: Sequence[Outgoing]) -> None:
-        futures = []
+    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
+        sent: list[tuple[Outgoing, object]] = []
+        rejected: list[tuple[Outgoing, str]] = []
+        pending: list[Outgoing] = []
+        error: BaseException | None = None
+        for i, m in enumerate(messages):
+            try:
+                sent.append((m, self.producer.send(m.topic, key=m.key, value=m.value)))
+            except PERMANENT_SEND_ERRORS as e:
+                rejected.append((m, repr(e)))
+            except kerr.KafkaError as e:  # the client is wedged or closed: retry the rest
+                pending += messages[i:]
+                error = e
+                break
         try:
-            for m in messages:
-                futures.append(self.producer.send(m.topic, key=m.key, value=m.value))
             self.producer.flush(timeout=self.timeout_s)
-        except KafkaError as e:
-            raise DependencyError("kafka", f"produce failed: {e!r}",
-                                  pending=_unacked(messages, futures)) from e
-        pending = _unacked(messages, futures)
+        except kerr.KafkaError as e:
+            error = error or e
+        for m, f in sent:
+            if f.is_done and f.succeeded():
+                continue
+            if f.is_done and isinstance(f.exception, PERMANENT_SEND_ERRORS):
+                rejected.append((m, repr(f.exception)))
+            else:
+                pending.append(m)
+                error = error or (f.exception if f.is_done else None)
         if pending:
-            first = next((f.exception for f in futures if f.is_done and f.failed()), None)
             raise DependencyError("kafka", f"{len(pending)} of {len(messages)} sends not "
-                                  f"acknowledged ({first!r})", pending=pending)
+                                  f"acknowledged ({error!r})", pending=pending, rejected=rejected)
+        return rejected
 
     def close(self) -> None:
         try:
             self.producer.close(timeout=5)
         except Exception as e:
             log.warning("producer close failed: %r", e)
-
-
-def _unacked(messages: Sequence[Outgoing], futures: list) -> list[Outgoing]:
-    out = [m for m, f in zip(messages, futures) if not (f.is_done and f.succeeded())]
-    return out + list(messages[len(futures):])
 
 
 def create_topics(settings: KafkaSettings, partitions: int | None = None) -> list[str]:
@@ -194,7 +274,7 @@ def create_topics(settings: KafkaSettings, partitions: int | None = None) -> lis
             try:
                 admin.create_topics([NewTopic(name, n, settings.replication_factor)])
                 created.append(name)
-            except TopicAlreadyExistsError:
+            except kerr.TopicAlreadyExistsError:
                 pass
     finally:
         admin.close()

@@ -1,19 +1,33 @@
-"""The worker's main loop: poll, decode, load states, step, store states, produce, commit.
+"""The worker's main loop: claim, poll, decode, load states, step, store states, produce, commit.
 
 Order of effects for one batch (this is the one place it is written down):
 
+0. **Claim** the partitions the group assigned since the last batch (outside the rebalance
+   callback, so a Redis outage never blocks the group's heartbeats): take a new, never reused
+   fencing token per partition (any older owner is now fenced) and read ``next_offset``, the
+   offset up to which Redis holds the partition's effects. If it is behind the group's committed
+   offset, Redis lost writes (rolled back, failed over to a lagging replica): seek back to it.
+   If Redis has no record while Kafka has a committed offset, Redis lost everything: seek to
+   the first offset inside the state TTL. Records from there up to the committed offset are
+   *rebuilt*: applied to the states again, their outputs suppressed (they were produced
+   before). Records polled for a partition that is not (or no longer) ours are dropped.
+   *Crash here:* nothing was written; the next owner claims again.
 1. **Load states.** One MGET for every session in the batch. Nothing is written yet.
    *Crash here:* nothing happened; the batch is redelivered and processed as new.
 2. **Step.** The pure engine drops duplicates (position at or before the stored one),
    advances each session through its new messages and encodes the new states, each with
    an outbox holding this batch's predictions for that session.
    *Crash here:* as in 1.
-3. **Write states,** fenced and deduplicated, in one atomic script call. A write lands only
-   if the partition's epoch is still ours and the stored position is the one we loaded.
+3. **Write states,** fenced and deduplicated, in one atomic script call that also records
+   each partition's ``next_offset``. A write lands only if the partition's token is still ours
+   and the stored position is the one we loaded. A session whose write was refused as STALE
+   (another writer, a rollback) is loaded and stepped again, up to three times; if it still
+   does not land, its partition is rewound to its first message and committed only below it.
    *Crash here (after the write, before 4):* on redelivery every message is a duplicate, so
    no state changes again; the predictions are re-emitted from the outboxes.
 4. **Produce** predictions, dead letters and re-emitted predictions, then flush and wait
-   for every acknowledgement.
+   for every acknowledgement. A dead letter refused for good (too large) is replaced by one
+   with its reason and coordinates only; nothing refused for good is retried for ever.
    *Crash here:* as in 3; consumers may see a prediction twice.
 5. **Commit** the next offset of every partition in the batch that was not fenced.
    *Crash after 5:* nothing is redelivered.
@@ -30,42 +44,19 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from .config import Settings
-from .engine import BatchResult, Engine
-from .errors import DependencyError, ShutdownRequested
-from .messages import (Prediction, Record, Rejection, TokenMessage, decode, encode_dead_letter,
-                       PredictionEncoder)
-from .metrics import Metrics
-from .state import StateStore, StateWrite, TopicPartition, WriteStatus
+from .engine import BatchResult, Engine, SessionUpdate
+from .errors import DependencyError, ShutdownRequested, UndecodableInput
+from .messages import (PredictionEncoder, Rejection, TokenMessage, dead_letter_key, decode,
+                       encode_dead_letter, minimal_dead_letter)
+from .metrics import OUTCOMES, Metrics
+from .ports import (Outgoing, PartitionMark, Record, Sink, Source, StateStore, StateWrite,
+                    StoreResult, TopicPartition, WriteStatus)
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    topic: str
-    key: bytes | None
-    value: bytes
-
-
-class Source(Protocol):
-    """A consumer-group member. ``on_assigned``/``on_revoked`` run inside ``poll``."""
-
-    def bind(self, on_assigned: Callable[[list[TopicPartition]], None],
-             on_revoked: Callable[[list[TopicPartition]], None]) -> None: ...
-    def poll(self, max_records: int, max_wait_ms: int) -> list[Record]: ...
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool: ...
-    def lag(self) -> dict[TopicPartition, int]: ...
-    def rejoin(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class Sink(Protocol):
-    def deliver(self, messages: Sequence[Outgoing]) -> None:
-        """Send and wait for every acknowledgement; raise DependencyError(pending=...)."""
-    def close(self) -> None: ...
+RESTEP_ATTEMPTS = 3  # reloads of a session whose write was refused as STALE, per batch
 
 
 @dataclass
@@ -73,8 +64,7 @@ class RunSummary:
     messages: int = 0
     batches: int = 0
     predictions: int = 0
-    outcomes: dict[str, int] = field(default_factory=lambda: {
-        "ok": 0, "dead_lettered": 0, "duplicate": 0, "fenced": 0, "replayed": 0})
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     tokens: int = 0
     seconds: float = 0.0
 
@@ -86,6 +76,28 @@ class RunSummary:
                 f"{self.seconds:.1f}s ({rate:.0f} msg/s)")
 
 
+@dataclass
+class Rebuild:
+    """A partition being replayed because Redis lost writes: records below ``until`` (the
+    group's committed offset) are applied again with their outputs suppressed."""
+
+    reason: str  # "rollback" (Redis is behind the commits) or "loss" (Redis has nothing)
+    start: int
+    until: int
+    began: float = field(default_factory=time.monotonic)
+    messages: int = 0
+
+
+@dataclass
+class _Written:
+    """What step 3 leaves for steps 4 and 5."""
+
+    result: BatchResult
+    fenced: set[TopicPartition]
+    held: dict[TopicPartition, int]  # partitions rewound to this offset (unresolved STALE)
+    deferred: int = 0  # messages of those sessions, redelivered later
+
+
 class Worker:
     def __init__(self, settings: Settings, engine: Engine, store: StateStore, source: Source,
                  sink: Sink, metrics: Metrics, labels: Sequence[str], model_id: str,
@@ -94,14 +106,17 @@ class Worker:
         self.s = settings
         self.engine, self.store, self.source, self.sink = engine, store, source, sink
         self.metrics = metrics
-        self.labels, self.model_id = list(labels), model_id
         self.encoder = PredictionEncoder(labels, model_id)
         self.encode_tokens, self.vocab_size = encode_tokens, vocab_size
         self.clock = clock
-        self.epochs: dict[TopicPartition, int] = {}
+        self.owned: set[TopicPartition] = set()  # assigned to us by the group
+        self.unclaimed: set[TopicPartition] = set()  # assigned, token not taken yet
+        self.epochs: dict[TopicPartition, str] = {}  # our fencing token per claimed partition
+        self.rebuilds: dict[TopicPartition, Rebuild] = {}
         self.summary = RunSummary()
         self.last_poll_ok = 0.0
         self._stopping = False
+        self._poll_backoff = settings.retry.initial_backoff_s
         self._writes_landed = 0  # for the test_crash_after_write hook only
         source.bind(self.on_assigned, self.on_revoked)
 
@@ -117,9 +132,9 @@ class Worker:
         try:
             while not self._stopping:
                 records = self._poll()
-                if records or not self.epochs:  # idle time counts only while assigned
+                if records or not self.owned:  # idle time counts only while assigned
                     last_input = time.monotonic()
-                if records:
+                if records or self.unclaimed:
                     self.process(records)
                 elif self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
                     log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
@@ -136,25 +151,30 @@ class Worker:
             log.info(self.summary.line())
         return self.summary
 
-    # --- rebalance callbacks --------------------------------------------------------------
+    def ready(self) -> tuple[bool, dict]:
+        """Holds partitions, all claimed, none being rebuilt (for /readyz)."""
+        rebuilding = sorted(f"{t}[{p}]" for t, p in self.rebuilds)
+        ok = bool(self.owned) and not self.unclaimed and not rebuilding
+        return ok, {"assigned_partitions": len(self.owned), "rebuilding": rebuilding}
+
+    # --- rebalance callbacks: note what changed, nothing more -----------------------------
 
     def on_assigned(self, partitions: Sequence[TopicPartition]) -> None:
-        """Take a new fencing epoch for each partition: any older owner is now fenced."""
-        if not partitions:
-            return
-        epochs = self._retry(lambda: self.store.acquire_epochs(list(partitions)), "redis")
-        self.epochs.update(epochs)
-        self.metrics.assigned.set(len(self.epochs))
-        log.info("assigned %s", ", ".join(f"{t}[{p}]@epoch{e}" for (t, p), e in sorted(epochs.items())))
+        self.owned |= set(partitions)
+        self.unclaimed |= set(partitions)
+        self.metrics.assigned.set(len(self.owned))
 
     def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         for tp in partitions:
+            self.owned.discard(tp)
+            self.unclaimed.discard(tp)
             self.epochs.pop(tp, None)
+            self.rebuilds.pop(tp, None)
             try:
                 self.metrics.lag.remove(tp[0], str(tp[1]))
             except KeyError:
                 pass
-        self.metrics.assigned.set(len(self.epochs))
+        self.metrics.assigned.set(len(self.owned))
         if partitions:
             log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)))
 
@@ -163,27 +183,68 @@ class Worker:
     def process(self, records: Sequence[Record]) -> None:
         """Apply one polled batch, following the order of effects in the module docstring."""
         t_batch = time.perf_counter()
-        owned = [r for r in records if (r.topic, r.partition) in self.epochs]
-        if len(owned) < len(records):
-            # Records of a partition we hold no epoch for (dropped after fencing): never apply
-            # them, and rejoin so that their position goes back to the committed offset.
-            log.warning("%d records from partitions without an epoch: rejoining the group",
-                        len(records) - len(owned))
-            self.source.rejoin()
-        if not owned:
+        records = self._claim(records)                                  # 0. claim
+        if not records:
             return
-        messages, rejections = self._decode(owned)
+        messages, rejections = self._decode(records)
         states = self._load(messages)                                   # 1. load states
         result = self.engine.apply(messages, states)                    # 2. step
-        fenced, stale = self._write(result)                             # 3. write states
-        outgoing = self._outgoing(result, rejections, fenced)
+        written = self._write(records, messages, result)                # 3. write states
+        outgoing, dead_letters = self._outgoing(written, rejections)
         t0 = time.perf_counter()
-        self._retry_delivery(outgoing)                                  # 4. produce, flush
+        self._deliver(outgoing, dead_letters)                           # 4. produce, flush
         t1 = time.perf_counter()
-        self._commit(owned, fenced)                                     # 5. commit
+        committed = self._commit(records, written)                      # 5. commit
         self.metrics.produce_seconds.observe(t1 - t0)
         self.metrics.commit_seconds.observe(time.perf_counter() - t1)
-        self._account(owned, result, rejections, fenced, stale, t_batch)
+        self._account(records, written, rejections, t_batch)
+        self._finish_rebuilds(committed)
+
+    # 0. claim ------------------------------------------------------------------------------
+
+    def _claim(self, records: Sequence[Record]) -> list[Record]:
+        rewound: set[TopicPartition] = set()
+        if self.unclaimed:
+            rewound = self._claim_partitions(sorted(self.unclaimed))
+        keep = [r for r in records
+                if (r.topic, r.partition) in self.epochs and (r.topic, r.partition) not in rewound]
+        if len(keep) < len(records):
+            log.info("dropped %d polled records of partitions not ours or rewound (their "
+                     "owner reads them from the committed offset)", len(records) - len(keep))
+        return keep
+
+    def _claim_partitions(self, tps: list[TopicPartition]) -> set[TopicPartition]:
+        """Take tokens; compare what Redis holds with what Kafka says was done; rewind."""
+        claims = self._retry(lambda: self.store.claim(tps))
+        committed = self._retry(lambda: self.source.committed(tps))
+        rewound = set()
+        for tp in tps:
+            claim, done = claims[tp], committed.get(tp)
+            self.epochs[tp] = claim.token
+            start, reason = None, ""
+            if claim.next_offset is not None:
+                if done is not None and claim.next_offset < done:
+                    start, reason = claim.next_offset, "rollback"
+            elif done is not None and done > 0:
+                since = int(self.clock() * 1000) - self.s.redis.ttl_seconds * 1000
+                first = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
+                if first is not None and first < done:
+                    start, reason = first, "loss"
+            if start is None:
+                continue
+            self.source.seek(tp, start)
+            self.rebuilds[tp] = Rebuild(reason, start, done)
+            self.metrics.rebuilds.labels(reason).inc()
+            rewound.add(tp)
+            log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the group "
+                      "committed %d (%s): replaying offsets %d..%d to rebuild them, outputs "
+                      "suppressed", tp[0], tp[1], claim.next_offset, done,
+                      "Redis lost writes" if reason == "rollback" else "Redis lost everything",
+                      start, done - 1)
+        self.unclaimed -= set(tps)
+        log.info("claimed %s", ", ".join(f"{t}[{p}]@{self.epochs[(t, p)].split(':')[0]}"
+                                          for t, p in tps))
+        return rewound
 
     def _decode(self, records: Sequence[Record]) -> tuple[list[TokenMessage], list[Rejection]]:
         messages, rejections = [], []
@@ -192,44 +253,93 @@ class Worker:
             (messages if isinstance(m, TokenMessage) else rejections).append(m)
         for rej in rejections:
             rec = rej.record
-            log.warning("dead-letter %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, rej.reason)
+            log.warning("dead-letter %s[%d]@%d: %.300s", rec.topic, rec.partition, rec.offset,
+                        rej.reason)
         return messages, rejections
 
+    # 1. load -------------------------------------------------------------------------------
+
     def _load(self, messages: Sequence[TokenMessage]) -> dict[str, bytes | None]:
-        first = {}
+        first: dict[str, TopicPartition] = {}
         for m in messages:
             first.setdefault(m.session_id, (m.record.topic, m.record.partition))
         sids, parts = list(first), list(first.values())
         t0 = time.perf_counter()
-        values = self._retry(lambda: self.store.load(sids, parts), "redis")
+        values = self._retry(lambda: self.store.load(sids, parts))
         self.metrics.load_seconds.observe(time.perf_counter() - t0)
         return dict(zip(sids, values))
 
-    def _write(self, result: BatchResult) -> tuple[set[TopicPartition], int]:
-        """Write every session update; return the partitions found fenced and the number of
-        messages whose write was stale (their predictions are withdrawn)."""
-        writes = [StateWrite(u.session_id, u.partition, self.epochs[u.partition], u.expected_pos,
-                             u.new_pos, u.value, u.ttl_ms) for u in result.updates]
+    # 3. write ------------------------------------------------------------------------------
+
+    def _write(self, records: Sequence[Record], messages: Sequence[TokenMessage],
+               result: BatchResult) -> _Written:
+        """Write every session update with the batch's partition marks; re-step sessions whose
+        write was refused as STALE or CORRUPT; rewind what still does not land."""
+        marks: dict[TopicPartition, PartitionMark] = {}
+        for r in records:
+            tp = (r.topic, r.partition)
+            nxt = max(r.offset + 1, marks[tp].next_offset if tp in marks else 0)
+            marks[tp] = PartitionMark(self.epochs[tp], nxt)
         t0 = time.perf_counter()
-        statuses = self._retry(lambda: self.store.store(writes), "redis") if writes else []
-        statuses = self._own_stale_writes(result, statuses)
+        res = self._store(marks, result.updates)
+        fenced = set(res.fenced)
+        refused = self._refused(result.updates, res)
+        for _ in range(RESTEP_ATTEMPTS):
+            if not refused:
+                break
+            sids = set(refused)
+            log.warning("%d session writes refused (another writer or a Redis rollback "
+                        "since the load): stepping them again", len(sids))
+            again_msgs = [m for m in messages if m.session_id in sids
+                          and (m.record.topic, m.record.partition) not in fenced]
+            again = self.engine.apply(again_msgs, refused)
+            result = result.without_sessions(sids)
+            result.merge(again)
+            again_marks = {(m.record.topic, m.record.partition): None for m in again_msgs}
+            res = self._store({tp: marks[tp] for tp in again_marks if tp not in fenced},
+                              again.updates)
+            fenced |= res.fenced
+            refused = self._refused(again.updates, res)
         self.metrics.store_seconds.observe(time.perf_counter() - t0)
-        fenced: set[TopicPartition] = set()
-        stale = 0
-        for u, status in zip(result.updates, statuses):
-            if status == WriteStatus.FENCED:
-                fenced.add(u.partition)
-            elif status == WriteStatus.STALE:
-                # Someone else advanced this session since we loaded it: our step is void.
-                log.warning("stale write for session %r at %s[%d] pos %d: skipped",
-                            u.session_id, *u.partition, u.new_pos)
-                stale += len(u.predictions)
-                u.predictions = []
+        held: dict[TopicPartition, int] = {}
+        deferred = 0
+        if refused:
+            result = result.without_sessions(set(refused))
+            for m in messages:
+                if m.session_id in refused:
+                    tp = (m.record.topic, m.record.partition)
+                    held[tp] = min(held.get(tp, m.record.offset), m.record.offset)
+                    deferred += 1
+            for tp, offset in held.items():
+                log.error("%s[%d]: %d session writes still refused after %d attempts: rewinding "
+                          "to offset %d to apply them again", *tp, len(refused),
+                          RESTEP_ATTEMPTS, offset)
+                self.source.seek(tp, offset)
         if fenced:
             self._drop_fenced(fenced)
-        if self.s.test_crash_after_write and WriteStatus.OK in statuses:
+        if self.s.test_crash_after_write and any(s == WriteStatus.OK for s in res.statuses):
             self._test_crash_after_write()
-        return fenced, stale
+        return _Written(result, fenced, held, deferred)
+
+    def _store(self, marks: dict[TopicPartition, PartitionMark],
+               updates: Sequence[SessionUpdate]) -> StoreResult:
+        writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
+                             u.ttl_ms) for u in updates]
+        return self._retry(lambda: self.store.store(marks, writes))
+
+    def _refused(self, updates: Sequence[SessionUpdate],
+                 res: StoreResult) -> dict[str, bytes | None]:
+        """Sessions whose write did not land, with their current stored values. A refusal can
+        be our own write: the first attempt ran, its reply was lost (Redis restarted or timed
+        out) and the retry found the position already moved. The stored value is then
+        byte-for-byte ours, so it counts as written."""
+        bad = [u for u, st in zip(updates, res.statuses)
+               if st in (WriteStatus.STALE, WriteStatus.CORRUPT)]
+        if not bad:
+            return {}
+        current = self._retry(lambda: self.store.load([u.session_id for u in bad],
+                                                      [u.partition for u in bad]))
+        return {u.session_id: value for u, value in zip(bad, current) if value != u.value}
 
     def _test_crash_after_write(self) -> None:
         """Test hook (``GRU_TEST_CRASH_AFTER_WRITE=N``): die like a crash, with SIGKILL, right
@@ -242,88 +352,144 @@ class Worker:
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _own_stale_writes(self, result: BatchResult,
-                          statuses: list[WriteStatus]) -> list[WriteStatus]:
-        """A STALE answer can be our own write: the first attempt ran, its reply was lost
-        (Redis restarted or timed out) and the retry found the position already moved. The
-        stored value is then byte-for-byte ours, so count it as written: withdrawing its
-        predictions and committing would lose them for good."""
-        stale = [i for i, st in enumerate(statuses) if st == WriteStatus.STALE]
-        if not stale:
-            return statuses
-        current = self._retry(lambda: self.store.load(
-            [result.updates[i].session_id for i in stale],
-            [result.updates[i].partition for i in stale]), "redis")
-        out = list(statuses)
-        for i, value in zip(stale, current):
-            if value is not None and value == result.updates[i].value:
-                out[i] = WriteStatus.OK
-        return out
+    # 4. produce ----------------------------------------------------------------------------
 
-    def _outgoing(self, result: BatchResult, rejections: Sequence[Rejection],
-                  fenced: set[TopicPartition]) -> list[Outgoing]:
+    def _suppressed(self, record: Record) -> bool:
+        """Outputs of a fenced partition, or of records being rebuilt, are not produced."""
+        rb = self.rebuilds.get((record.topic, record.partition))
+        return rb is not None and record.offset < rb.until
+
+    def _outgoing(self, w: _Written, rejections: Sequence[Rejection]
+                  ) -> tuple[list[Outgoing], dict[int, Rejection]]:
         k = self.s.kafka
         out: list[Outgoing] = []
-        preds: list[Prediction] = [p for u in result.updates for p in u.predictions] + result.replayed
-        for p in preds:
-            if (p.record.topic, p.record.partition) not in fenced:
-                out.append(Outgoing(k.output_topic, p.session_id.encode(),
-                                    self.encoder.encode(p)))
-        for rej in [*rejections, *result.rejections]:
-            if (rej.record.topic, rej.record.partition) not in fenced:
-                out.append(Outgoing(k.dlq_topic, rej.record.key, encode_dead_letter(rej)))
-        return out
+        for u in w.result.updates:
+            if u.partition in w.fenced:
+                continue
+            for p in u.predictions:
+                if not self._suppressed(p.record):
+                    out.append(Outgoing(k.output_topic, p.session_id.encode(),
+                                        self.encoder.encode(p)))
+        for p in w.result.replayed:
+            if (p.record.topic, p.record.partition) not in w.fenced and not self._suppressed(p.record):
+                out.append(Outgoing(k.output_topic, p.session_id.encode(), self.encoder.encode(p)))
+        dead_letters: dict[int, Rejection] = {}
+        for rej in [*rejections, *w.result.rejections]:
+            rec = rej.record
+            if (rec.topic, rec.partition) in w.fenced or self._suppressed(rec):
+                continue
+            o = Outgoing(k.dlq_topic, dead_letter_key(rec), encode_dead_letter(rej))
+            dead_letters[id(o)] = rej
+            out.append(o)
+        return out, dead_letters
 
-    def _retry_delivery(self, outgoing: list[Outgoing]) -> None:
+    def _deliver(self, outgoing: list[Outgoing], dead_letters: dict[int, Rejection]) -> None:
+        """Send until every message is acknowledged or refused for good. A refused dead letter
+        is sent again with its reason and coordinates only; anything else refused is dropped,
+        logged and counted (it can never be produced, and retrying it would block the batch)."""
         pending = outgoing
         backoff = self.s.retry.initial_backoff_s
         while pending:
+            error = None
             try:
-                self.sink.deliver(pending)
-                return
+                rejected = self.sink.deliver(pending)
+                pending = []
             except DependencyError as e:
+                error, rejected = e, e.rejected
                 pending = e.pending if e.pending is not None else pending
-                self._backoff(e, backoff)
+            for m, why in rejected:
+                rej = dead_letters.pop(id(m), None)
+                if rej is not None:
+                    rec = rej.record
+                    log.error("dead letter of %s[%d]@%d refused (%s): sending its reason and "
+                              "coordinates only", rec.topic, rec.partition, rec.offset, why)
+                    self.metrics.dead_letter_fallbacks.inc()
+                    pending.append(Outgoing(m.topic, None, minimal_dead_letter(rej, why)))
+                else:
+                    log.error("a message to %s was refused for good and is dropped: %s (%d "
+                              "bytes)", m.topic, why, len(m.value))
+                    self.metrics.undeliverable.labels(m.topic).inc()
+            if error is not None and pending:
+                self._backoff(error, backoff)
                 backoff = min(backoff * 2, self.s.retry.max_backoff_s)
 
-    def _commit(self, records: Sequence[Record], fenced: set[TopicPartition]) -> None:
+    # 5. commit -----------------------------------------------------------------------------
+
+    def _commit(self, records: Sequence[Record], w: _Written) -> dict[TopicPartition, int]:
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = (r.topic, r.partition)
-            if tp not in fenced:
+            if tp not in w.fenced:
                 offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+        for tp, offset in w.held.items():
+            offsets[tp] = offset
+        done = dict(offsets)
+        for tp, rb in self.rebuilds.items():  # a rebuild replays below the committed offset:
+            if tp in offsets and offsets[tp] <= rb.until:  # never move the group back
+                del offsets[tp]
         if offsets and not self.source.commit(offsets):
             log.warning("commit of %s failed (rebalance?): those records will be redelivered "
                         "and deduplicated", offsets)
+        return done
 
-    def _account(self, records: Sequence[Record], result: BatchResult,
-                 rejections: Sequence[Rejection], fenced: set[TopicPartition], stale: int,
+    def _finish_rebuilds(self, next_offsets: dict[TopicPartition, int]) -> None:
+        for tp, nxt in next_offsets.items():
+            rb = self.rebuilds.get(tp)
+            if rb is not None and nxt >= rb.until:
+                del self.rebuilds[tp]
+                log.warning("%s[%d]: rebuild finished: %d messages replayed in %.1fs",
+                            *tp, rb.messages, time.monotonic() - rb.began)
+
+    def _account(self, records: Sequence[Record], w: _Written, rejections: Sequence[Rejection],
                  t_batch: float) -> None:
-        m, s = self.metrics, self.summary
+        m, s, result = self.metrics, self.summary, w.result
         now = self.clock()
-        ok = sum(len(u.predictions) for u in result.updates
-                 if u.partition not in fenced)
-        fenced_n = sum(1 for r in records if (r.topic, r.partition) in fenced)
-        dead = len(rejections) + len(result.rejections)
-        counts = {"ok": ok, "dead_lettered": dead, "duplicate": len(result.duplicates) + stale,
-                  "fenced": fenced_n, "replayed": len(result.replayed)}
-        for outcome, n in counts.items():
-            if n:
-                m.messages.labels(outcome).inc(n)
-                s.outcomes[outcome] += n
+        counts = dict.fromkeys(OUTCOMES, 0)
+        rebuilt = 0
+        for r in records:
+            tp = (r.topic, r.partition)
+            if tp in w.fenced:
+                counts["fenced"] += 1
+            elif self._suppressed(r):
+                rebuilt += 1
+                self.rebuilds[tp].messages += 1
+        counts["rebuilt"] = rebuilt
+        counts["deferred"] = w.deferred
         produced = 0
         for u in result.updates:
-            if u.partition in fenced:
+            if u.partition in w.fenced:
                 continue
             for p in u.predictions:
+                if self._suppressed(p.record):
+                    continue
                 produced += 1
                 if p.record.timestamp_ms is not None:
                     m.e2e_latency.observe(max(0.0, now - p.record.timestamp_ms / 1000))
             if u.predictions:
                 m.sessions_started.inc(u.started)
                 m.sessions_ended.inc(u.predictions[-1].final)
-        produced += sum(1 for p in result.replayed
-                        if (p.record.topic, p.record.partition) not in fenced)
+        counts["ok"] = produced
+        live = [x for x in [*rejections, *result.rejections]
+                if (x.record.topic, x.record.partition) not in w.fenced and not self._suppressed(x.record)]
+        counts["dead_lettered"] = len(live)
+        counts["duplicate"] = sum(1 for d in result.duplicates
+                                  if (d.record.topic, d.record.partition) not in w.fenced
+                                  and not self._suppressed(d.record))
+        replayed = sum(1 for p in result.replayed
+                       if (p.record.topic, p.record.partition) not in w.fenced
+                       and not self._suppressed(p.record))
+        counts["replayed"] = replayed
+        produced += replayed
+        for outcome, n in counts.items():
+            if n:
+                m.messages.labels(outcome).inc(n)
+                s.outcomes[outcome] += n
+        if rebuilt:
+            m.rebuild_messages.inc(rebuilt)
+        if result.corrupt_sessions:
+            m.corrupt_states.inc(len(result.corrupt_sessions))
+        if result.partial_sessions:
+            m.partial_sessions.inc(len(result.partial_sessions))
         m.predictions.inc(produced)
         m.tokens.inc(result.tokens)
         m.step_seconds.observe(result.step_seconds)
@@ -340,9 +506,18 @@ class Worker:
     def _poll(self) -> list[Record]:
         try:
             records = self.source.poll(self.s.batch.max_records, self.s.batch.max_wait_ms)
+        except UndecodableInput as e:
+            self.metrics.undecodable.labels(
+                e.topic or "unknown", "unknown" if e.partition is None else str(e.partition)).inc()
+            log.error("%s. The partition cannot advance past this batch; the others go on. "
+                      "See docs/reliability.md, 'Undecodable input'", e)
+            self._backoff(e, self._poll_backoff)
+            self._poll_backoff = min(self._poll_backoff * 2, self.s.retry.max_backoff_s)
+            return []
         except DependencyError as e:
             self._backoff(e, self.s.retry.initial_backoff_s)
             return []
+        self._poll_backoff = self.s.retry.initial_backoff_s
         self.last_poll_ok = time.monotonic()
         self._update_lag()
         return records
@@ -356,14 +531,13 @@ class Worker:
 
     def _drop_fenced(self, fenced: set[TopicPartition]) -> None:
         for tp in fenced:
-            log.error("fenced on %s[%d]: another worker owns it now; dropping it, writing nothing",
-                      *tp)
+            log.error("fenced on %s[%d]: another worker owns it now, or Redis lost its token; "
+                      "dropping it, writing nothing, rejoining the group", *tp)
             self.epochs.pop(tp, None)
         self.metrics.fenced_partitions.inc(len(fenced))
-        self.metrics.assigned.set(len(self.epochs))
         self.source.rejoin()
 
-    def _retry(self, fn: Callable, dependency: str):
+    def _retry(self, fn: Callable):
         backoff = self.s.retry.initial_backoff_s
         while True:
             try:

@@ -15,18 +15,7 @@ from dataclasses import dataclass
 from model.tokenizer import tokenize
 
 from .config import LimitSettings
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed Kafka record, independent of the client library."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int | None = None
+from .ports import Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +36,7 @@ class TokenMessage:
 class Rejection:
     record: Record
     reason: str
+    session_id: str | None = None  # set when the engine rejects a decoded message
 
 
 class _BadInput(ValueError):
@@ -93,7 +83,9 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
         raise _BadInput(f"value must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - _FIELDS
     if unknown:
-        raise _BadInput(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
+        shown = ", ".join(repr(f[:40]) for f in sorted(unknown)[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise _BadInput(f"unknown field(s) {shown}{more}; allowed: {sorted(_FIELDS)}")
 
     sid = obj.get("session_id")
     if not isinstance(sid, str) or not sid:
@@ -105,7 +97,12 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
         sid.encode("utf-8")  # it becomes the Redis key and the prediction's Kafka key
     except UnicodeEncodeError:
         raise _BadInput("session_id is not valid Unicode (it contains a lone surrogate)") from None
-    if record.key is not None:
+    if record.key is None:
+        if limits.require_key:
+            raise _BadInput("key is missing: a session's messages must be keyed by their "
+                            "session_id, so that they share one partition and its order "
+                            "(GRU_LIMITS__REQUIRE_KEY=false accepts unkeyed records)")
+    else:
         try:
             key = record.key.decode("utf-8")
         except UnicodeDecodeError:
@@ -171,6 +168,10 @@ class Prediction:
     final: bool
     record: Record
     replayed: bool = False  # re-emitted from the state's outbox after a replay
+    partial: bool = False  # the session's first messages were never applied to its state
+
+
+_CONTEXT = {False: '"full"', True: '"partial"'}
 
 
 class PredictionEncoder:
@@ -189,7 +190,8 @@ class PredictionEncoder:
         return (f'{{"session_id":{json.dumps(p.session_id)},"seq":{p.seq},'
                 f'"label":{self._keys[best][:-1]},"confidence":{probs[best]!r},'
                 f'"probs":{{{dist}}},"tokens_seen":{p.tokens_seen},'
-                f'"final":{"true" if p.final else "false"},"model_id":{self._model_id},'
+                f'"final":{"true" if p.final else "false"},'
+                f'"context":{_CONTEXT[p.partial]},"model_id":{self._model_id},'
                 f'"partition":{p.record.partition},"offset":{p.record.offset}}}').encode()
 
 
@@ -197,26 +199,61 @@ def encode_prediction(p: Prediction, labels: Sequence[str], model_id: str) -> by
     return PredictionEncoder(labels, model_id).encode(p)
 
 
-# How much of a rejected record's key and value a dead letter copies. JSON escaping (up to 6x)
-# or base64 (4/3x) of the copy must keep the dead letter under the producer's 1 MiB request
-# limit; a larger one could never be produced and would block its partition.
-DEAD_LETTER_COPY_BYTES = 128 * 1024
+# Dead letters are bounded by their encoded size, not by their input's: JSON escaping can grow
+# a copied byte 6x (control bytes become \u00XX) and base64 4/3x. A dead letter over the
+# producer's request limit (1 MiB) or the broker's message limit (1 MB by default) could never be
+# produced, and retrying it would block its partition.
+DEAD_LETTER_MAX_BYTES = 256 * 1024  # the whole encoded value
+DEAD_LETTER_COPY_BYTES = 128 * 1024  # at most this much of the rejected key and value is copied
+DEAD_LETTER_KEY_MAX_BYTES = 1024  # a longer key is not reused as the dead letter's Kafka key
+REASON_MAX_CHARS = 1000
 
 
-def encode_dead_letter(r: Rejection) -> bytes:
+def _cut(reason: str) -> str:
+    if len(reason) <= REASON_MAX_CHARS:
+        return reason
+    return reason[:REASON_MAX_CHARS] + f"... ({len(reason)} characters, cut)"
+
+
+def _dead_letter_body(r: Rejection, copy_bytes: int) -> bytes:
     rec = r.record
-    body: dict = {"reason": r.reason, "topic": rec.topic, "partition": rec.partition,
+    body: dict = {"reason": _cut(r.reason), "topic": rec.topic, "partition": rec.partition,
                   "offset": rec.offset, "timestamp_ms": rec.timestamp_ms}
     for name, raw in (("key", rec.key), ("value", rec.value)):
         if raw is None:
             body[name] = None
             continue
-        if len(raw) > DEAD_LETTER_COPY_BYTES:
+        if len(raw) > copy_bytes:
             body[name + "_truncated"] = True
             body[name + "_bytes"] = len(raw)
-            raw = raw[:DEAD_LETTER_COPY_BYTES]
+            raw = raw[:copy_bytes]
         try:
             body[name] = raw.decode("utf-8")
         except UnicodeDecodeError:
             body[name + "_b64"] = base64.b64encode(raw).decode()
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_dead_letter(r: Rejection, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> bytes:
+    """The dead letter of a rejection: reason, source coordinates and as much of the key and
+    value as fits in ``max_bytes`` once encoded (``*_truncated``/``*_bytes`` when cut)."""
+    copy = DEAD_LETTER_COPY_BYTES
+    while True:
+        out = _dead_letter_body(r, copy)
+        if len(out) <= max_bytes or copy == 0:
+            return out
+        copy = min(copy // 2, copy * max_bytes // len(out))
+
+
+def minimal_dead_letter(r: Rejection, why: str) -> bytes:
+    """The fallback when a dead letter itself was refused for good: reason and coordinates."""
+    rec = r.record
+    return json.dumps({"reason": _cut(r.reason), "topic": rec.topic, "partition": rec.partition,
+                       "offset": rec.offset, "timestamp_ms": rec.timestamp_ms,
+                       "copy_dropped": _cut(why)}, separators=(",", ":")).encode()
+
+
+def dead_letter_key(record: Record) -> bytes | None:
+    """The dead letter's Kafka key: the rejected record's own, unless it is too long to copy."""
+    key = record.key
+    return key if key is not None and len(key) <= DEAD_LETTER_KEY_MAX_BYTES else None

@@ -22,7 +22,7 @@ LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .02, .03, .05, .075, .1,
                    1, 2.5, 5, 10, 30)
 STAGE_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-OUTCOMES = ("ok", "dead_lettered", "duplicate", "fenced", "replayed")
+OUTCOMES = ("ok", "dead_lettered", "duplicate", "fenced", "replayed", "rebuilt", "deferred")
 
 
 class Metrics:
@@ -67,6 +67,30 @@ class Metrics:
         self.fenced_partitions = Counter("gru_fenced_partitions_total",
                                          "Partitions dropped because another worker fenced them",
                                          registry=r)
+        self.undecodable = Counter(
+            "gru_undecodable_batches_total", "Polls that met an input record batch the client "
+            "cannot decode (codec missing, CRC failed): its partition cannot advance",
+            ["topic", "partition"], registry=r)
+        self.dead_letter_fallbacks = Counter(
+            "gru_dead_letter_fallbacks_total", "Dead letters refused by Kafka and sent again "
+            "with their reason and coordinates only", registry=r)
+        self.undeliverable = Counter(
+            "gru_undeliverable_total", "Messages Kafka refused for good (too large, invalid), "
+            "dropped", ["topic"], registry=r)
+        self.rebuilds = Counter(
+            "gru_state_rebuilds_total", "Partitions replayed because Redis lost writes "
+            "(rollback) or everything (loss)", ["reason"], registry=r)
+        for reason in ("rollback", "loss"):
+            self.rebuilds.labels(reason)
+        self.rebuild_messages = Counter(
+            "gru_rebuild_messages_total", "Input messages replayed to rebuild lost states",
+            registry=r)
+        self.corrupt_states = Counter(
+            "gru_corrupt_states_total", "Sessions whose stored value is not a readable state "
+            "(their messages are dead-lettered)", registry=r)
+        self.partial_sessions = Counter(
+            "gru_sessions_partial_total", "Sessions begun with no state at a seq past 0: "
+            "their beginning was never applied (predictions say context=partial)", registry=r)
         self.model_info = Gauge("gru_model_info", "The loaded model", ["model_id", "device"],
                                 registry=r)
         self._window = active_window_s

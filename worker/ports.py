@@ -1,0 +1,113 @@
+"""The seams of the worker: the record types and the ``Protocol``s the loop talks to.
+
+The loop (``worker.loop``) and the adapters (``worker.kafka_io``, ``worker.state``) both import
+from here and from nowhere else, so an adapter can be swapped without touching the loop, and
+tests satisfy the same protocols with in-memory fakes (``tests/fakes.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, independent of the client library."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+class Source(Protocol):
+    """A consumer-group member. ``on_assigned``/``on_revoked`` run inside ``poll`` and must
+    stay short: they only note what changed; the loop does the work (epochs, seeks)."""
+
+    def bind(self, on_assigned: Callable[[list[TopicPartition]], None],
+             on_revoked: Callable[[list[TopicPartition]], None]) -> None: ...
+    def poll(self, max_records: int, max_wait_ms: int) -> list[Record]:
+        """Records of partitions this member holds; raises DependencyError (or its subclass
+        UndecodableInput for a record batch that cannot be decoded)."""
+    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]: ...
+    def offsets_for_time(self, partitions: Sequence[TopicPartition],
+                         timestamp_ms: int) -> dict[TopicPartition, int | None]:
+        """The first offset at or after ``timestamp_ms`` per partition (None: no such record)."""
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool: ...
+    def lag(self) -> dict[TopicPartition, int]: ...
+    def rejoin(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
+        """Send and wait for every acknowledgement. Returns the messages the broker or the
+        client rejected for good (too large, invalid), each with the reason; raises
+        DependencyError(pending=...) for sends that may succeed when retried."""
+    def close(self) -> None: ...
+
+
+class WriteStatus(IntEnum):
+    OK = 0
+    STALE = 1  # the stored position is not the one loaded: a duplicate or a lost race
+    FENCED = 2  # the partition's epoch is no longer ours: a newer owner took it
+    CORRUPT = 3  # the stored value is not a state value: nothing was written
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What taking a partition's epoch returns: the fencing token the writes must carry, and
+    the next offset that the last write for this partition recorded (None: no record)."""
+
+    token: str
+    next_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    session_id: str
+    partition: TopicPartition
+    expected_pos: int | None  # the last_pos that was loaded; None if the key was absent
+    new_pos: int
+    value: bytes
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionMark:
+    """Per partition of a write call: the fencing token, and the next offset this batch has
+    applied (recorded with the states, in the same atomic call, unless a write was refused)."""
+
+    token: str
+    next_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    fenced: frozenset[TopicPartition]
+    statuses: list[WriteStatus]  # one per write, in order
+
+
+class StateStore(Protocol):
+    def claim(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Claim]:
+        """Take a new, never reused fencing token per partition: any older owner is fenced."""
+    def load(self, session_ids: Sequence[str],
+             partitions: Sequence[TopicPartition]) -> list[bytes | None]: ...
+    def store(self, marks: Mapping[TopicPartition, PartitionMark],
+              writes: Sequence[StateWrite]) -> StoreResult: ...
+    def ping(self) -> bool: ...
