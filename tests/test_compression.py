@@ -6,6 +6,7 @@ confluent-kafka consumer reads the predictions, which must equal the model run o
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -31,13 +32,14 @@ def produce_with_librdkafka(bootstrap: str, topic: str, pairs, codec: str,
     assert p.flush(30) == 0
 
 
-def read_with_librdkafka(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list:
+def read_with_librdkafka(bootstrap: str, topic: str, expected: int, partitions: int = 2,
+                         timeout_s: float = 30) -> list:
     c = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                                  "enable.auto.commit": False})
     out = []
-    try:
-        c.subscribe([topic])
-        import time
+    try:  # assigned, not subscribed: no group join to wait for
+        c.assign([confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
+                  for p in range(partitions)])
         deadline = time.monotonic() + timeout_s
         while len(out) < expected and time.monotonic() < deadline:
             m = c.poll(0.5)

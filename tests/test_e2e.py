@@ -308,3 +308,32 @@ def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broke
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_commit_and_close_are_bounded_while_the_coordinator_is_down(tiny_model_dir):
+    """kafka-python's commit waits up to request_timeout_ms, 305 s by default for a consumer:
+    a coordinator outage held the worker that long, SIGTERM included."""
+    from worker.config import KafkaSettings
+    from worker.kafka_io import KafkaSource
+    with Tansu() as own:
+        own.create_topics(["bounded"], partitions=1)
+        src = KafkaSource(KafkaSettings(bootstrap_servers=own.bootstrap, input_topic="bounded",
+                                        group_id="g-bounded", session_timeout_ms=6000,
+                                        heartbeat_interval_ms=1000, request_timeout_ms=2000))
+        assigned = []
+        src.bind(lambda tps: assigned.extend(tps), lambda tps: None)
+        deadline = time.monotonic() + 30
+        while not assigned and time.monotonic() < deadline:
+            src.poll(10, 0)
+        assert assigned
+        own.pause()
+        try:
+            t0 = time.monotonic()
+            assert src.commit({("bounded", 0): 0}) is False
+            took = time.monotonic() - t0
+            t0 = time.monotonic()
+            src.close()
+            closing = time.monotonic() - t0
+        finally:
+            own.resume()
+        assert took < 4.0 and closing < 4.0, (took, closing)

@@ -131,14 +131,19 @@ class KafkaSource:
 
     def _undecodable(self, error: BaseException) -> UndecodableInput:
         """Name the partition and offset of a batch the client could not decode, and rewind
-        to it: kafka-python otherwise leaves the partition stalled without a word."""
-        part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        to it. kafka-python (3.0) keeps the failed, half-read batch as the next in line: its
+        next poll then spins on it for ever, or the partition stalls without a word. Drain it,
+        so the batch is fetched again (a CRC error may pass) and fails again, loudly."""
+        fetcher = getattr(self.consumer, "_fetcher", None)
+        part = getattr(fetcher, "_next_partition_records", None)
         tp = getattr(part, "topic_partition", None)
         offset = getattr(part, "fetch_offset", None)
         if tp is None:
             return UndecodableInput(None, None, None, error)
         try:
-            self.consumer.seek(tp, offset)  # fetch it again next time: a CRC error may pass
+            part.drain()
+            fetcher._next_partition_records = None
+            self.consumer.seek(tp, offset)
         except Exception as e:  # noqa: BLE001 - the report matters more than the rewind
             log.warning("could not rewind %s to %s: %r", tp, offset, e)
         return UndecodableInput(tp.topic, tp.partition, offset, error)
@@ -165,18 +170,26 @@ class KafkaSource:
         self._next[partition] = offset
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        """Commit, retrying for at most ``request_timeout_ms`` in all: a coordinator outage
+        must not hold the worker (kafka-python's own default is 305 s), nor SIGTERM past it.
+        False means not committed: the records come again and are deduplicated."""
         payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-        for attempt in range(3):
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        attempt = 0
+        while True:
+            attempt += 1
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return False
             try:
-                self.consumer.commit(payload, timeout_ms=self.timeout_ms)
+                self.consumer.commit(payload, timeout_ms=left_ms)
                 return True
             except kerr.CommitFailedError as e:
                 log.warning("commit rejected by the group coordinator: %s", e)
                 return False
             except kerr.KafkaError as e:
-                log.warning("commit attempt %d failed: %r", attempt + 1, e)
-                time.sleep(0.2 * (attempt + 1))
-        return False
+                log.warning("commit attempt %d failed: %r", attempt, e)
+                time.sleep(min(0.2 * attempt, max(0.0, deadline - time.monotonic())))
 
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
@@ -212,6 +225,9 @@ class KafkaSink:
 
     def __init__(self, settings: KafkaSettings, timeout_s: float = 30.0) -> None:
         self.timeout_s = timeout_s
+        # One deliver() waits this long for its acknowledgements; what is still unacknowledged
+        # is retried by the loop, after a backoff, or given up when it is stopping.
+        self.flush_s = min(timeout_s, settings.request_timeout_ms / 1000)
         compression = None if settings.compression_type == "none" else settings.compression_type
         try:
             # Idempotence off: the loop retries unacknowledged sends itself (predictions are
@@ -221,7 +237,7 @@ class KafkaSink:
                                           compression_type=compression,
                                           retries=5, enable_idempotence=False,
                                           request_timeout_ms=int(timeout_s * 1000),
-                                          max_block_ms=int(timeout_s * 1000),
+                                          max_block_ms=int(self.flush_s * 1000),
                                           **settings.client_options())
         except kerr.KafkaError as e:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
@@ -241,7 +257,7 @@ class KafkaSink:
                 error = e
                 break
         try:
-            self.producer.flush(timeout=self.timeout_s)
+            self.producer.flush(timeout=self.flush_s)
         except kerr.KafkaError as e:
             error = error or e
         for m, f in sent:
