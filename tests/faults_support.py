@@ -195,6 +195,56 @@ class Cluster:
         if not os.environ.get("GRU_FAULTS_KEEP_LOGS"):  # failures already show the log tails
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    # --- what happens to Redis in production ---------------------------------------------
+
+    def redis_snapshot(self) -> Path:
+        """SAVE an RDB snapshot and keep a copy (a backup, or what a lagging replica holds)."""
+        client = self.redis.client()
+        try:
+            client.save()
+        finally:
+            client.close()
+        path = self.dir / f"snapshot-{len(list(self.dir.glob('snapshot-*')))}.rdb"
+        shutil.copy(self.redis.dir / "dump.rdb", path)
+        return path
+
+    def redis_restore(self, snapshot: Path) -> None:
+        """Kill Redis and bring it back from ``snapshot``: every later write is gone (a
+        restore from backup, a failover to a replica that lagged), the offsets committed to
+        Kafka meanwhile are not."""
+        self.redis.kill()
+        shutil.rmtree(self.redis.dir / "appendonlydir", ignore_errors=True)
+        shutil.copy(snapshot, self.redis.dir / "dump.rdb")
+        self.redis.appendonly = False  # with AOF on and no AOF file, Redis ignores the RDB
+        self.redis.start()
+        client = self.redis.client()
+        try:
+            client.config_set("appendonly", "yes")
+        finally:
+            client.close()
+        self.redis.appendonly = True
+
+    def redis_wipe(self) -> None:
+        """Kill Redis and start it empty (a restart without persistence, a lost volume)."""
+        self.redis.kill()
+        shutil.rmtree(self.redis.dir / "appendonlydir", ignore_errors=True)
+        (self.redis.dir / "dump.rdb").unlink(missing_ok=True)
+        self.redis.start()
+
+    def recorded_offsets(self, model_id: str) -> dict[int, int]:
+        """Each input partition's next_offset as Redis records it."""
+        client = self.redis.client()
+        try:
+            keys = self.keys(model_id)
+            out = {}
+            for p in range(self.partitions):
+                v = client.hget(keys.mark(self.names["in"], p), "next_offset")
+                if v is not None:
+                    out[p] = int(v)
+            return out
+        finally:
+            client.close()
+
     def worker(self, name: str = "w", **kw) -> WorkerProc:
         return WorkerProc(self, name, **kw).start()
 

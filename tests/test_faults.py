@@ -495,3 +495,129 @@ def test_sigterm_under_load_commits_what_was_done(cluster, tiny_model_dir):
     client.close()
     report("sigterm under load", messages=len(pairs), applied_before_sigterm=applied,
            committed_before_sigterm=committed_n, **vars(rep))
+
+
+# --- 10. Redis rolled back under a running worker ----------------------------------------
+
+def test_redis_restored_from_an_older_snapshot_after_commits(cluster, tiny_model_dir):
+    clf = model.load(tiny_model_dir)
+    sessions, pairs = stream(20, seed=110)
+    w = cluster.worker("w1", env=FAST)
+    w.wait_ready()
+    feeder = cluster.feed(pairs, seconds=15)
+    feeder.wait_progress(0.33)
+    time.sleep(0.5)
+    snap = cluster.redis_snapshot()
+    at_snapshot = cluster.recorded_offsets(clf.model_id)
+    feeder.wait_progress(0.66)
+    # Restore only once Kafka holds commits past what the snapshot holds: those commits say
+    # "applied" for writes the restored Redis no longer has.
+    wait_for(lambda: sum(cluster.committed().values()) > sum(at_snapshot.values()) + 20, 30, 0.2,
+             "commits past the snapshot")
+    committed_before = cluster.committed()
+    cluster.redis_restore(snap)
+    expected = finish(cluster, pairs, feeder)
+    time.sleep(1.0)
+    rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
+    m = w.metrics()
+    rebuilds = m.get('gru_state_rebuilds_total{reason="rollback"}', 0)
+    rebuilt = m.get('gru_messages_total{outcome="rebuilt"}', 0)
+    report("redis rolled back", messages=len(pairs), snapshot_offsets=at_snapshot,
+           committed_at_restore=committed_before, rebuilds=rebuilds, rebuilt_messages=rebuilt,
+           worker_restarts=0, **vars(rep))
+    assert w.alive and rebuilds >= 1 and rebuilt > 0
+
+
+# --- 11. Redis restarted empty -----------------------------------------------------------
+
+def test_redis_restarted_empty_mid_stream(cluster, tiny_model_dir):
+    sessions, pairs = stream(30, seed=111)
+    w = cluster.worker("w1", env=FAST)
+    w.wait_ready()
+    feeder = cluster.feed(pairs, seconds=15)
+    feeder.wait_progress(0.5)
+    wait_for(lambda: sum(cluster.committed().values()) > 50, 30, 0.2, "some commits")
+    cluster.redis_wipe()
+    expected = finish(cluster, pairs, feeder, timeout=120)
+    time.sleep(1.0)
+    rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
+    m = w.metrics()
+    loss = m.get('gru_state_rebuilds_total{reason="loss"}', 0)
+    rebuilt = m.get('gru_messages_total{outcome="rebuilt"}', 0)
+    report("redis wiped", messages=len(pairs), rebuilds=loss, rebuilt_messages=rebuilt,
+           fenced_partitions=m.get("gru_fenced_partitions_total", 0), **vars(rep))
+    assert w.alive and loss >= 1 and rebuilt > 0
+
+
+# --- 12. a zombie holding a token from before a rollback ---------------------------------
+
+def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_model_dir):
+    """Hand-driven workers against the cluster's real tansu and redis-server. O claims and
+    applies a batch; Redis is snapshotted; Z takes over, claims and polls a batch, then stalls
+    (a zombie); Redis is restored from the snapshot, so its counter goes back; N takes over
+    and claims: the counter hands out the number Z holds. Z's write must still be fenced."""
+    from prometheus_client import CollectorRegistry
+    from worker.app import build_worker
+    from worker.config import Settings
+
+    sessions, pairs = stream(12, seed=112)
+    prod = cluster.producer()
+    for k, v in pairs:
+        prod.send(cluster.names["in"], key=k, value=v, partition=0)
+    prod.flush(30)
+    prod.close()
+
+    def make(name: str, **batch):
+        s = Settings(kafka={"bootstrap_servers": cluster.kafka.bootstrap,
+                            "input_topic": cluster.names["in"], "output_topic": cluster.names["out"],
+                            "dlq_topic": cluster.names["dlq"], "group_id": cluster.names["group"],
+                            "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+                            "max_poll_interval_ms": 1000, "client_id": name},
+                     redis={"url": cluster.redis.url, "prefix": cluster.names["prefix"]},
+                     model={"dir": tiny_model_dir, "threads": 1},
+                     metrics={"host": "127.0.0.1", "port": 0}, idle_exit_s=3.0,
+                     batch={"max_records": 40, **batch})
+        return build_worker(s, CollectorRegistry())
+
+    def join(app, timeout=40):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = app.worker.source.poll(40, 0)
+            if app.worker.owned:
+                app.worker.process([])  # claim
+                return records
+        raise AssertionError("no assignment")
+
+    def close(app):
+        app.worker.source.close()
+        app.worker.sink.close()
+        app.close()
+
+    o = make("o")
+    first = join(o) or o.worker.source.poll(40, 200)
+    o.worker.process(first)
+    close(o)  # leaves the group after its commit
+    snap = cluster.redis_snapshot()  # counter 1, O's token
+    z = make("z")
+    held = join(z)
+    while not held:
+        held = z.worker.source.poll(40, 200)
+    z_token = z.worker.epochs[(cluster.names["in"], 0)]
+    assert z_token.startswith("2:")
+    cluster.redis_restore(snap)  # the counter is 1 again
+    time.sleep(2.5)  # past Z's max_poll_interval: it is out of the group, a zombie
+    n = make("n")
+    n_first = join(n)
+    n_token = n.worker.epochs[(cluster.names["in"], 0)]
+    assert n_token.split(":")[0] == z_token.split(":")[0] == "2" and n_token != z_token
+    z.worker.process(held)  # the zombie wakes up with its records and its token
+    assert z.worker.summary.outcomes["fenced"] == len(held)
+    assert z.registry.get_sample_value("gru_fenced_partitions_total") == 1
+    close(z)
+    n.worker.process(n_first)
+    n.worker.run()
+    n.close()
+    expected = expected_from(pairs)
+    rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
+    report("zombie from before a rollback", messages=len(pairs), zombie_records=len(held),
+           zombie_token=z_token.split(":")[0], new_token=n_token.split(":")[0], **vars(rep))

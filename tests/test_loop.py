@@ -348,23 +348,20 @@ def test_a_stale_write_is_stepped_again_not_lost(clf):
 
 
 class RefusingStore(MemoryStateStore):
-    """Refuses every write of one session as STALE while ``refusing`` is set (a writer that
-    keeps winning the race); the session's value is left as it is."""
+    """While ``refusing`` is set, every write of one session finds the stored position moved
+    (a writer that keeps winning the race), so the store's own rule refuses it as STALE."""
 
     def __init__(self, session_id):
         super().__init__()
         self.sid, self.refusing, self.calls = session_id, True, 0
 
     def store(self, marks, writes):
-        from worker.ports import StoreResult, WriteStatus
-        if not self.refusing:
-            return super().store(marks, writes)
-        self.calls += 1
-        keep = [w for w in writes if w.session_id != self.sid]
-        res = super().store(marks, keep)
-        it = iter(res.statuses)
-        return StoreResult(res.fenced, [WriteStatus.STALE if w.session_id == self.sid else next(it)
-                                        for w in writes])
+        import dataclasses
+        if self.refusing:
+            self.calls += 1
+            writes = [dataclasses.replace(w, expected_pos=-7) if w.session_id == self.sid else w
+                      for w in writes]
+        return super().store(marks, writes)
 
 
 def test_a_write_that_never_lands_is_rewound_not_committed(clf):
@@ -643,3 +640,37 @@ def test_a_zombie_holding_a_token_from_before_a_rollback_stays_fenced(clf):
     assert store.load([s.session_id for s in sessions]) == [None] * 3 and not predictions(log)
     owner.run()
     assert_matches_offline(clf, sessions, predictions(log), store)
+
+
+class RollingBackStore(MemoryStateStore):
+    """Takes a snapshot after write call ``snap_at`` and rolls back to it after ``back_at``:
+    Redis restored from an older snapshot under a running worker, whose token survives."""
+
+    def __init__(self, snap_at, back_at):
+        super().__init__()
+        self.snap_at, self.back_at, self.calls, self.snap = snap_at, back_at, 0, None
+
+    def store(self, marks, writes):
+        from .fakes import restore, snapshot
+        out = super().store(marks, writes)
+        self.calls += 1
+        if self.calls == self.snap_at:
+            self.snap = snapshot(self)
+        if self.calls == self.back_at:
+            restore(self, self.snap)
+        return out
+
+
+def test_redis_rolled_back_under_a_running_worker_is_caught_by_the_recorded_offset(clf):
+    log, store = FakeLog(partitions=2), RollingBackStore(snap_at=2, back_at=5)
+    sessions = bbc_sessions(15, seed=44)
+    pairs = interleave(sessions, seed=44)
+    publish(log, pairs)
+    w = make_worker(clf, log, store, batch={"max_records": 16})
+    w.run()
+    assert w.source.rejoins == 0  # the token survived the restore: no fence, a rewind
+    assert w.metrics.registry.get_sample_value("gru_state_rebuilds_total",
+                                               {"reason": "rollback"}) >= 1
+    assert w.summary.outcomes["rebuilt"] > 0
+    assert_matches_offline(clf, sessions, predictions(log), store)
+    assert len(predictions(log)) == len(pairs)  # what was produced is not produced again

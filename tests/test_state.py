@@ -206,3 +206,59 @@ def test_memory_store_expires_with_its_clock():
     assert store.load(["s"]) == [value(1)]
     now[0] = 1.0
     assert store.load(["s"]) == [None] and len(store) == 0
+
+
+def set_next_offset(store, tp, value):
+    """Move a partition's recorded offset back, as a restore from an older snapshot does."""
+    if isinstance(store, MemoryStateStore):
+        store._marks[tp]["next_offset"] = value
+    else:
+        store.client.hset(store.keys.mark(*tp), "next_offset", value)
+
+
+def test_a_recorded_offset_that_went_back_refuses_the_whole_partition(store):
+    """Redis restored under a running writer: its token is the same, but the states behind
+    it lost writes. Writing on top of them would silently drop the lost tokens."""
+    (c,) = store.claim([TP]).values()
+    w = lambda sid, new: StateWrite(sid, TP, None, new, value(new), 60_000)  # noqa: E731
+    first = store.store({TP: PartitionMark(c.token, 10)}, [w("a", 0)])
+    assert first.recorded == {TP} and not first.behind
+    second = store.store({TP: PartitionMark(c.token, 20, expected=10)}, [w("b", 0)])
+    assert second.recorded == {TP}
+    set_next_offset(store, TP, 10)
+    res = store.store({TP: PartitionMark(c.token, 30, expected=20)}, [w("c", 0)])
+    assert res.behind == {TP: 10} and res.statuses == [WriteStatus.BEHIND] and not res.recorded
+    assert store.load(["c"], [TP]) == [None]
+    (again,) = store.claim([TP]).values()
+    assert again.next_offset == 10
+
+
+MARK_TABLE = [  # (stored token, stored next, token, expected next) -> status
+    ("1:a", 5, "1:a", None, WriteStatus.OK),
+    ("1:a", 5, "1:a", 5, WriteStatus.OK),
+    ("1:a", 9, "1:a", 5, WriteStatus.OK),  # ahead: our own write whose reply was lost
+    ("1:a", 4, "1:a", 5, WriteStatus.BEHIND),
+    ("1:a", None, "1:a", 5, WriteStatus.BEHIND),
+    ("2:b", 5, "1:a", 5, WriteStatus.FENCED),
+    (None, None, "1:a", None, WriteStatus.FENCED),  # Redis lost everything
+]
+
+
+@pytest.mark.parametrize("stored_token, stored_next, token, expected, status", MARK_TABLE)
+def test_mark_rule_table_in_python(stored_token, stored_next, token, expected, status):
+    from worker.codec import mark_status
+    assert mark_status(stored_token, stored_next, token, expected) == status
+
+
+def test_mark_rule_table_on_both_stores(store):
+    for i, (stored_token, stored_next, token, expected, status) in enumerate(MARK_TABLE):
+        tp = ("m", i)
+        if stored_token is not None:
+            (c,) = store.claim([tp]).values()
+            token = c.token if token == stored_token else "1:not-the-stored-token"
+            if stored_next is not None:
+                set_next_offset(store, tp, stored_next)
+        got = store.store({tp: PartitionMark(token, 100, expected)}, [])
+        want = {WriteStatus.OK: got.recorded, WriteStatus.FENCED: got.fenced,
+                WriteStatus.BEHIND: set(got.behind)}[status]
+        assert want == {tp}, (i, got)

@@ -106,6 +106,18 @@ def write_status(current: bytes | None, expected_pos: int | None, new_pos: int) 
     return WriteStatus.OK
 
 
+def mark_status(stored_token: str | None, stored_next: int | None, token: str,
+                expected_next: int | None) -> WriteStatus:
+    """Whether a writer may write a partition: its token must be the stored one (else FENCED),
+    and the recorded next offset must not be behind the one it last saw recorded (else
+    BEHIND: Redis lost writes under it). The Lua script applies the same rule."""
+    if stored_token != token:
+        return WriteStatus.FENCED
+    if expected_next is not None and (stored_next is None or stored_next < expected_next):
+        return WriteStatus.BEHIND
+    return WriteStatus.OK
+
+
 def decode_state(raw: bytes, layers: int, hidden: int, num_labels: int,
                  with_outbox: bool = True) -> SessionState:
     """Decode and validate a value. The outbox is only needed when a duplicate arrives, so

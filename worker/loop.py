@@ -93,9 +93,14 @@ class _Written:
     """What step 3 leaves for steps 4 and 5."""
 
     result: BatchResult
-    fenced: set[TopicPartition]
-    held: dict[TopicPartition, int]  # partitions rewound to this offset (unresolved STALE)
-    deferred: int = 0  # messages of those sessions, redelivered later
+    fenced: set[TopicPartition]  # another owner took them: nothing produced or committed
+    behind: set[TopicPartition]  # Redis lost writes: rewound, replayed from what it holds
+    held: dict[TopicPartition, int]  # rewound to this offset (a write that never landed)
+    deferred: int = 0  # messages of held sessions, redelivered later
+
+    @property
+    def skipped(self) -> set[TopicPartition]:
+        return self.fenced | self.behind
 
 
 class Worker:
@@ -112,6 +117,7 @@ class Worker:
         self.owned: set[TopicPartition] = set()  # assigned to us by the group
         self.unclaimed: set[TopicPartition] = set()  # assigned, token not taken yet
         self.epochs: dict[TopicPartition, str] = {}  # our fencing token per claimed partition
+        self.recorded: dict[TopicPartition, int | None] = {}  # next_offset we last saw recorded
         self.rebuilds: dict[TopicPartition, Rebuild] = {}
         self.summary = RunSummary()
         self.last_poll_ok = 0.0
@@ -169,6 +175,7 @@ class Worker:
             self.owned.discard(tp)
             self.unclaimed.discard(tp)
             self.epochs.pop(tp, None)
+            self.recorded.pop(tp, None)
             self.rebuilds.pop(tp, None)
             try:
                 self.metrics.lag.remove(tp[0], str(tp[1]))
@@ -221,6 +228,7 @@ class Worker:
         for tp in tps:
             claim, done = claims[tp], committed.get(tp)
             self.epochs[tp] = claim.token
+            self.recorded[tp] = claim.next_offset
             start, reason = None, ""
             if claim.next_offset is not None:
                 if done is not None and claim.next_offset < done:
@@ -274,15 +282,18 @@ class Worker:
     def _write(self, records: Sequence[Record], messages: Sequence[TokenMessage],
                result: BatchResult) -> _Written:
         """Write every session update with the batch's partition marks; re-step sessions whose
-        write was refused as STALE or CORRUPT; rewind what still does not land."""
+        write was refused as STALE or CORRUPT; rewind what still does not land, and the
+        partitions whose recorded offset went back under us."""
         marks: dict[TopicPartition, PartitionMark] = {}
+        first: dict[TopicPartition, int] = {}
         for r in records:
             tp = (r.topic, r.partition)
+            first[tp] = min(r.offset, first.get(tp, r.offset))
             nxt = max(r.offset + 1, marks[tp].next_offset if tp in marks else 0)
-            marks[tp] = PartitionMark(self.epochs[tp], nxt)
+            marks[tp] = PartitionMark(self.epochs[tp], nxt, self.recorded.get(tp))
         t0 = time.perf_counter()
         res = self._store(marks, result.updates)
-        fenced = set(res.fenced)
+        fenced, behind = set(res.fenced), dict(res.behind)
         refused = self._refused(result.updates, res)
         for _ in range(RESTEP_ATTEMPTS):
             if not refused:
@@ -290,15 +301,16 @@ class Worker:
             sids = set(refused)
             log.warning("%d session writes refused (another writer or a Redis rollback "
                         "since the load): stepping them again", len(sids))
+            skip = fenced | set(behind)
             again_msgs = [m for m in messages if m.session_id in sids
-                          and (m.record.topic, m.record.partition) not in fenced]
+                          and (m.record.topic, m.record.partition) not in skip]
             again = self.engine.apply(again_msgs, refused)
             result = result.without_sessions(sids)
             result.merge(again)
-            again_marks = {(m.record.topic, m.record.partition): None for m in again_msgs}
-            res = self._store({tp: marks[tp] for tp in again_marks if tp not in fenced},
-                              again.updates)
+            parts = {(m.record.topic, m.record.partition) for m in again_msgs}
+            res = self._store({tp: marks[tp] for tp in parts}, again.updates)
             fenced |= res.fenced
+            behind.update(res.behind)
             refused = self._refused(again.updates, res)
         self.metrics.store_seconds.observe(time.perf_counter() - t0)
         held: dict[TopicPartition, int] = {}
@@ -306,8 +318,8 @@ class Worker:
         if refused:
             result = result.without_sessions(set(refused))
             for m in messages:
-                if m.session_id in refused:
-                    tp = (m.record.topic, m.record.partition)
+                tp = (m.record.topic, m.record.partition)
+                if m.session_id in refused and tp not in fenced and tp not in behind:
                     held[tp] = min(held.get(tp, m.record.offset), m.record.offset)
                     deferred += 1
             for tp, offset in held.items():
@@ -315,17 +327,48 @@ class Worker:
                           "to offset %d to apply them again", *tp, len(refused),
                           RESTEP_ATTEMPTS, offset)
                 self.source.seek(tp, offset)
+        if behind:
+            self._rewind_behind(behind, first)
         if fenced:
             self._drop_fenced(fenced)
         if self.s.test_crash_after_write and any(s == WriteStatus.OK for s in res.statuses):
             self._test_crash_after_write()
-        return _Written(result, fenced, held, deferred)
+        return _Written(result, fenced, set(behind), held, deferred)
+
+    def _rewind_behind(self, behind: dict[TopicPartition, int | None],
+                       first: dict[TopicPartition, int]) -> None:
+        """Redis lost writes under us (restored from a snapshot, failed over to a lagging
+        replica) while our token survived: replay from what it still holds up to this batch,
+        outputs suppressed (they were produced), then this batch again."""
+        for tp, stored in behind.items():
+            done = max(first[tp], self.rebuilds[tp].until if tp in self.rebuilds else 0)
+            start = stored
+            if start is None:
+                since = int(self.clock() * 1000) - self.s.redis.ttl_seconds * 1000
+                start = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
+                start = done if start is None else min(start, done)
+            self.source.seek(tp, start)
+            self.recorded[tp] = stored
+            self.metrics.rebuilds.labels("rollback").inc()
+            if start < done:
+                self.rebuilds[tp] = Rebuild("rollback", start, done)
+            log.error("%s[%d]: Redis holds this partition's states up to offset %s, behind the "
+                      "%s this worker recorded (Redis lost writes under it): replaying offsets "
+                      "%d..%d to rebuild them, outputs suppressed", tp[0], tp[1], stored,
+                      "offsets", start, done - 1)
+
+    def _note_recorded(self, marks: dict[TopicPartition, PartitionMark], res: StoreResult) -> None:
+        for tp in res.recorded:
+            prev = self.recorded.get(tp)
+            self.recorded[tp] = max(marks[tp].next_offset, -1 if prev is None else prev)
 
     def _store(self, marks: dict[TopicPartition, PartitionMark],
                updates: Sequence[SessionUpdate]) -> StoreResult:
         writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
                              u.ttl_ms) for u in updates]
-        return self._retry(lambda: self.store.store(marks, writes))
+        res = self._retry(lambda: self.store.store(marks, writes))
+        self._note_recorded(marks, res)
+        return res
 
     def _refused(self, updates: Sequence[SessionUpdate],
                  res: StoreResult) -> dict[str, bytes | None]:
@@ -355,28 +398,30 @@ class Worker:
     # 4. produce ----------------------------------------------------------------------------
 
     def _suppressed(self, record: Record) -> bool:
-        """Outputs of a fenced partition, or of records being rebuilt, are not produced."""
+        """Outputs of records being rebuilt are not produced: they were, before."""
         rb = self.rebuilds.get((record.topic, record.partition))
         return rb is not None and record.offset < rb.until
+
+    def _live(self, record: Record, w: _Written) -> bool:
+        """Whether this batch produces the outputs of ``record``."""
+        return (record.topic, record.partition) not in w.skipped and not self._suppressed(record)
 
     def _outgoing(self, w: _Written, rejections: Sequence[Rejection]
                   ) -> tuple[list[Outgoing], dict[int, Rejection]]:
         k = self.s.kafka
         out: list[Outgoing] = []
         for u in w.result.updates:
-            if u.partition in w.fenced:
-                continue
             for p in u.predictions:
-                if not self._suppressed(p.record):
+                if self._live(p.record, w):
                     out.append(Outgoing(k.output_topic, p.session_id.encode(),
                                         self.encoder.encode(p)))
         for p in w.result.replayed:
-            if (p.record.topic, p.record.partition) not in w.fenced and not self._suppressed(p.record):
+            if self._live(p.record, w):
                 out.append(Outgoing(k.output_topic, p.session_id.encode(), self.encoder.encode(p)))
         dead_letters: dict[int, Rejection] = {}
         for rej in [*rejections, *w.result.rejections]:
             rec = rej.record
-            if (rec.topic, rec.partition) in w.fenced or self._suppressed(rec):
+            if not self._live(rec, w):
                 continue
             o = Outgoing(k.dlq_topic, dead_letter_key(rec), encode_dead_letter(rej))
             dead_letters[id(o)] = rej
@@ -419,7 +464,7 @@ class Worker:
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = (r.topic, r.partition)
-            if tp not in w.fenced:
+            if tp not in w.skipped:
                 offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
         for tp, offset in w.held.items():
             offsets[tp] = offset
@@ -445,41 +490,33 @@ class Worker:
         m, s, result = self.metrics, self.summary, w.result
         now = self.clock()
         counts = dict.fromkeys(OUTCOMES, 0)
-        rebuilt = 0
         for r in records:
             tp = (r.topic, r.partition)
             if tp in w.fenced:
                 counts["fenced"] += 1
+            elif tp in w.behind:
+                counts["deferred"] += 1
             elif self._suppressed(r):
-                rebuilt += 1
+                counts["rebuilt"] += 1
                 self.rebuilds[tp].messages += 1
-        counts["rebuilt"] = rebuilt
-        counts["deferred"] = w.deferred
+        counts["deferred"] += w.deferred
         produced = 0
         for u in result.updates:
-            if u.partition in w.fenced:
-                continue
-            for p in u.predictions:
-                if self._suppressed(p.record):
-                    continue
-                produced += 1
+            live = [p for p in u.predictions if self._live(p.record, w)]
+            for p in live:
                 if p.record.timestamp_ms is not None:
                     m.e2e_latency.observe(max(0.0, now - p.record.timestamp_ms / 1000))
-            if u.predictions:
+            produced += len(live)
+            if live:
                 m.sessions_started.inc(u.started)
                 m.sessions_ended.inc(u.predictions[-1].final)
         counts["ok"] = produced
-        live = [x for x in [*rejections, *result.rejections]
-                if (x.record.topic, x.record.partition) not in w.fenced and not self._suppressed(x.record)]
-        counts["dead_lettered"] = len(live)
-        counts["duplicate"] = sum(1 for d in result.duplicates
-                                  if (d.record.topic, d.record.partition) not in w.fenced
-                                  and not self._suppressed(d.record))
-        replayed = sum(1 for p in result.replayed
-                       if (p.record.topic, p.record.partition) not in w.fenced
-                       and not self._suppressed(p.record))
-        counts["replayed"] = replayed
-        produced += replayed
+        counts["dead_lettered"] = sum(1 for x in [*rejections, *result.rejections]
+                                      if self._live(x.record, w))
+        counts["duplicate"] = sum(1 for d in result.duplicates if self._live(d.record, w))
+        counts["replayed"] = sum(1 for p in result.replayed if self._live(p.record, w))
+        produced += counts["replayed"]
+        rebuilt = counts["rebuilt"]
         for outcome, n in counts.items():
             if n:
                 m.messages.labels(outcome).inc(n)
@@ -490,8 +527,9 @@ class Worker:
             m.corrupt_states.inc(len(result.corrupt_sessions))
         if result.partial_sessions:
             m.partial_sessions.inc(len(result.partial_sessions))
+        tokens = sum(u.tokens for u in result.updates if u.partition not in w.skipped)
         m.predictions.inc(produced)
-        m.tokens.inc(result.tokens)
+        m.tokens.inc(tokens)
         m.step_seconds.observe(result.step_seconds)
         m.batch_size.observe(len(records))
         m.batch_seconds.observe(time.perf_counter() - t_batch)
@@ -499,7 +537,7 @@ class Worker:
         s.messages += len(records)
         s.batches += 1
         s.predictions += produced
-        s.tokens += result.tokens
+        s.tokens += tokens
 
     # --- dependencies ---------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ tests satisfy the same protocols with in-memory fakes (``tests/fakes.py``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
@@ -67,6 +67,7 @@ class WriteStatus(IntEnum):
     STALE = 1  # the stored position is not the one loaded: a duplicate or a lost race
     FENCED = 2  # the partition's epoch is no longer ours: a newer owner took it
     CORRUPT = 3  # the stored value is not a state value: nothing was written
+    BEHIND = 4  # the partition's recorded offset went back: Redis lost writes; nothing written
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,17 +91,25 @@ class StateWrite:
 
 @dataclass(frozen=True, slots=True)
 class PartitionMark:
-    """Per partition of a write call: the fencing token, and the next offset this batch has
-    applied (recorded with the states, in the same atomic call, unless a write was refused)."""
+    """Per partition of a write call: the fencing token; the next offset this writer last saw
+    recorded (None: none yet), which the stored one must not be behind; and the next offset
+    this batch has applied (recorded with the states, in the same atomic call, unless a write
+    was refused)."""
 
     token: str
     next_offset: int
+    expected: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
-    fenced: frozenset[TopicPartition]
     statuses: list[WriteStatus]  # one per write, in order
+    fenced: frozenset[TopicPartition] = frozenset()
+    # Partitions whose recorded offset was behind ``expected``: Redis lost writes under a
+    # running writer (a restore, a failover). Nothing of theirs was written. Value: the
+    # recorded next offset (None: none at all).
+    behind: dict[TopicPartition, int | None] = field(default_factory=dict)
+    recorded: frozenset[TopicPartition] = frozenset()  # partitions whose offset was recorded
 
 
 class StateStore(Protocol):

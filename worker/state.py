@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import redis.exceptions as rex
 
-from .codec import HEADER, LAST_POS_OFFSET, MAGIC, write_status
+from .codec import HEADER, LAST_POS_OFFSET, MAGIC, mark_status, write_status
 from .errors import DependencyError
 from .ports import (Claim, PartitionMark, StateWrite, StoreResult, TopicPartition,
                     WriteStatus)
@@ -78,24 +78,35 @@ return out
 
 WRITE_SCRIPT = """
 -- KEYS: P partition marks, then one state key per write.
--- ARGV: P; per partition: token, next offset; per write: partition index, expected pos
--- ('-' = absent), new pos, ttl ms, value.
--- Returns P partition statuses (0 ok, 2 fenced), then one status per write (the codec's
--- write_status rule: 0 ok, 1 stale, 2 fenced, 3 corrupt).
+-- ARGV: P; per partition: token, next offset, expected next offset ('-': none);
+--       per write: partition index, expected pos ('-' = absent), new pos, ttl ms, value.
+-- Returns per partition: its status (0 recorded, 2 fenced, 4 behind, 5 not recorded because a
+-- write was refused) and its stored next offset ('' if none); then one status per write
+-- (codec.write_status: 0 ok, 1 stale, 3 corrupt; or the partition's 2 fenced, 4 behind).
 local np = tonumber(ARGV[1])
-local fenced, clean, out = {}, {}, {}
+local pstatus, stored, clean, out = {}, {}, {}, {}
 for i = 1, np do
-  fenced[i] = redis.call('HGET', KEYS[i], 'epoch') ~= ARGV[2 * i]
+  local b = 3 * i - 1
+  local mark = redis.call('HMGET', KEYS[i], 'epoch', 'next_offset')
+  stored[i] = mark[2]
+  if mark[1] ~= ARGV[b] then
+    pstatus[i] = 2
+  elseif ARGV[b + 2] ~= '-' and ((not mark[2]) or tonumber(mark[2]) < tonumber(ARGV[b + 2])) then
+    pstatus[i] = 4
+  else
+    pstatus[i] = 0
+  end
   clean[i] = true
-  out[i] = fenced[i] and 2 or 0
+  out[2 * i - 1] = pstatus[i]
+  out[2 * i] = mark[2] or ''
 end
-local a = 2 * np + 2
+local a = 3 * np + 2
 for k = np + 1, #KEYS do
   local part, expected = tonumber(ARGV[a]), ARGV[a + 1]
   local newpos, ttl, value = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
   a = a + 5
-  local status = 2
-  if not fenced[part] then
+  local status = pstatus[part]
+  if status == 0 then
     local cur = redis.call('GET', KEYS[k])
     if not cur then
       status = (expected == '-') and 0 or 1
@@ -105,8 +116,6 @@ for k = np + 1, #KEYS do
       local curpos = struct.unpack('<i8', cur, %(pos)d)
       if expected == '-' or curpos ~= tonumber(expected) or newpos <= curpos then
         status = 1
-      else
-        status = 0
       end
     end
     if status == 0 then
@@ -118,10 +127,15 @@ for k = np + 1, #KEYS do
   out[#out + 1] = status
 end
 for i = 1, np do
-  if not fenced[i] and clean[i] then
-    local new = tonumber(ARGV[2 * i + 1])
-    local cur = tonumber(redis.call('HGET', KEYS[i], 'next_offset') or '-1')
-    if new > cur then redis.call('HSET', KEYS[i], 'next_offset', ARGV[2 * i + 1]) end
+  if pstatus[i] == 0 then
+    if clean[i] then
+      local new = tonumber(ARGV[3 * i])
+      if new > tonumber(stored[i] or '-1') then
+        redis.call('HSET', KEYS[i], 'next_offset', ARGV[3 * i])
+      end
+    else
+      out[2 * i - 1] = 5
+    end
   end
 end
 return out
@@ -165,7 +179,7 @@ class RedisStateStore:
                                args=[new_nonce() for _ in tps])
             for i, tp in enumerate(tps):
                 token, nxt = flat[2 * i], flat[2 * i + 1]
-                out[tp] = Claim(_text(token), int(nxt) if nxt not in (b"", "") else None)
+                out[tp] = Claim(_text(token), _offset(nxt))
         return out
 
     @_transient
@@ -181,39 +195,43 @@ class RedisStateStore:
     @_transient
     def store(self, marks: Mapping[TopicPartition, PartitionMark],
               writes: Sequence[StateWrite]) -> StoreResult:
-        if not self.keys.cluster:
-            _check_marked(marks, writes)
-            fenced, statuses = self._store(list(marks), marks, writes)
-            return StoreResult(frozenset(fenced), statuses)
         _check_marked(marks, writes)
+        if not self.keys.cluster:
+            return self._store(list(marks), marks, writes)
         by_partition: dict[TopicPartition, list[int]] = {tp: [] for tp in marks}
         for i, w in enumerate(writes):
             by_partition[w.partition].append(i)
-        out: list[WriteStatus] = [WriteStatus.STALE] * len(writes)
-        all_fenced: set[TopicPartition] = set()
+        statuses: list[WriteStatus] = [WriteStatus.STALE] * len(writes)
+        parts: list[StoreResult] = []
         for tp, idx in by_partition.items():
-            fenced, statuses = self._store([tp], marks, [writes[i] for i in idx])
-            all_fenced |= fenced
-            for i, status in zip(idx, statuses):
-                out[i] = status
-        return StoreResult(frozenset(all_fenced), out)
+            res = self._store([tp], marks, [writes[i] for i in idx])
+            parts.append(res)
+            for i, status in zip(idx, res.statuses):
+                statuses[i] = status
+        return StoreResult(statuses, frozenset().union(*(r.fenced for r in parts)),
+                           {tp: n for r in parts for tp, n in r.behind.items()},
+                           frozenset().union(*(r.recorded for r in parts)))
 
     def _store(self, parts: list[TopicPartition], marks: Mapping[TopicPartition, PartitionMark],
-               writes: Sequence[StateWrite]) -> tuple[set[TopicPartition], list[WriteStatus]]:
-        if not parts:
-            return set(), []
+               writes: Sequence[StateWrite]) -> StoreResult:
         index = {tp: i + 1 for i, tp in enumerate(parts)}
         keys = [self.keys.mark(*tp) for tp in parts] + [
             self.keys.session(w.session_id, w.partition) for w in writes]
         args: list = [len(parts)]
         for tp in parts:
-            args += [marks[tp].token, marks[tp].next_offset]
+            m = marks[tp]
+            args += [m.token, m.next_offset, "-" if m.expected is None else m.expected]
         for w in writes:
             args += [index[w.partition], "-" if w.expected_pos is None else w.expected_pos,
                      w.new_pos, w.ttl_ms, w.value]
-        flat = [int(s) for s in self._write(keys=keys, args=args)]
-        fenced = {tp for tp, s in zip(parts, flat) if s == WriteStatus.FENCED}
-        return fenced, [WriteStatus(s) for s in flat[len(parts):]]
+        flat = self._write(keys=keys, args=args)
+        head = flat[:2 * len(parts)]
+        by_part = {tp: (int(head[2 * i]), _offset(head[2 * i + 1])) for i, tp in enumerate(parts)}
+        return StoreResult(
+            [WriteStatus(int(s)) for s in flat[2 * len(parts):]],
+            frozenset(tp for tp, (st, _) in by_part.items() if st == WriteStatus.FENCED),
+            {tp: nxt for tp, (st, nxt) in by_part.items() if st == WriteStatus.BEHIND},
+            frozenset(tp for tp, (st, _) in by_part.items() if st == 0))
 
     @_transient
     def ping(self) -> bool:
@@ -227,6 +245,10 @@ def _check_marked(marks: Mapping[TopicPartition, PartitionMark],
     missing = {w.partition for w in writes} - set(marks)
     if missing:
         raise ValueError(f"writes for partitions without a mark (no fencing token): {missing}")
+
+
+def _offset(v) -> int | None:
+    return None if v in (b"", "", None) else int(v)
 
 
 def _text(v) -> str:
@@ -271,24 +293,30 @@ class MemoryStateStore:
               writes: Sequence[StateWrite]) -> StoreResult:
         _check_marked(marks, writes)
         with self._lock:
-            fenced = {tp for tp, m in marks.items()
-                      if self._marks.get(tp, {}).get("epoch") != m.token}
-            clean = set(marks) - fenced
+            pstatus = {}
+            for tp, m in marks.items():
+                mark = self._marks.get(tp, {})
+                pstatus[tp] = mark_status(mark.get("epoch"), mark.get("next_offset"),  # type: ignore[arg-type]
+                                          m.token, m.expected)
+            clean = {tp for tp, st in pstatus.items() if st == WriteStatus.OK}
             out = []
             for w in writes:
-                if w.partition in fenced:
-                    out.append(WriteStatus.FENCED)
-                    continue
-                status = write_status(self._get(w.session_id), w.expected_pos, w.new_pos)
+                status = pstatus[w.partition]
                 if status == WriteStatus.OK:
-                    self._data[w.session_id] = (w.value, self.clock() + w.ttl_ms / 1000)
-                else:
-                    clean.discard(w.partition)
+                    status = write_status(self._get(w.session_id), w.expected_pos, w.new_pos)
+                    if status == WriteStatus.OK:
+                        self._data[w.session_id] = (w.value, self.clock() + w.ttl_ms / 1000)
+                    else:
+                        clean.discard(w.partition)
                 out.append(status)
             for tp in clean:
                 mark = self._marks[tp]
                 mark["next_offset"] = max(int(mark.get("next_offset", -1)), marks[tp].next_offset)  # type: ignore[arg-type]
-            return StoreResult(frozenset(fenced), out)
+            return StoreResult(
+                out, frozenset(tp for tp, st in pstatus.items() if st == WriteStatus.FENCED),
+                {tp: self._marks[tp].get("next_offset") for tp, st in pstatus.items()  # type: ignore[misc]
+                 if st == WriteStatus.BEHIND},
+                frozenset(clean))
 
     def ping(self) -> bool:
         return True
