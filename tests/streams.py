@@ -51,3 +51,22 @@ def interleave(sessions: list[Session], seed: int = 0, with_seq: bool = True,
         streams.append(msgs)
     return [(m["session_id"].encode(), json.dumps(m).encode())
             for m in client.interleave(streams, seed)]
+
+
+def last_predictions(preds: list[dict]) -> dict[str, dict]:
+    """Each session's prediction with the highest seq (consumers dedupe by (session, seq))."""
+    last: dict[str, dict] = {}
+    for p in preds:
+        if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
+            last[p["session_id"]] = p
+    return last
+
+
+def assert_exact(clf, sessions: list[Session], preds: list[dict], tol: float = 1e-5) -> None:
+    """Every session's last prediction equals the model run offline over all its tokens."""
+    last = last_predictions(preds)
+    for s in sessions:
+        want = clf.classify(s.tokens)
+        got = last[s.session_id]
+        assert got["tokens_seen"] == len(s.tokens), s.session_id
+        assert max(abs(got["probs"][l] - want[l]) for l in want) <= tol, s.session_id

@@ -14,7 +14,7 @@ import pytest
 import model
 from worker.kafka_io import missing_codecs
 
-from .streams import bbc_sessions, interleave
+from .streams import assert_exact, bbc_sessions, interleave
 from .test_e2e import broker, names, run_worker, settings_for  # noqa: F401
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
@@ -67,15 +67,7 @@ def test_librdkafka_input_with_every_codec_is_exact(broker, names, tiny_model_di
     assert summary.outcomes["ok"] == len(pairs), summary.line()
     preds = read_with_librdkafka(broker.bootstrap, names["out"], len(pairs))
     assert len(preds) == len(pairs)
-    last = {}
-    for p in preds:
-        if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
-            last[p["session_id"]] = p
-    for s in sessions:
-        want = clf.classify(s.tokens)
-        got = last[s.session_id]
-        assert got["tokens_seen"] == len(s.tokens)
-        assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5, (codec, s.session_id)
+    assert_exact(clf, sessions, preds)
     assert app.registry.get_sample_value("gru_undecodable_batches_total",
                                          {"topic": names["in"], "partition": "0"}) is None
 

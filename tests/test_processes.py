@@ -23,7 +23,7 @@ import pytest
 import model
 from worker.local_services import free_port
 
-from .streams import bbc_sessions, interleave
+from .streams import assert_exact, bbc_sessions, interleave
 from .test_e2e import broker, names, publish, read_topic  # noqa: F401
 
 pytestmark = pytest.mark.services
@@ -131,15 +131,7 @@ def test_two_processes_share_the_partitions_and_stop_on_sigterm(broker, names, t
         assert sorted((p["session_id"], p["seq"]) for p in preds) == sorted(
             (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs)
         assert {p["partition"] for p in preds} == {0, 1}
-        last = {}
-        for p in preds:
-            if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
-                last[p["session_id"]] = p
-        for s in sessions:
-            want = clf.classify(s.tokens)
-            got = last[s.session_id]
-            assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5
-            assert got["tokens_seen"] == len(s.tokens)
+        assert_exact(clf, sessions, preds)
 
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=30) == 0, output()

@@ -29,6 +29,35 @@ PERMANENT_SEND_ERRORS = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeE
 UNDECODABLE_ERRORS = (kerr.UnsupportedCodecError, kerr.CorruptRecordError)
 
 
+def _drain_failed_batches() -> None:
+    """Work around a kafka-python (3.0) fetcher bug. When decoding a record batch fails (a
+    codec it lacks, a CRC error), the half-read batch stays next in line with its iterator
+    dead but never drained; a later poll whose position matches it loops for ever inside
+    ``fetched_records`` (``take`` keeps returning nothing). A batch that ends normally drains
+    itself, so an undrained one that yields nothing has failed: drain it, and the partition
+    is fetched again, and fails again, loudly (``UndecodableInput``)."""
+    try:
+        from kafka.consumer.fetcher import Fetcher
+        records_cls = Fetcher.PartitionRecords
+        take = records_cls.take
+    except (ImportError, AttributeError):  # another kafka-python: nothing to patch
+        return
+    if getattr(take, "_drains_failed", False):
+        return
+
+    def take_draining(self, n=None):
+        records = take(self, n)
+        if not records and getattr(self, "record_iterator", None) is not None:
+            self.drain()
+        return records
+
+    take_draining._drains_failed = True  # type: ignore[attr-defined]
+    records_cls.take = take_draining
+
+
+_drain_failed_batches()
+
+
 def missing_codecs() -> list[str]:
     """Compression codecs kafka-python cannot decode here (their libraries are missing)."""
     from kafka import codec
