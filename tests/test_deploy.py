@@ -158,7 +158,12 @@ def test_compose_has_the_services_volumes_and_healthchecks():
     cmd = redis_["command"]
     cmd = cmd.split() if isinstance(cmd, str) else cmd
     pairs = set(zip(cmd, cmd[1:]))
-    assert ("--appendonly", "yes") in pairs and ("--appendfsync", "everysec") in pairs
+    # Durability that keeps rebuilds from the log rare (docs/reliability.md, "Durability").
+    assert ("--appendonly", "yes") in pairs and ("--appendfsync", "always") in pairs
+    assert ("--maxmemory-policy", "noeviction") in pairs
+    # The input topic is the states' changelog: retained at least as long as the state TTL.
+    from worker.config import Settings
+    assert int(kenv["KAFKA_LOG_RETENTION_HOURS"]) * 3600 >= Settings().redis.ttl_seconds
     assert redis_["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
 
     # Every named volume a service mounts is declared; every bind mount exists in the repo.
