@@ -9,7 +9,7 @@ MODEL_DIR   ?= artifacts/bbc-gru
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test train eval bench clean
+.PHONY: venv tools demo test train eval clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,20 @@ eval: $(MODEL_DIR)/config.json
 	$(PY) -m model eval --model $(MODEL_DIR)
 
 demo: venv
-	$(PY) -m worker demo --model-dir $(MODEL_DIR) $(ARGS)
+	$(PY) -m devtools.demo --model-dir $(MODEL_DIR) $(ARGS)
 
-test: venv
+# tests/test_deploy.py runs promtool and a real Prometheus (Debian's `prometheus` package).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus (promtool) for tests/test_deploy.py"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool not found and not installable here (needs root and apt-get): the 5 Prometheus tests will be skipped"; \
+	  fi; }
+
+test: venv tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

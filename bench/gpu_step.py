@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from model.gru import GRUClassifier, ModelConfig  # noqa: E402
-from worker.compute import Stepper  # noqa: E402
+from model.gru import GRUClassifier, ModelConfig
+from worker.compute import Stepper
 
 T0 = time.monotonic()
 ROWS: list[dict] = []
@@ -94,7 +92,8 @@ def section_step(args, sync) -> None:
 
 def section_engine(args, sync) -> None:
     from worker.engine import Engine
-    from worker.messages import Record, TokenMessage
+    from worker.messages import TokenMessage
+    from worker.ports import Record
     rng = np.random.default_rng(0)
     for device in (GPU, "cpu"):
         engine = Engine(make_model(), device=device)

@@ -13,34 +13,24 @@ It reports the replay rate (messages/s, one process), the time until every parti
 rebuild finished, and checks that the rebuilt states equal the ones lost (tokens_seen equal,
 h within 1e-5).
 
-    .venv/bin/python bench/rebuild.py [--sessions 100000] [--messages 2] [--model-dir DIR]
+    .venv/bin/python -m bench.rebuild [--sessions 100000] [--messages 2] [--model-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import logging
-import platform
 import random
-import sys
 import threading
 import time
-import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from prometheus_client import CollectorRegistry
 
-import numpy as np  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-import model  # noqa: E402
-from worker.app import build_worker  # noqa: E402
-from worker.codec import decode_state  # noqa: E402
-from worker.config import Settings  # noqa: E402
-from worker.local_services import RedisServer, Tansu  # noqa: E402
+import model
+from bench import common
+from worker.app import build_worker
+from worker.codec import decode_state
 
 
 def produce(bootstrap: str, topic: str, sessions: int, messages: int, k: int, vocab: int,
@@ -62,18 +52,7 @@ def produce(bootstrap: str, topic: str, sessions: int, messages: int, k: int, vo
     return n
 
 
-def settings(kafka: Tansu, redis_srv: RedisServer, names: dict, model_dir: Path,
-             batch: int) -> Settings:
-    return Settings(kafka={"bootstrap_servers": kafka.bootstrap, "input_topic": names["in"],
-                           "output_topic": names["out"], "dlq_topic": names["dlq"],
-                           "group_id": names["group"], "session_timeout_ms": 6000,
-                           "heartbeat_interval_ms": 1000},
-                    redis={"url": redis_srv.url, "prefix": names["prefix"]},
-                    model={"dir": model_dir, "threads": 1}, batch={"max_records": batch},
-                    metrics={"host": "127.0.0.1", "port": 0}, idle_exit_s=4.0, log_level="WARNING")
-
-
-def run(s: Settings) -> tuple[object, dict]:
+def run(s) -> tuple[object, dict]:
     """Run a worker until idle; time its first and last batch, and its rebuild."""
     app = build_worker(s, CollectorRegistry())
     w, reg = app.worker, app.registry
@@ -124,31 +103,28 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4, help="token ids per message")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "artifacts" / "bbc-gru")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    clf = model.load(args.model_dir)
+    model_dir = common.resolve_model(args.model)
+    clf = model.load(model_dir)
     cfg = clf.model.config
-    tag = uuid.uuid4().hex[:8]
-    names = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}",
-             "prefix": f"rb-{tag}"}
-    with Tansu() as kafka, RedisServer() as redis_srv:
-        kafka.create_topics([names["in"], names["out"], names["dlq"]], args.partitions)
+    with common.quiet_logs(), common.Bench(args.partitions) as bench:
+        names = bench.fresh("rb")
         t0 = time.perf_counter()
-        n = produce(kafka.bootstrap, names["in"], args.sessions, args.messages, args.tokens,
+        n = produce(bench.kafka.bootstrap, names["in"], args.sessions, args.messages, args.tokens,
                     len(clf.vocab), seed=0)
-        print(f"produced {n} messages in {time.perf_counter() - t0:.1f}s", flush=True)
-        s = settings(kafka, redis_srv, names, args.model_dir, args.batch)
+        bench.log(f"produced {n} messages in {time.perf_counter() - t0:.1f}s")
+        s = common.worker_settings(bench, model_dir, names, args.batch, 0, 1, idle_exit_s=4.0)
         _, first = run(s)
         normal_s = first["last"] - first["first"]
-        client = redis_srv.client()
+        client = bench.redis.client()
         before = states(client, names["prefix"])
         used = client.info("memory")["used_memory"]
-        print(f"pass 1: {first['messages']} messages in {normal_s:.1f}s "
-              f"({first['messages'] / normal_s:.0f} msg/s), {len(before)} sessions", flush=True)
+        bench.log(f"pass 1: {first['messages']} messages in {normal_s:.1f}s "
+                  f"({first['messages'] / normal_s:.0f} msg/s), {len(before)} sessions")
         client.flushall()
-        w2, second = run(s)
+        _, second = run(s)
         rebuild_s = second["rebuild_end"] - second["rebuild_start"]
         after = states(client, names["prefix"])
         client.close()
@@ -162,22 +138,20 @@ def main() -> None:
         b = decode_state(got, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
         mismatched += a.tokens_seen != b.tokens_seen or a.last_pos != b.last_pos
         worst = max(worst, float(np.abs(a.h - b.h).max()) if a.h.size else 0.0)
+    normal_rate = first["messages"] / normal_s
     result = {
-        "date": dt.date.today().isoformat(), "machine": f"{platform.node()} ({platform.machine()}, "
-        f"{__import__('os').cpu_count()} CPUs)", "model_id": clf.model_id,
-        "hidden": cfg.hidden_size, "sessions": args.sessions, "messages_per_session": args.messages,
+        "machine": common.machine(), "model_id": clf.model_id, "hidden": cfg.hidden_size,
+        "sessions": args.sessions, "messages_per_session": args.messages,
         "tokens_per_message": args.tokens, "partitions": args.partitions, "batch": args.batch,
         "messages": n, "redis_used_memory_mb": round(used / 2**20, 1),
-        "normal_msg_per_s": round(first["messages"] / normal_s),
+        "normal_msg_per_s": round(normal_rate),
         "rebuild_messages": int(second["rebuilt"]), "rebuild_s": round(rebuild_s, 1),
         "rebuild_msg_per_s": round(second["rebuilt"] / rebuild_s),
-        "rebuild_over_normal": round(second["rebuilt"] / rebuild_s / (first["messages"] / normal_s), 2),
-        "sessions_rebuilt": len(after), "sessions_mismatched": mismatched,
-        "max_h_diff": worst,
+        "rebuild_over_normal": round(second["rebuilt"] / rebuild_s / normal_rate, 2),
+        "sessions_rebuilt": len(after), "sessions_mismatched": mismatched, "max_h_diff": worst,
     }
     print(json.dumps(result, indent=2))
-    out = args.out or ROOT / "bench" / "results" / f"rebuild-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_result("rebuild", result, args.out)
 
 
 if __name__ == "__main__":

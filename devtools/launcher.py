@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,22 +40,32 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:PORT/PATH; an HTTP error status is not raised."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 class WorkerProcess:
     """``python -m worker run ARGS`` (or another module's CLI with ``module=``) in its own
-    process group, with its own metrics port and log file. ``env`` adds to a copy of this
+    process group, with its own metrics port and its output in a log file (a temporary one
+    unless ``log_path`` is given; ``log=False`` discards it). ``env`` adds to a copy of this
     process's environment without its ``GRU_*`` variables."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
                  log_path: Path | None = None, port: int | None = None,
                  module: str = "worker", command: Sequence[str] = ("run",),
-                 capture: bool = False) -> None:
+                 log: bool = True) -> None:
         self.args, self.extra_env = list(args), dict(env or {})
         self.port = port or free_port()
+        if log and log_path is None:
+            log_path = Path(tempfile.mkdtemp(prefix="gru-worker-")) / "worker.log"
         self.log_path = log_path
         self.module, self.command = module, list(command)
-        self.capture = capture
         self.proc: subprocess.Popen | None = None
-        self.output = ""
 
     @property
     def argv(self) -> list[str]:
@@ -64,7 +75,7 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRU_")}
         env.update({"PYTHONUNBUFFERED": "1", **self.extra_env})
-        out = subprocess.PIPE if self.capture else subprocess.DEVNULL
+        out = subprocess.DEVNULL
         log = None
         if self.log_path is not None:
             log = open(self.log_path, "ab")
@@ -74,7 +85,6 @@ class WorkerProcess:
         try:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         text=self.capture or None,
                                          preexec_fn=die_with_parent(os.getpid()))
         finally:
             if log is not None:
@@ -93,11 +103,7 @@ class WorkerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+        return http_get(self.port, path, timeout)
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(self.get("/metrics")[1])
@@ -120,7 +126,7 @@ class WorkerProcess:
     def log_text(self) -> str:
         if self.log_path is not None and self.log_path.exists():
             return self.log_path.read_text(errors="replace")
-        return self.output
+        return ""
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_text()[-n:]
@@ -156,10 +162,6 @@ class WorkerProcess:
 
     def _collect(self, timeout: float) -> int:
         assert self.proc is not None
-        if self.capture and self.proc.stdout is not None:
-            out, _ = self.proc.communicate(timeout=timeout)
-            self.output += out or ""
-            return self.proc.returncode
         return self.proc.wait(timeout)
 
     def restart(self) -> "WorkerProcess":

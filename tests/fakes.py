@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -22,7 +23,8 @@ class FakeLog:
     def append(self, topic: str, key: bytes | None, value: bytes | None,
                partition: int | None = None) -> Record:
         if partition is None:
-            partition = (hash(key) if key is not None else len(self.records)) % self.partitions
+            # crc32, not hash(): the same partitions on every run, whatever PYTHONHASHSEED
+            partition = (zlib.crc32(key) if key is not None else len(self.records)) % self.partitions
         log = self.records[(topic, partition)]
         self.clock_ms += 1
         rec = Record(topic, partition, len(log), key, value, self.clock_ms)

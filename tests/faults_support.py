@@ -7,20 +7,14 @@ the test fixture, also on failure) kills every worker, then redis-server and tan
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +24,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 import model
-from worker.local_services import RedisServer, Tansu, free_port, wait_for
+from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
+from devtools.services import RedisServer, Tansu, unique_names, wait_for
 from worker.codec import decode_state
 from worker.state import Keys
 
@@ -38,121 +33,37 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 
 
-def _own_group_and_die_with_parent(parent: int) -> None:
-    os.setsid()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGKILL
-        if os.getppid() != parent:
-            os._exit(1)
-
-
-class WorkerProc:
-    """``python -m worker run`` as a subprocess with its own metrics port and log file."""
+class WorkerProc(WorkerProcess):
+    """A worker of a ``Cluster``: its topics, group, prefix and services, a log file in the
+    cluster's directory; killed by the cluster's ``close()``. ``crash_after_write=N`` runs it
+    through ``devtools.faults`` (SIGKILL right after its Nth landed write)."""
 
     def __init__(self, cluster: "Cluster", name: str, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, crash_after_write: int | None = None) -> None:
+        c = cluster
+        super().__init__(
+            ["--bootstrap", c.kafka.bootstrap, "--group", c.names["group"],
+             "--input-topic", c.names["in"], "--output-topic", c.names["out"],
+             "--redis-url", c.redis.url, "--model-dir", str(c.model_dir), *TEST_GROUP_TIMEOUTS,
+             *(args or [])],
+            env={"GRU_MODEL__THREADS": "1", "GRU_KAFKA__DLQ_TOPIC": c.names["dlq"],
+                 "GRU_REDIS__PREFIX": c.names["prefix"], "GRU_RETRY__MAX_BACKOFF_S": "1.0",
+                 **(env or {})},
+            log_path=c.dir / f"{name}.log",
+            **({"module": "devtools.faults",
+                "command": ["--crash-after-write", str(crash_after_write), "run"]}
+               if crash_after_write else {}))
         self.cluster, self.name = cluster, name
-        self.port = free_port()
-        self.log_path = cluster.dir / f"{name}.log"
-        self.extra_env = env or {}
-        self.extra_args = args or []
-        self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProc":
-        c = self.cluster
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GRU_")}
-        env.update({"GRU_MODEL__THREADS": "1", "GRU_KAFKA__DLQ_TOPIC": c.names["dlq"],
-                    "GRU_REDIS__PREFIX": c.names["prefix"], "GRU_RETRY__MAX_BACKOFF_S": "1.0",
-                    "PYTHONUNBUFFERED": "1", **self.extra_env})
-        argv = [sys.executable, "-m", "worker", "run", "--bootstrap", c.kafka.bootstrap,
-                "--group", c.names["group"], "--input-topic", c.names["in"],
-                "--output-topic", c.names["out"], "--redis-url", c.redis.url,
-                "--model-dir", str(c.model_dir), "--metrics-host", "127.0.0.1",
-                "--metrics-port", str(self.port), "--session-timeout-ms", "6000",
-                "--heartbeat-interval-ms", "1000", *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n=== start {time.strftime('%H:%M:%S')} ===\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=lambda parent=os.getpid(): _own_group_and_die_with_parent(parent))
-        c.workers.append(self)
+        super().start()
+        if self not in self.cluster.workers:
+            self.cluster.workers.append(self)
         return self
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, no shutdown work."""
-        if self.proc is None:
-            return
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 40.0) -> int:
-        """SIGTERM and wait for the exit code (the graceful path)."""
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
-
-    def restart(self) -> "WorkerProc":
-        self.kill()
-        return self.start()
-
-    def wait_exit(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def metrics(self) -> dict[str, float]:
-        """``/metrics`` as {'name{labels}': value}."""
-        out = {}
-        for line in self.get("/metrics")[1].splitlines():
-            if line and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                out[k] = float(v)
-        return out
-
-    def outcome(self, name: str) -> float:
-        return self.metrics().get(f'gru_messages_total{{outcome="{name}"}}', 0.0)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        def ready() -> bool:
-            if not self.alive:
-                raise AssertionError(f"{self.name} exited:\n{self.log_tail()}")
-            return self.get("/readyz", 1.0)[0] == 200
-        wait_for(ready, timeout, 0.2, f"{self.name} /readyz")
 
     def rss_kb(self) -> int:
         text = Path(f"/proc/{self.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_text()[-n:]
 
 
 class Cluster:
@@ -161,9 +72,7 @@ class Cluster:
     def __init__(self, model_dir: Path, partitions: int = 4) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="gru-faults-"))
         self.model_dir = model_dir
-        tag = uuid.uuid4().hex[:8]
-        self.names = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}",
-                      "group": f"g-{tag}", "prefix": f"f-{tag}"}
+        self.names = unique_names()
         self.workers: list[WorkerProc] = []
         self.kafka = Tansu()
         self.redis = RedisServer(appendonly=True)

@@ -18,7 +18,7 @@ import redis
 import redis.cluster
 
 import model
-from worker.local_services import RedisServer, ServiceError, free_port, wait_for
+from devtools.services import RedisServer, ServiceError, free_port, wait_for
 from worker.codec import decode_state
 from worker.state import Keys
 

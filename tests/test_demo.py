@@ -17,7 +17,7 @@ def _tansu_pids() -> set[str]:
 def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_dir):
     before = _tansu_pids()
     proc = subprocess.run(
-        [sys.executable, "-m", "worker", "demo", "--model-dir", str(tiny_model_dir),
+        [sys.executable, "-m", "devtools.demo", "--model-dir", str(tiny_model_dir),
          "--sessions", "8", "--max-tokens", "120", "--max-seconds", "60", "--rate", "300",
          "--metrics-port", "0"],
         capture_output=True, text=True, timeout=180)

@@ -17,11 +17,9 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from worker.config import Settings
-from worker.local_services import Tansu, _Process, free_port, wait_for
+from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
+from devtools.services import Tansu, _Process, unique_names, wait_for
 from worker.metrics import LATENCY_BUCKETS, Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +162,7 @@ def test_compose_has_the_services_volumes_and_healthchecks():
     assert ("--maxmemory-policy", "noeviction") in pairs
     # The input topic is the states' changelog: retained at least as long as the state TTL.
     from worker.config import Settings
-    assert int(kenv["KAFKA_LOG_RETENTION_HOURS"]) * 3600 >= Settings().redis.ttl_seconds
+    assert int(kenv["KAFKA_LOG_RETENTION_HOURS"]) * 3600 >= Settings().state.ttl_seconds
     assert redis_["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
 
     # Every named volume a service mounts is declared; every bind mount exists in the repo.
@@ -406,42 +405,6 @@ class Prometheus(_Process):
         return self.api("query", query=expr)
 
 
-class WorkerCLI(_Process):
-    """``python -m worker run`` with its metrics on ``self.port``; ready when /readyz is 200."""
-
-    name = "worker"
-    start_timeout = 60.0
-
-    def __init__(self, bootstrap: str, names: dict, model_dir: Path):
-        super().__init__()
-        self.bootstrap, self.names, self.model_dir = bootstrap, names, model_dir
-
-    def _argv(self) -> list[str]:
-        return [sys.executable, "-m", "worker", "run", "--bootstrap", self.bootstrap,
-                "--group", self.names["group"], "--input-topic", self.names["in"],
-                "--output-topic", self.names["out"], "--redis-url", "memory",
-                "--model-dir", str(self.model_dir), "--threads", "1",
-                "--metrics-host", "127.0.0.1", "--metrics-port", str(self.port),
-                "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "1000",
-                "--batch-wait-ms", "5"]
-
-    def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GRU_")}
-        env["GRU_KAFKA__DLQ_TOPIC"] = self.names["dlq"]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        return env
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def _ready(self) -> bool:
-        return self.get("/readyz")[0] == 200
-
-
 @pytest.fixture(scope="module")
 def broker():
     with Tansu() as t:
@@ -456,11 +419,13 @@ def scraped(broker, tiny_model_dir):
 
     from .streams import bbc_sessions, interleave
 
-    tag = uuid.uuid4().hex[:8]
-    names = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}"}
+    names = unique_names()
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
-    worker = WorkerCLI(broker.bootstrap, names, tiny_model_dir)
-    worker.port = free_port()
+    worker = WorkerProcess(
+        ["--bootstrap", broker.bootstrap, "--group", names["group"], "--input-topic", names["in"],
+         "--output-topic", names["out"], "--redis-url", "memory", "--model-dir", str(tiny_model_dir),
+         "--threads", "1", *TEST_GROUP_TIMEOUTS, "--batch-wait-ms", "5"],
+        env={"GRU_KAFKA__DLQ_TOPIC": names["dlq"]})
     config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s",
                          "evaluation_interval": "1s"},
               "rule_files": ["alerts.yml"],
@@ -469,7 +434,7 @@ def scraped(broker, tiny_model_dir):
     prom = Prometheus(config, {"alerts.yml": PROM_DIR / "alerts.yml"})
     try:
         prom.start()
-        worker.start()
+        worker.start().wait_ready()
         # A scrape before any traffic, so that rate() sees the counters move.
         wait_for(lambda: prom.query('gru_e2e_latency_seconds_count{job="worker"}')["data"]["result"],
                  15, 0.2, "a first scrape of the worker")
@@ -483,7 +448,7 @@ def scraped(broker, tiny_model_dir):
                  in worker.get("/metrics")[1], 30, 0.2, "the worker to process every message")
         yield prom, worker.get("/metrics")[1]
     finally:
-        worker.close()
+        worker.__exit__()
         prom.close()
 
 

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -25,7 +20,8 @@ from prometheus_client import CollectorRegistry
 import model
 from worker.app import build_worker
 from worker.config import Settings
-from worker.local_services import Tansu, free_port
+from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
+from devtools.services import Tansu
 from worker.codec import decode_state
 from worker.state import Keys
 
@@ -188,6 +184,11 @@ def test_two_groups_keep_separate_states(broker, names, tiny_model_dir):
         for s in sessions:
             st = decode_state(client.get(keys.session(s.session_id)), 1, 32, 5)
             assert st.tokens_seen == len(s.tokens)
+    # A third group that names the first one's namespace shares its states: all duplicates.
+    _, third = run_worker(settings_for(broker, names, tiny_model_dir,
+                                       kafka={"group_id": names["group"] + "-c"},
+                                       state={"namespace": names["group"]}))
+    assert third.outcomes["ok"] == 0 and third.outcomes["duplicate"] == first.outcomes["ok"]
 
 
 def test_bad_input_goes_to_the_dlq_and_good_messages_are_unaffected(broker, names, tiny_model_dir):
@@ -262,52 +263,30 @@ def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broke
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
     sessions = bbc_sessions(6, seed=15, max_tokens=60)
     pairs = interleave(sessions, seed=15)
-    port = free_port()
-    env = {**os.environ, "GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
-           "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__PREFIX": names["prefix"],
-           "GRU_MODEL__THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "run", "--bootstrap", broker.bootstrap, "--group", names["group"],
-         "--model-dir", str(tiny_model_dir), "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
-         "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "1000"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    w = WorkerProcess(
+        ["--bootstrap", broker.bootstrap, "--group", names["group"],
+         "--model-dir", str(tiny_model_dir), *TEST_GROUP_TIMEOUTS],
+        env={"GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
+             "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__PREFIX": names["prefix"],
+             "GRU_MODEL__THREADS": "1"}).start()
     try:
-        def get(path):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-
-        deadline = time.monotonic() + 40
-        status = None
-        while time.monotonic() < deadline:
-            try:
-                status, _ = get("/readyz")
-                if status == 200:
-                    break
-            except Exception:
-                time.sleep(0.2)
-        assert status == 200, "worker never became ready"
-        assert get("/healthz")[0] == 200
+        w.wait_ready(40)
+        assert w.get("/healthz")[0] == 200
         publish(broker, names["in"], pairs)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = get("/metrics")[1]
-            if f'gru_messages_total{{outcome="ok"}} {float(len(pairs))}' in text:
-                break
+        while time.monotonic() < deadline and w.outcome("ok") < len(pairs):
             time.sleep(0.3)
+        m = w.metrics()
         for name in ("gru_e2e_latency_seconds", "gru_step_seconds", "gru_state_load_seconds",
                      "gru_state_store_seconds", "gru_batch_size_messages"):
-            count = [l for l in text.splitlines() if l.startswith(name + "_count")]
-            assert count and float(count[0].split()[-1]) > 0, name
-        assert f'gru_messages_total{{outcome="ok"}} {float(len(pairs))}' in text
-        assert "gru_consumer_lag_messages{" in text and "gru_model_info{" in text
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out
-        assert f"worker stopped: {len(pairs)} messages" in out
+            assert m[name + "_count"] > 0, name
+        assert m['gru_messages_total{outcome="ok"}'] == len(pairs)
+        assert any(k.startswith("gru_consumer_lag_messages{") for k in m)
+        assert any(k.startswith("gru_model_info{") for k in m)
+        assert w.terminate(timeout=30) == 0, w.log_tail()
+        assert f"worker stopped: {len(pairs)} messages" in w.log_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        w.kill()
 
 
 def test_commit_and_close_are_bounded_while_the_coordinator_is_down(tiny_model_dir):
@@ -327,6 +306,7 @@ def test_commit_and_close_are_bounded_while_the_coordinator_is_down(tiny_model_d
             src.poll(10, 0)
         assert assigned
         own.pause()
+        time.sleep(0.5)  # let SIGSTOP land on every broker thread before the commit is sent
         try:
             t0 = time.monotonic()
             assert src.commit({("bounded", 0): 0}) is False

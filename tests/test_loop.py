@@ -29,8 +29,8 @@ def clf(tiny_model_dir):
 
 def make_worker(clf, log, store, sink=None, source=None, **settings):
     s = Settings(idle_exit_s=0.05, **settings)
-    engine = Engine(clf.model, ttl_ms=s.redis.ttl_seconds * 1000,
-                    end_ttl_ms=s.redis.end_ttl_seconds * 1000)
+    engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
+                    end_ttl_ms=s.state.end_ttl_seconds * 1000)
     metrics = Metrics(CollectorRegistry())
     return Worker(s, engine, store, source or FakeSource(log, IN), sink or FakeSink(log), metrics,
                   clf.labels, clf.model_id, clf.encode, len(clf.vocab))
@@ -220,7 +220,7 @@ def test_end_ttl_below_a_minute_is_rejected():
     # 0 used to delete an ended session's key at once; a crash after that write recomputed the
     # whole session from zero on redelivery, so its only final prediction was wrong.
     with pytest.raises(ValueError, match="end_ttl_seconds"):
-        Settings(redis={"end_ttl_seconds": 0})
+        Settings(state={"end_ttl_seconds": 0})
 
 
 def test_mixing_seq_and_offset_numbering_is_rejected(clf):
@@ -662,11 +662,17 @@ class RollingBackStore(MemoryStateStore):
 
 
 def test_redis_rolled_back_under_a_running_worker_is_caught_by_the_recorded_offset(clf):
+    """The restore keeps the worker's token, so nothing fences it: the recorded offset that
+    went back is what catches it, at the latest when its partition's next batch arrives,
+    before anything is applied on top of the rolled-back states."""
     log, store = FakeLog(partitions=2), RollingBackStore(snap_at=2, back_at=5)
     sessions = bbc_sessions(15, seed=44)
     pairs = interleave(sessions, seed=44)
-    publish(log, pairs)
+    cut = 2 * len(pairs) // 3
+    publish(log, pairs[:cut])
     w = make_worker(clf, log, store, batch={"max_records": 16})
+    w.run()
+    publish(log, pairs[cut:])  # every partition gets a later batch
     w.run()
     assert w.source.rejoins == 0  # the token survived the restore: no fence, a rewind
     assert w.metrics.registry.get_sample_value("gru_state_rebuilds_total",

@@ -11,17 +11,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+from pathlib import Path
 
 import pytest
 
 import model
-from worker.local_services import free_port
+from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess, http_get, parse_metrics
+from devtools.services import free_port
 
 from .streams import assert_exact, bbc_sessions, interleave
 from .test_e2e import broker, names, publish, read_topic  # noqa: F401
@@ -40,14 +38,6 @@ def _two_free_ports() -> int:
                 continue
         return p
     raise AssertionError("no two adjacent free ports")
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def _children(pid: int) -> list[int]:
@@ -77,31 +67,26 @@ def test_two_processes_share_the_partitions_and_stop_on_sigterm(broker, names, t
     sessions = bbc_sessions(16, seed=31, max_chunk=20, max_tokens=100)
     pairs = interleave(sessions, seed=31)
     port = _two_free_ports()
-    env = {**os.environ, "GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
-           "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__URL": "redis://127.0.0.1:6379/0",
-           "GRU_REDIS__PREFIX": names["prefix"], "GRU_MODEL__THREADS": "1"}
-    log = tempfile.TemporaryFile(mode="w+")
-    sup = subprocess.Popen(
-        [sys.executable, "-m", "worker", "run", "--processes", "2", "--bootstrap", broker.bootstrap,
-         "--group", names["group"], "--model-dir", str(tiny_model_dir), "--metrics-port", str(port),
-         "--metrics-host", "127.0.0.1", "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "1000"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    log = Path(tempfile.mkdtemp()) / "supervisor.log"
+    sup = WorkerProcess(
+        ["--processes", "2", "--bootstrap", broker.bootstrap, "--group", names["group"],
+         "--model-dir", str(tiny_model_dir), *TEST_GROUP_TIMEOUTS], port=port, log_path=log,
+        env={"GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
+             "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__URL": "redis://127.0.0.1:6379/0",
+             "GRU_REDIS__PREFIX": names["prefix"], "GRU_MODEL__THREADS": "1"}).start()
     kids: list[int] = []
-
-    def output() -> str:
-        log.seek(0)
-        return log.read()[-6000:]
+    output = sup.log_tail
 
     try:
         # Both children ready at once, each holding one of the two partitions.
         deadline = time.monotonic() + 45
         ready = {}
         while time.monotonic() < deadline:
-            assert sup.poll() is None, output()
+            assert sup.alive, output()
             ready = {}
             for p in (port, port + 1):
                 try:
-                    ready[p] = _get(p, "/readyz")
+                    ready[p] = http_get(p, "/readyz")
                 except OSError:
                     ready[p] = (None, "")
             if all(code == 200 for code, _ in ready.values()):
@@ -117,11 +102,8 @@ def test_two_processes_share_the_partitions_and_stop_on_sigterm(broker, names, t
         deadline = time.monotonic() + 30
         ok = 0.0
         while time.monotonic() < deadline:
-            ok = 0.0
-            for p in (port, port + 1):
-                for line in _get(p, "/metrics")[1].splitlines():
-                    if line.startswith('gru_messages_total{outcome="ok"}'):
-                        ok += float(line.split()[-1])
+            ok = sum(parse_metrics(http_get(p, "/metrics")[1])['gru_messages_total{outcome="ok"}']
+                     for p in (port, port + 1))
             if ok >= len(pairs):
                 break
             time.sleep(0.3)
@@ -133,15 +115,11 @@ def test_two_processes_share_the_partitions_and_stop_on_sigterm(broker, names, t
         assert {p["partition"] for p in preds} == {0, 1}
         assert_exact(clf, sessions, preds)
 
-        sup.send_signal(signal.SIGTERM)
-        assert sup.wait(timeout=30) == 0, output()
+        assert sup.terminate(timeout=30) == 0, output()
         assert [k for k in kids if _alive(k)] == [], output()
         assert "all 2 workers stopped: exit codes [0, 0]" in output()
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        sup.kill()
         for k in kids:
             if _alive(k):
                 os.kill(k, signal.SIGKILL)
-        log.close()

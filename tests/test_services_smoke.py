@@ -1,4 +1,4 @@
-"""Smoke tests for worker/local_services.py: a real tansu broker and a real redis-server.
+"""Smoke tests for devtools/services.py: a real tansu broker and a real redis-server.
 
 Select with ``-m services``; about 10 s in all (tansu's group join waits session_timeout_ms / 2).
 """
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from worker.local_services import RedisServer, Tansu
+from devtools.services import RedisServer, Tansu
 
 pytestmark = pytest.mark.services
 
@@ -56,7 +56,7 @@ def test_tansu_produce_consume_group_commit_resume(tansu):
         firsts.setdefault(TopicPartition(r.topic, r.partition), r)
     consumer.commit({tp: OffsetAndMetadata(r.offset + 1, "", -1) for tp, r in firsts.items()})
     tps = [TopicPartition("smoke.in", p) for p in (0, 1)]
-    # Lag from the fetch high-watermark (tansu's ListOffsets "latest" is unreliable, see worker/local_services.py).
+    # Lag from the fetch high-watermark (tansu's ListOffsets "latest" is unreliable, see devtools/services.py).
     lag = sum(consumer.highwater(tp) - (consumer.committed(tp) or 0) for tp in tps)
     assert lag == 10 - len(firsts)
     consumer.close()

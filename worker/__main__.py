@@ -1,4 +1,4 @@
-"""Command line: ``python -m worker run | topics create | produce | tail | demo``.
+"""Command line: ``python -m worker run | topics create | produce | tail``.
 
 ``run`` builds the Settings once (env ``GRU_*`` plus flags), wires the model, the state
 store, Kafka and metrics together, and runs the loop until SIGTERM/SIGINT or a bound.
@@ -10,100 +10,89 @@ import argparse
 import logging
 import signal
 import sys
+import types
+import typing
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from .config import Settings
+from .config import Settings, settings_info
 
 log = logging.getLogger("worker")
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
+def _flag_type(annotation) -> dict:
+    """argparse options for a setting's type: Literal -> choices, Optional[X] -> X."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        upper = all(isinstance(c, str) and c.isupper() for c in choices)
+        return {"choices": choices, **({"type": str.upper} if upper else {})}
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _flag_type(args[0])
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": annotation if annotation in (int, float, Path) else str}
+
+
+def add_setting_flags(p: argparse.ArgumentParser, common_only: bool = False) -> None:
+    """The flags the Settings model declares (worker/config.py), help text included."""
+    for info in settings_info():
+        if info.flag and (info.common or not common_only):
+            desc = info.field.description
+            kind = _flag_type(info.field.annotation)
+            if "choices" not in kind and "action" not in kind:
+                kind["metavar"] = info.path[-1].upper()
+            p.add_argument(info.flag, dest=info.dest, default=None,
+                           help=f"{desc + ' ' if desc else ''}({info.env})", **kind)
+
+
+def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
     """Flags override env vars, which override defaults."""
     over: dict = {}
-
-    def put(section: str | None, key: str, value) -> None:
+    for info in settings_info():
+        value = getattr(args, info.dest, None)
         if value is None:
-            return
-        (over.setdefault(section, {}) if section else over)[key] = value
-
-    put("kafka", "bootstrap_servers", getattr(args, "bootstrap", None))
-    put("kafka", "group_id", getattr(args, "group", None))
-    put("kafka", "input_topic", getattr(args, "input_topic", None))
-    put("kafka", "output_topic", getattr(args, "output_topic", None))
-    put("kafka", "session_timeout_ms", getattr(args, "session_timeout_ms", None))
-    put("kafka", "heartbeat_interval_ms", getattr(args, "heartbeat_interval_ms", None))
-    put("redis", "url", getattr(args, "redis_url", None))
-    put("redis", "prefix", getattr(args, "redis_prefix", None))
-    put("redis", "state_dtype", getattr(args, "state_dtype", None))
-    put("model", "dir", getattr(args, "model_dir", None))
-    put("model", "device", getattr(args, "device", None))
-    put("model", "threads", getattr(args, "threads", None))
-    put("model", "dtype", getattr(args, "dtype", None))
-    put("batch", "max_records", getattr(args, "batch_size", None))
-    put("batch", "max_wait_ms", getattr(args, "batch_wait_ms", None))
-    put("metrics", "port", getattr(args, "metrics_port", None))
-    put("metrics", "host", getattr(args, "metrics_host", None))
-    put(None, "log_level", getattr(args, "log_level", None))
-    put(None, "max_messages", getattr(args, "max_messages", None))
-    put(None, "idle_exit_s", getattr(args, "idle_exit", None))
-    if getattr(args, "kafka_partitions", None):
-        put("kafka", "partitions", args.kafka_partitions)
+            continue
+        node = over
+        for part in info.path[:-1]:
+            node = node.setdefault(part, {})
+        node[info.path[-1]] = value
+    for section, values in extra.items():
+        over.setdefault(section, {}).update(values)
     return Settings(**over)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers (GRU_KAFKA__BOOTSTRAP_SERVERS)")
-    p.add_argument("--input-topic")
-    p.add_argument("--output-topic")
-    p.add_argument("--log-level")
-
-
-def _worker_flags(p: argparse.ArgumentParser) -> None:
-    _common(p)
-    p.add_argument("--group", help="consumer group id")
-    p.add_argument("--redis-url", help="redis://host:port/db, rediss:// for TLS, or 'memory'")
-    p.add_argument("--redis-prefix")
-    p.add_argument("--state-dtype", choices=["float32", "float16"])
-    p.add_argument("--model-dir", type=Path)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--dtype", choices=["float32", "float16"], help="compute dtype (float16: cuda only)")
-    p.add_argument("--batch-size", type=int, help="most records per batch")
-    p.add_argument("--batch-wait-ms", type=int, help="longest wait for a batch to fill")
-    p.add_argument("--metrics-port", type=int)
-    p.add_argument("--metrics-host")
-    p.add_argument("--session-timeout-ms", type=int)
-    p.add_argument("--heartbeat-interval-ms", type=int)
-    p.add_argument("--max-messages", type=int, help="stop after N input messages")
-    p.add_argument("--idle-exit", type=float, help="stop after S seconds without input")
-    p.add_argument("--processes", type=int, default=1,
-                   help="run N worker processes in the group (metrics on port, port+1, ...)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from model.artifact import ArtifactError
 
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.processes > 1:
         from .supervisor import supervise
         return supervise(args.argv, args.processes, settings.metrics.port)
+    # Handlers first: a SIGTERM while the model loads (seconds, under load) is a clean stop
+    # too, not Python's default exit by signal.
+    stopping: list = []
+
+    def on_signal(signum, _frame) -> None:
+        log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
+        stopping.append(signum)
+        if app is not None:
+            app.worker.stop()
+
+    app = None
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     from .app import build_worker
     try:
         app = build_worker(settings, CollectorRegistry())
     except ArtifactError as e:  # missing, not a directory, or not a valid model artifact
         print(f"error: cannot load the model (--model-dir / GRU_MODEL__DIR): {e}", file=sys.stderr)
         return 2
-
-    def on_signal(signum, _frame) -> None:
-        log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
+    if stopping:
         app.worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         app.worker.run()
     finally:
@@ -113,7 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topics(args: argparse.Namespace) -> int:
     from .kafka_io import create_topics
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args, **({"kafka": {"partitions": args.partitions}}
+                                           if args.partitions else {}))
     created = create_topics(settings.kafka, args.partitions)
     k = settings.kafka
     for name in (k.input_topic, k.output_topic, k.dlq_topic):
@@ -123,24 +113,25 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .client import add_produce, add_tail
-    from .demo import add_demo
     ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="consume tokens, advance session states, emit predictions")
-    _worker_flags(run)
+    add_setting_flags(run)
+    run.add_argument("--processes", type=int, default=1,
+                     help="run N worker processes in the group (metrics on port, port+1, ...)")
     run.set_defaults(func=cmd_run)
 
     topics = sub.add_parser("topics", help="create the input, output and dead-letter topics")
     topics.add_argument("action", choices=["create"])
-    _common(topics)
+    add_setting_flags(topics, common_only=True)
     topics.add_argument("--partitions", type=int, default=None,
                         help="partitions per topic (default GRU_KAFKA__PARTITIONS, 6)")
     topics.set_defaults(func=cmd_topics)
 
-    add_produce(sub, _common, _settings_from_args)
-    add_tail(sub, _common, _settings_from_args)
-    add_demo(sub)
+    common = lambda p: add_setting_flags(p, common_only=True)  # noqa: E731
+    add_produce(sub, common, settings_from_args)
+    add_tail(sub, common, settings_from_args)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)

@@ -57,7 +57,8 @@ def build_store(settings: Settings, model_id: str) -> StateStore:
     if settings.redis.url == "memory":
         log.warning("state store: in-process memory (state is lost when the worker stops)")
         return MemoryStateStore()
-    keys = Keys(settings.redis.prefix, model_id, settings.kafka.group_id,
+    keys = Keys(settings.redis.prefix, model_id,
+                settings.state.namespace or settings.kafka.group_id,
                 cluster=settings.redis.cluster)
     return RedisStateStore(redis_client(settings), keys)
 
@@ -85,9 +86,9 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     metrics.model_info.labels(clf.model_id, device).set(1)
     if settings.model.dtype == "float16" and device != "cuda":
         raise SystemExit("model.dtype=float16 needs model.device=cuda (or auto with a GPU)")
-    engine = Engine(clf.model, device=device, state_dtype=settings.redis.state_dtype,
-                    ttl_ms=settings.redis.ttl_seconds * 1000,
-                    end_ttl_ms=settings.redis.end_ttl_seconds * 1000,
+    engine = Engine(clf.model, device=device, state_dtype=settings.state.dtype,
+                    ttl_ms=settings.state.ttl_seconds * 1000,
+                    end_ttl_ms=settings.state.end_ttl_seconds * 1000,
                     compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs)
     missing = missing_codecs()
     if missing:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(17))  # 1 .. 65,536 sessions
 TOKEN_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+MAX_GRAPHS = 96  # captured CUDA graphs kept (each holds its bucket's buffers on the GPU)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -57,8 +58,7 @@ class _Graph:
 
 class Stepper:
     def __init__(self, model: GRUClassifier, device: str = "cpu", dtype: str = "float32",
-                 buckets: bool | None = None, cuda_graphs: bool | None = None,
-                 max_graphs: int = 96) -> None:
+                 buckets: bool | None = None, cuda_graphs: bool | None = None) -> None:
         self.device = torch.device(device)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -70,7 +70,6 @@ class Stepper:
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.buckets = self.cuda_graphs if buckets is None else buckets
-        self.max_graphs = max_graphs
         self._graphs: dict[tuple[int, int], _Graph] = {}
 
     @torch.inference_mode()
@@ -82,7 +81,7 @@ class Stepper:
         if not self.buckets or bb is None or kb is None or kb > UNROLL_MAX_TOKENS:
             h_new, probs = self.model.step(h.to(self.dtype), ids, lengths)
             return h_new.float(), probs.float()
-        if self.cuda_graphs and ((bb, kb) in self._graphs or len(self._graphs) < self.max_graphs):
+        if self.cuda_graphs and ((bb, kb) in self._graphs or len(self._graphs) < MAX_GRAPHS):
             g = self._graphs.get((bb, kb)) or self._capture(bb, kb)
             g.h.zero_()
             g.h[:, :B] = h

@@ -1,30 +1,45 @@
 """Settings: one validated object, read from ``GRU_*`` env vars and CLI flags, built once.
 
 Nested sections map to env names with a double underscore, for example
-``GRU_KAFKA__BOOTSTRAP_SERVERS`` or ``GRU_REDIS__URL``. ``__main__`` builds the object and
-passes it down; nothing reads the environment anywhere else.
+``GRU_KAFKA__BOOTSTRAP_SERVERS`` or ``GRU_REDIS__URL``. A setting that also has a command-line
+flag declares it here, once (``flag("--bootstrap")``); ``__main__`` derives its argparse
+options from these declarations, and tests/test_config.py checks the README's table against
+them. ``__main__`` builds the object and passes it down; nothing reads the environment
+anywhere else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def flag(name: str, common: bool = False) -> dict:
+    """``json_schema_extra`` of a setting with a command-line flag; ``common``: every
+    subcommand has it (``produce``, ``tail``, ``topics``), not only ``run``."""
+    return {"flag": name, "common": common}
+
+
 class KafkaSettings(BaseModel):
-    bootstrap_servers: str = "127.0.0.1:9092"
-    input_topic: str = "tokens"
-    output_topic: str = "predictions"
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers",
+                                   json_schema_extra=flag("--bootstrap", common=True))
+    input_topic: str = Field("tokens", json_schema_extra=flag("--input-topic", common=True))
+    output_topic: str = Field("predictions", json_schema_extra=flag("--output-topic", common=True))
     dlq_topic: str = "tokens.dlq"
-    group_id: str = "gru-worker"
+    group_id: str = Field("gru-worker", description="consumer group id",
+                          json_schema_extra=flag("--group"))
     client_id: str = "gru-worker"
     partitions: int = Field(6, ge=1, description="partition count used by `topics create`")
     replication_factor: int = Field(1, ge=1)
-    session_timeout_ms: int = Field(10_000, ge=1000)
-    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    session_timeout_ms: int = Field(10_000, ge=1000,
+                                    json_schema_extra=flag("--session-timeout-ms"))
+    heartbeat_interval_ms: int = Field(3_000, ge=100,
+                                       json_schema_extra=flag("--heartbeat-interval-ms"))
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     # The sink flushes at the end of every batch, so linger only groups one batch's records
@@ -65,18 +80,16 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 class RedisSettings(BaseModel):
     url: str = Field("redis://127.0.0.1:6379/0",
-                     description="redis:// or rediss:// (TLS); 'memory' for the in-process store")
+                     description="redis:// or rediss:// (TLS), redis+cluster:// for a Redis "
+                     "Cluster, or 'memory' for the in-process store",
+                     json_schema_extra=flag("--redis-url"))
     username: str | None = None
     password: SecretStr | None = None
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS (rediss://)")
     ssl_keyfile: str | None = None
-    prefix: str = Field("gru", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    ttl_seconds: int = Field(86_400, ge=1, description="idle expiry, refreshed on every write")
-    end_ttl_seconds: int = Field(3_600, ge=60, description="how long an ended session's "
-                                 "tombstone keeps rejecting replays and re-emitting its final "
-                                 "prediction; it must outlast any redelivery")
-    state_dtype: Literal["float32", "float16"] = "float32"
+    prefix: str = Field("gru", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+                        json_schema_extra=flag("--redis-prefix"))
     socket_timeout_s: float = Field(5.0, gt=0)
 
     @property
@@ -84,20 +97,40 @@ class RedisSettings(BaseModel):
         return self.url.split("://", 1)[0] in CLUSTER_SCHEMES
 
 
+class StateSettings(BaseModel):
+    """How session states are kept, whatever the store."""
+
+    namespace: str | None = Field(None, pattern=r"^[^{}]{1,200}$", description="the state and "
+                                  "fencing domain (default: the consumer group id); workers "
+                                  "of two groups with one namespace share states and fence "
+                                  "each other")
+    ttl_seconds: int = Field(86_400, ge=1, description="idle expiry, refreshed on every write")
+    end_ttl_seconds: int = Field(3_600, ge=60, description="how long an ended session's "
+                                 "tombstone keeps rejecting replays and re-emitting its final "
+                                 "prediction; it must outlast any redelivery")
+    dtype: Literal["float32", "float16"] = Field("float32", description="how h is stored",
+                                                 json_schema_extra=flag("--state-dtype"))
+
+
 class ModelSettings(BaseModel):
-    dir: Path = Path("artifacts/bbc-gru")
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    dir: Path = Field(Path("artifacts/bbc-gru"), description="the model artifact directory",
+                      json_schema_extra=flag("--model-dir"))
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", json_schema_extra=flag("--device"))
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)",
+                                json_schema_extra=flag("--threads"))
     dtype: Literal["float32", "float16"] = Field("float32", description="compute dtype; "
-                                                 "float16 needs device cuda")
+                                                 "float16 needs device cuda",
+                                                 json_schema_extra=flag("--dtype"))
     cuda_graphs: bool = Field(True, description="on CUDA, replay captured graphs per batch bucket")
 
 
 class BatchSettings(BaseModel):
     max_records: int = Field(512, ge=1, le=16_384, description="most records polled into one "
-                             "batch (a state's outbox holds at most 65,535 entries)")
+                             "batch (a state's outbox holds at most 65,535 entries)",
+                             json_schema_extra=flag("--batch-size"))
     max_wait_ms: int = Field(0, ge=0, description="extra wait for a batch to fill after its "
-                             "first record; 0 takes what has arrived (batches grow with load)")
+                             "first record; 0 takes what has arrived (batches grow with load)",
+                             json_schema_extra=flag("--batch-wait-ms"))
 
 
 class LimitSettings(BaseModel):
@@ -110,8 +143,9 @@ class LimitSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    host: str = "0.0.0.0"
-    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port; -1 is not allowed")
+    host: str = Field("0.0.0.0", json_schema_extra=flag("--metrics-host"))
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port",
+                      json_schema_extra=flag("--metrics-port"))
 
 
 class RetrySettings(BaseModel):
@@ -125,18 +159,19 @@ class Settings(BaseSettings):
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
+    state: StateSettings = StateSettings()
     model: ModelSettings = ModelSettings()
     batch: BatchSettings = BatchSettings()
     limits: LimitSettings = LimitSettings()
     metrics: MetricsSettings = MetricsSettings()
     retry: RetrySettings = RetrySettings()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    max_messages: int | None = Field(None, ge=1, description="stop after this many input messages")
-    idle_exit_s: float | None = Field(None, gt=0, description="stop after this long with no input")
-    test_crash_after_write: int | None = Field(
-        None, ge=1, description="TEST ONLY (GRU_TEST_CRASH_AFTER_WRITE, tests/test_faults.py): "
-        "SIGKILL this process right after its Nth state write that landed, before that batch's "
-        "predictions are produced and its offsets committed. Unset in production.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", json_schema_extra=flag("--log-level", common=True))
+    max_messages: int | None = Field(None, ge=1, description="stop after this many input messages",
+                                     json_schema_extra=flag("--max-messages"))
+    idle_exit_s: float | None = Field(None, gt=0, description="stop after this long with no "
+                                      "input (while holding partitions)",
+                                      json_schema_extra=flag("--idle-exit"))
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -155,3 +190,32 @@ class Settings(BaseSettings):
             raise ValueError("limits.require_key=false cannot be used with a Redis Cluster: keys "
                              "are placed by partition, and unkeyed sessions span partitions")
         return self
+
+
+# --- one declaration per setting: env names and flags derived from the model ---------------
+
+@dataclass(frozen=True)
+class SettingInfo:
+    path: tuple[str, ...]  # ("kafka", "bootstrap_servers")
+    field: Any  # pydantic FieldInfo
+    flag: str | None
+    common: bool
+
+    @property
+    def env(self) -> str:
+        return "GRU_" + "__".join(p.upper() for p in self.path)
+
+    @property
+    def dest(self) -> str:
+        return "__".join(self.path)
+
+
+def settings_info(model: type[BaseModel] = Settings, path: tuple[str, ...] = ()) -> Iterator[SettingInfo]:
+    """Every setting (leaf field) of ``Settings``, nested sections walked in order."""
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from settings_info(ann, path + (name,))
+            continue
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        yield SettingInfo(path + (name,), f, extra.get("flag"), bool(extra.get("common")))

@@ -67,18 +67,15 @@ def missing_codecs() -> list[str]:
 
 
 class _Listener(ConsumerRebalanceListener):
-    """Only notes what changed (the loop does the work), and counts rebalances."""
+    """Only notes what changed; the loop does the work (tokens, seeks)."""
 
     def __init__(self, on_assigned: Callable, on_revoked: Callable) -> None:
         self._assigned, self._revoked = on_assigned, on_revoked
-        self.rebalances = 0
 
     def on_partitions_revoked(self, revoked) -> None:
-        self.rebalances += 1
         self._revoked([(tp.topic, tp.partition) for tp in revoked])
 
     def on_partitions_assigned(self, assigned) -> None:
-        self.rebalances += 1
         self._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
@@ -114,22 +111,17 @@ class KafkaSource:
         already holds (polls that do not wait) and, if ``max_wait_ms`` > 0, keep waiting for
         more until that much time has passed since the first record.
 
-        A rebalance inside one of the client's polls drops what earlier polls gathered: the
-        new assignment restarts every partition from its committed offset, so those records
-        come again, and a revoked partition's records belong to its new owner."""
+        A rebalance inside one of the client's polls can leave records of a revoked partition
+        in the batch; the loop drops those (it holds no token for them). Nothing else is
+        dropped here: kafka-python keeps the position of a partition that stays assigned
+        across a rebalance, so records gathered before it would never come again."""
         out: list[Record] = []
         timeout = self.idle_poll_ms
         deadline = None
         try:
             while len(out) < max_records:
-                before = self._listener.rebalances if self._listener else 0
                 polled = self.consumer.poll(timeout_ms=timeout, max_records=max_records - len(out),
                                             update_offsets=True)
-                if self._listener is not None and self._listener.rebalances != before and out:
-                    log.info("rebalance during a poll: %d records gathered before it are "
-                             "dropped (they are fetched again from the committed offsets)",
-                             len(out))
-                    out = []
                 got = 0
                 for tp, recs in polled.items():
                     for r in recs:

@@ -39,8 +39,6 @@ dedupe by ``(session_id, seq)``.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +121,6 @@ class Worker:
         self.last_poll_ok = 0.0
         self._stopping = False
         self._poll_backoff = settings.retry.initial_backoff_s
-        self._writes_landed = 0  # for the test_crash_after_write hook only
         source.bind(self.on_assigned, self.on_revoked)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -193,17 +190,29 @@ class Worker:
         records = self._claim(records)                                  # 0. claim
         if not records:
             return
-        messages, rejections = self._decode(records)
-        states = self._load(messages)                                   # 1. load states
-        result = self.engine.apply(messages, states)                    # 2. step
-        written = self._write(records, messages, result)                # 3. write states
-        outgoing, dead_letters = self._outgoing(written, rejections)
+        m = self.metrics
         t0 = time.perf_counter()
-        self._deliver(outgoing, dead_letters)                           # 4. produce, flush
+        messages, rejections = self._decode(records)
         t1 = time.perf_counter()
+        states = self._load(messages)                                   # 1. load states
+        t2 = time.perf_counter()
+        result = self.engine.apply(messages, states)                    # 2. step
+        t3 = time.perf_counter()
+        written = self._write(records, messages, result)                # 3. write states
+        t4 = time.perf_counter()
+        outgoing, dead_letters = self._outgoing(written, rejections)
+        t5 = time.perf_counter()
+        self._deliver(outgoing, dead_letters)                           # 4. produce, flush
+        t6 = time.perf_counter()
         committed = self._commit(records, written)                      # 5. commit
-        self.metrics.produce_seconds.observe(t1 - t0)
-        self.metrics.commit_seconds.observe(time.perf_counter() - t1)
+        t7 = time.perf_counter()
+        m.decode_seconds.observe(t1 - t0)
+        m.load_seconds.observe(t2 - t1)
+        m.engine_seconds.observe(t3 - t2)
+        m.store_seconds.observe(t4 - t3)
+        m.encode_seconds.observe(t5 - t4)
+        m.produce_seconds.observe(t6 - t5)
+        m.commit_seconds.observe(t7 - t6)
         self._account(records, written, rejections, t_batch)
         self._finish_rebuilds(committed)
 
@@ -234,7 +243,7 @@ class Worker:
                 if done is not None and claim.next_offset < done:
                     start, reason = claim.next_offset, "rollback"
             elif done is not None and done > 0:
-                since = int(self.clock() * 1000) - self.s.redis.ttl_seconds * 1000
+                since = int(self.clock() * 1000) - self.s.state.ttl_seconds * 1000
                 first = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
                 if first is not None and first < done:
                     start, reason = first, "loss"
@@ -272,9 +281,7 @@ class Worker:
         for m in messages:
             first.setdefault(m.session_id, (m.record.topic, m.record.partition))
         sids, parts = list(first), list(first.values())
-        t0 = time.perf_counter()
         values = self._retry(lambda: self.store.load(sids, parts))
-        self.metrics.load_seconds.observe(time.perf_counter() - t0)
         return dict(zip(sids, values))
 
     # 3. write ------------------------------------------------------------------------------
@@ -291,7 +298,6 @@ class Worker:
             first[tp] = min(r.offset, first.get(tp, r.offset))
             nxt = max(r.offset + 1, marks[tp].next_offset if tp in marks else 0)
             marks[tp] = PartitionMark(self.epochs[tp], nxt, self.recorded.get(tp))
-        t0 = time.perf_counter()
         res = self._store(marks, result.updates)
         fenced, behind = set(res.fenced), dict(res.behind)
         refused = self._refused(result.updates, res)
@@ -312,7 +318,6 @@ class Worker:
             fenced |= res.fenced
             behind.update(res.behind)
             refused = self._refused(again.updates, res)
-        self.metrics.store_seconds.observe(time.perf_counter() - t0)
         held: dict[TopicPartition, int] = {}
         deferred = 0
         if refused:
@@ -331,8 +336,6 @@ class Worker:
             self._rewind_behind(behind, first)
         if fenced:
             self._drop_fenced(fenced)
-        if self.s.test_crash_after_write and any(s == WriteStatus.OK for s in res.statuses):
-            self._test_crash_after_write()
         return _Written(result, fenced, set(behind), held, deferred)
 
     def _rewind_behind(self, behind: dict[TopicPartition, int | None],
@@ -344,7 +347,7 @@ class Worker:
             done = max(first[tp], self.rebuilds[tp].until if tp in self.rebuilds else 0)
             start = stored
             if start is None:
-                since = int(self.clock() * 1000) - self.s.redis.ttl_seconds * 1000
+                since = int(self.clock() * 1000) - self.s.state.ttl_seconds * 1000
                 start = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
                 start = done if start is None else min(start, done)
             self.source.seek(tp, start)
@@ -383,17 +386,6 @@ class Worker:
         current = self._retry(lambda: self.store.load([u.session_id for u in bad],
                                                       [u.partition for u in bad]))
         return {u.session_id: value for u, value in zip(bad, current) if value != u.value}
-
-    def _test_crash_after_write(self) -> None:
-        """Test hook (``GRU_TEST_CRASH_AFTER_WRITE=N``): die like a crash, with SIGKILL, right
-        after the Nth state write that landed, so the batch is written but neither produced
-        nor committed. Never called when the setting is unset."""
-        self._writes_landed += 1
-        if self._writes_landed == self.s.test_crash_after_write:
-            log.critical("test hook: SIGKILL after state write %d, before produce and commit",
-                         self._writes_landed)
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
 
     # 4. produce ----------------------------------------------------------------------------
 
@@ -542,6 +534,7 @@ class Worker:
     # --- dependencies ---------------------------------------------------------------------
 
     def _poll(self) -> list[Record]:
+        t0 = time.perf_counter()
         try:
             records = self.source.poll(self.s.batch.max_records, self.s.batch.max_wait_ms)
         except UndecodableInput as e:
@@ -555,6 +548,8 @@ class Worker:
         except DependencyError as e:
             self._backoff(e, self.s.retry.initial_backoff_s)
             return []
+        if records:
+            self.metrics.poll_seconds.observe(time.perf_counter() - t0)
         self._poll_backoff = self.s.retry.initial_backoff_s
         self.last_poll_ok = time.monotonic()
         self._update_lag()

@@ -32,8 +32,17 @@ class Metrics:
         self.e2e_latency = Histogram(
             "gru_e2e_latency_seconds", "Kafka record timestamp to its prediction being produced",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.poll_seconds = Histogram("gru_poll_seconds", "Time in a poll that returned records",
+                                      buckets=STAGE_BUCKETS, registry=r)
+        self.decode_seconds = Histogram("gru_decode_seconds", "Input decode and validation, per batch",
+                                        buckets=STAGE_BUCKETS, registry=r)
+        self.engine_seconds = Histogram("gru_engine_seconds", "The engine per batch: planning, "
+                                        "state codec and the model step", buckets=STAGE_BUCKETS,
+                                        registry=r)
         self.step_seconds = Histogram("gru_step_seconds", "Batched model step time per batch",
                                       buckets=STAGE_BUCKETS, registry=r)
+        self.encode_seconds = Histogram("gru_encode_seconds", "Prediction and dead-letter "
+                                        "encoding, per batch", buckets=STAGE_BUCKETS, registry=r)
         self.load_seconds = Histogram("gru_state_load_seconds", "Redis state load time per batch",
                                       buckets=STAGE_BUCKETS, registry=r)
         self.store_seconds = Histogram("gru_state_store_seconds", "Redis state write time per batch",

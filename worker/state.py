@@ -33,9 +33,10 @@ from .ports import (Claim, PartitionMark, StateWrite, StoreResult, TopicPartitio
 
 @dataclass(frozen=True)
 class Keys:
-    """Every Redis key the worker touches. States are namespaced by model and consumer group
-    (a new model never reads an old model's state; two groups never share one); marks by
-    group, topic and partition.
+    """Every Redis key the worker touches. States are namespaced by model and by ``namespace``
+    (the consumer group id unless ``GRU_STATE__NAMESPACE`` says otherwise: a new model never
+    reads an old model's state, and two groups never share one); marks by namespace, topic
+    and partition, so workers that share a namespace share its fencing tokens too.
 
     On a Redis Cluster every key starts, right after the prefix, with the hash tag
     ``{topic|partition}``, so a partition's mark and its sessions' states share one slot and
@@ -45,7 +46,7 @@ class Keys:
 
     prefix: str
     model_id: str
-    group_id: str
+    namespace: str
     cluster: bool = False
 
     def tag(self, partition: TopicPartition | None) -> str:
@@ -56,10 +57,10 @@ class Keys:
         return f"{{{partition[0]}|{partition[1]}}}:"
 
     def session(self, session_id: str, partition: TopicPartition | None = None) -> str:
-        return f"{self.prefix}:{self.tag(partition)}{self.model_id}:{self.group_id}:s:{session_id}"
+        return f"{self.prefix}:{self.tag(partition)}{self.model_id}:{self.namespace}:s:{session_id}"
 
     def mark(self, topic: str, partition: int) -> str:
-        return f"{self.prefix}:{self.tag((topic, partition))}p:{self.group_id}:{topic}:{partition}"
+        return f"{self.prefix}:{self.tag((topic, partition))}p:{self.namespace}:{topic}:{partition}"
 
 
 CLAIM_SCRIPT = """

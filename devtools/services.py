@@ -1,8 +1,9 @@
-"""Real local services for tests and bench scripts: a tansu Kafka broker and a redis-server.
+"""Real local services for the demo, tests and bench scripts: a tansu Kafka broker and a
+redis-server.
 
-Plain classes (no pytest fixtures) so that both ``tests/`` and ``bench/`` scripts can import them::
+Plain classes (no pytest fixtures) so that ``tests/``, ``bench/`` and the demo can use them::
 
-    from worker.local_services import Tansu, RedisServer
+    from devtools.services import Tansu, RedisServer
 
     with Tansu() as kafka, RedisServer(appendonly=True) as redis_srv:
         kafka.create_topics(["docs.in"], partitions=4)
@@ -47,7 +48,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["free_port", "wait_for", "Tansu", "RedisServer", "ServiceError"]
+__all__ = ["free_port", "wait_for", "die_with_parent", "unique_names", "Tansu", "RedisServer",
+           "ServiceError"]
 
 
 class ServiceError(RuntimeError):
@@ -88,10 +90,7 @@ def _kill_live_services() -> None:
             srv.kill()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: own session/process group, and SIGKILL when the parent dies (Linux), so a
-    test run killed by SIGKILL/timeout leaves no orphan broker. Note: the signal fires when the
-    *thread* that called start() exits, so start services from a long-lived thread."""
+def _own_group_and_die_with(parent_pid: int) -> None:
     os.setsid()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
@@ -99,6 +98,22 @@ def _die_with_parent(parent_pid: int) -> None:
             libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
             if os.getppid() != parent_pid:  # parent already gone between fork and prctl
                 os._exit(1)
+
+
+def die_with_parent(parent_pid: int):
+    """A ``preexec_fn``: the child gets its own session/process group, and SIGKILL when the
+    parent dies (Linux), so a run killed by SIGKILL or a timeout leaves no orphan broker or
+    worker. Note: the signal fires when the *thread* that started the child exits, so start
+    children from a long-lived thread."""
+    return functools.partial(_own_group_and_die_with, parent_pid)
+
+
+def unique_names(tag: str | None = None) -> dict[str, str]:
+    """Fresh topic, group and Redis prefix names: ``in``, ``out``, ``dlq``, ``group``, ``prefix``."""
+    import uuid
+    tag = tag or uuid.uuid4().hex[:8]
+    return {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}",
+            "prefix": f"t-{tag}"}
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -147,7 +162,7 @@ class _Process:
         try:
             self.proc = subprocess.Popen(
                 self._argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.dir, env=self._env(), preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                cwd=self.dir, env=self._env(), preexec_fn=die_with_parent(os.getpid()),
             )
         finally:
             log.close()  # the child holds its own copy of the fd
@@ -335,20 +350,6 @@ class Tansu(_Process):
                 return all(t["error_code"] == 0 and len(t["partitions"]) >= 1 for t in meta)
 
             wait_for(described, 10.0, what=f"metadata for {names}")
-        finally:
-            admin.close()
-
-    def delete_topics(self, names: Sequence[str]) -> None:
-        admin = self.admin()
-        try:
-            admin.delete_topics(list(names))
-        finally:
-            admin.close()
-
-    def list_topics(self) -> list[str]:
-        admin = self.admin()
-        try:
-            return sorted(admin.list_topics())
         finally:
             admin.close()
 

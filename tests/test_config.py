@@ -1,0 +1,93 @@
+"""Tier 1: the settings model is the one declaration of every setting and flag; the README's
+configuration table and the CLI are derived from it, and checked here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from worker.__main__ import main
+from worker.config import Settings, settings_info
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_rows() -> list[tuple[set[str], set[str]]]:
+    """(env names, flags) per row of the README's configuration table. A bare ``NAME`` after
+    ``GRU_SECTION__X`` in the same cell is short for ``GRU_SECTION__NAME``."""
+    text = README.read_text()
+    table = text[text.index("## Configuration"):text.index("## Metrics")]
+    rows = []
+    for line in table.splitlines():
+        if not line.startswith("| `GRU_"):
+            continue
+        setting, _default, flags = [c.strip() for c in line.strip("|").split("|")][:3]
+        names, section = set(), None
+        for tok in re.findall(r"`([A-Z0-9_]+)`", setting):
+            if tok.startswith("GRU_"):
+                names.add(tok)
+                section = tok.rsplit("__", 1)[0] + "__" if "__" in tok else None
+            elif section:
+                names.add(section + tok)
+        rows.append((names, set(re.findall(r"`(--[a-z0-9-]+)`", flags))))
+    return rows
+
+
+def test_readme_table_lists_every_setting_once_and_no_other():
+    documented = [n for names, _ in readme_rows() for n in names]
+    assert len(documented) == len(set(documented)), "a setting is listed twice"
+    assert set(documented) == {i.env for i in settings_info()}
+
+
+def test_readme_flags_are_the_declared_ones():
+    flag_of = {i.env: i.flag for i in settings_info()}
+    for names, flags in readme_rows():
+        assert flags == {flag_of[n] for n in names if flag_of[n]}, names
+
+
+def test_every_flag_reaches_its_setting(monkeypatch):
+    """Each declared flag sets exactly its field: parse a run command line with a value for
+    every flag and build the Settings the way ``cmd_run`` does."""
+    import worker.__main__ as cli
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_run", lambda args: seen.setdefault("s", cli.settings_from_args(args)) and 0)
+    values = {"--bootstrap": "k:1", "--input-topic": "a", "--output-topic": "b", "--group": "g1",
+              "--session-timeout-ms": "7000", "--heartbeat-interval-ms": "1000",
+              "--redis-url": "memory", "--redis-prefix": "p1", "--state-dtype": "float16",
+              "--model-dir": "/m", "--device": "auto", "--threads": "3", "--dtype": "float16",
+              "--batch-size": "64", "--batch-wait-ms": "5", "--metrics-host": "127.0.0.1",
+              "--metrics-port": "0", "--log-level": "debug", "--max-messages": "9",
+              "--idle-exit": "1.5"}
+    assert set(values) == {i.flag for i in settings_info() if i.flag}
+    parser_ran = main(["run", *[x for kv in values.items() for x in kv]])
+    assert parser_ran == 0
+    s: Settings = seen["s"]
+    got = {i.flag: s.model_dump()[i.path[0]] if len(i.path) == 1 else
+           s.model_dump()[i.path[0]][i.path[1]] for i in settings_info() if i.flag}
+    assert got == {"--bootstrap": "k:1", "--input-topic": "a", "--output-topic": "b",
+                   "--group": "g1", "--session-timeout-ms": 7000, "--heartbeat-interval-ms": 1000,
+                   "--redis-url": "memory", "--redis-prefix": "p1", "--state-dtype": "float16",
+                   "--model-dir": Path("/m"), "--device": "auto", "--threads": 3,
+                   "--dtype": "float16", "--batch-size": 64, "--batch-wait-ms": 5,
+                   "--metrics-host": "127.0.0.1", "--metrics-port": 0, "--log-level": "DEBUG",
+                   "--max-messages": 9, "--idle-exit": 1.5}
+
+
+def test_flags_override_env_which_overrides_defaults(monkeypatch):
+    import argparse
+
+    from worker.__main__ import add_setting_flags, settings_from_args
+    monkeypatch.setenv("GRU_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("GRU_BATCH__MAX_RECORDS", "32")
+    p = argparse.ArgumentParser()
+    add_setting_flags(p)
+    s = settings_from_args(p.parse_args(["--group", "from-flag"]))
+    assert s.kafka.group_id == "from-flag" and s.batch.max_records == 32
+    assert s.kafka.session_timeout_ms == 10_000
+
+
+def test_require_key_off_is_refused_with_a_redis_cluster():
+    with pytest.raises(ValueError, match="require_key"):
+        Settings(redis={"url": "redis+cluster://h:1"}, limits={"require_key": False})
