@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import threading
 import time
 
@@ -31,25 +30,6 @@ import model
 from bench import common
 from worker.app import build_worker
 from worker.codec import decode_state
-
-
-def produce(bootstrap: str, topic: str, sessions: int, messages: int, k: int, vocab: int,
-            seed: int) -> int:
-    from kafka import KafkaProducer
-    rng = random.Random(seed)
-    p = KafkaProducer(bootstrap_servers=[bootstrap], acks="all", linger_ms=20,
-                      batch_size=256 * 1024, compression_type="lz4")
-    n = 0
-    for seq in range(messages):
-        for i in range(sessions):
-            sid = f"r{i}"
-            ids = [rng.randrange(2, vocab) for _ in range(k)]
-            p.send(topic, key=sid.encode(), value=json.dumps(
-                {"session_id": sid, "seq": seq, "token_ids": ids}, separators=(",", ":")).encode())
-            n += 1
-    p.flush()
-    p.close()
-    return n
 
 
 def run(s) -> tuple[object, dict]:
@@ -111,10 +91,10 @@ def main() -> None:
     cfg = clf.model.config
     with common.quiet_logs(), common.Bench(args.partitions) as bench:
         names = bench.fresh("rb")
-        t0 = time.perf_counter()
-        n = produce(bench.kafka.bootstrap, names["in"], args.sessions, args.messages, args.tokens,
-                    len(clf.vocab), seed=0)
-        bench.log(f"produced {n} messages in {time.perf_counter() - t0:.1f}s")
+        pairs = common.stream(args.sessions, args.tokens, args.sessions * args.messages, 0, "r",
+                              encode=clf.encode)
+        n = len(pairs)
+        bench.backlog(names, pairs)
         s = common.worker_settings(bench, model_dir, names, args.batch, 0, 1, idle_exit_s=4.0)
         _, first = run(s)
         normal_s = first["last"] - first["first"]

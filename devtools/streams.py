@@ -49,10 +49,14 @@ def even_sessions(n: int, tokens_per_message: int, messages: int, seed: int = 0,
     from BBC articles (short ones repeated): a load of known shape for benchmarks."""
     rng = random.Random(seed)
     docs = load_bbc()
+    tokenized: dict[int, list[str]] = {}
     out = []
     for i in range(n):
-        d = docs[rng.randrange(len(docs))] if i >= len(docs) else docs[i]
-        toks = tokenize(d.text) or ["the"]
+        j = rng.randrange(len(docs)) if i >= len(docs) else i
+        d = docs[j]
+        if j not in tokenized:
+            tokenized[j] = tokenize(d.text) or ["the"]
+        toks = tokenized[j]
         need = tokens_per_message * messages
         toks = (toks * (need // len(toks) + 1))[:need]
         out.append(Session(f"{prefix}{i}", d.label, toks,

@@ -38,11 +38,13 @@ def interleave(streams: list[list[dict]], seed: int = 0) -> Iterator[dict]:
     cursors = [0] * len(streams)
     live = [i for i, s in enumerate(streams) if s]
     while live:
-        i = rng.choice(live)
+        at = rng.randrange(len(live))
+        i = live[at]
         yield streams[i][cursors[i]]
         cursors[i] += 1
-        if cursors[i] == len(streams[i]):
-            live.remove(i)
+        if cursors[i] == len(streams[i]):  # O(1) removal: 100k sessions stay cheap
+            live[at] = live[-1]
+            live.pop()
 
 
 def dataset_sessions(split_name: str, n: int, model_dir: Path | None, seed: int,
