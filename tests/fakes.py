@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 
 from worker.errors import DependencyError
@@ -79,6 +80,9 @@ class FakeSource:
     def seek(self, partition, offset) -> None:
         self.positions[partition] = offset
 
+    def reset_offsets(self, partitions):
+        return {tp: 0 for tp in partitions}
+
     def commit(self, offsets) -> bool:
         committed = self.log.committed[self.group]
         for tp, off in offsets.items():
@@ -98,6 +102,12 @@ class FakeSource:
         self.closed = True
 
 
+@dataclass
+class FakeSending:
+    messages: list
+    done_at: list = field(default_factory=list)
+
+
 class FakeSink:
     """Appends to the log. ``refuse(message)`` returning a reason refuses that message for
     good, as Kafka does a message over its size limit."""
@@ -110,20 +120,25 @@ class FakeSink:
         self.refuse = refuse
         self.refused: list = []
 
-    def deliver(self, messages):
+    def send(self, messages):
         if self.crash:
             raise SystemExit("simulated crash before produce")
+        return FakeSending(list(messages))
+
+    def wait(self, sending):
         if self.fail_times:
             self.fail_times -= 1
-            raise DependencyError("kafka", "broker unavailable (simulated)", pending=list(messages))
+            raise DependencyError("kafka", "broker unavailable (simulated)",
+                                  pending=list(sending.messages))
         rejected = []
-        for m in messages:
+        for m in sending.messages:
             why = self.refuse(m) if self.refuse else None
             if why:
                 rejected.append((m, why))
                 self.refused.append(m)
                 continue
             self.log.append(m.topic, m.key, m.value)
+        sending.done_at.append(time.time())
         return rejected
 
     def close(self) -> None:

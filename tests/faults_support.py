@@ -39,7 +39,8 @@ class WorkerProc(WorkerProcess):
     through ``devtools.faults`` (SIGKILL right after its Nth landed write)."""
 
     def __init__(self, cluster: "Cluster", name: str, env: dict[str, str] | None = None,
-                 args: list[str] | None = None, crash_after_write: int | None = None) -> None:
+                 args: list[str] | None = None, crash_after_write: int | None = None,
+                 crash_at_load: int | None = None) -> None:
         c = cluster
         super().__init__(
             ["--bootstrap", c.kafka.bootstrap, "--group", c.names["group"],
@@ -52,7 +53,9 @@ class WorkerProc(WorkerProcess):
             log_path=c.dir / f"{name}.log",
             **({"module": "devtools.faults",
                 "command": ["--crash-after-write", str(crash_after_write), "run"]}
-               if crash_after_write else {}))
+               if crash_after_write else
+               {"module": "devtools.faults", "command": ["--crash-at-load", str(crash_at_load), "run"]}
+               if crash_at_load else {}))
         self.cluster, self.name = cluster, name
 
     def start(self) -> "WorkerProc":

@@ -209,6 +209,7 @@ def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_mod
         (newer,) = w.store.claim(list(w.epochs)).values()
         assert newer.token.startswith("2:")
         w.process(records)
+        w.settle()
         held = redis_cluster.keys_by_node(f"{names['prefix']}:*")
         assert set().union(*held.values()) == {w.store.keys.mark(names["in"], 0)}
         assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0

@@ -251,6 +251,7 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
         # Meanwhile the partition moved to another worker, which took a newer token.
         w.store.claim(list(w.epochs))
         w.process(records)
+        w.settle()
         client = redis.Redis.from_url(REDIS_URL)
         assert [k for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k] == []
         assert w.summary.outcomes["fenced"] == len(records) and w.summary.outcomes["ok"] == 0

@@ -151,6 +151,45 @@ def test_crash_after_state_write_before_commit(cluster, tiny_model_dir):
            unproduced_at_crash=len(unproduced), replayed=int(w2.outcome("replayed")), **vars(rep))
 
 
+# --- 2b. crash with two batches in flight --------------------------------------------------
+
+def test_crash_with_two_batches_in_flight(cluster, tiny_model_dir):
+    """Delivery is pipelined: batch N-1's acknowledgements are awaited while batch N is
+    polled, decoded, loaded and stepped. SIGKILL exactly there (as batch N's load begins):
+    N-1 is written and sent but not committed, N is polled. Nothing may be lost or applied
+    twice: on redelivery N-1's messages are duplicates whose predictions come from the
+    outboxes (no session was written again before N-1 was acknowledged)."""
+    clf = model.load(tiny_model_dir)
+    sessions, pairs = stream(20, seed=113)
+    expected = expected_from(pairs)
+    w = cluster.worker("w1", env={"GRU_BATCH__MAX_RECORDS": "24"}, crash_at_load=4)
+    feeder = cluster.feed(pairs, seconds=6)
+    assert w.wait_exit(90) == -signal.SIGKILL, w.log_tail()
+    assert "fault injection: SIGKILL as load 4 begins" in w.log_text()
+    feeder.finish()
+    keys = cluster.keys(clf.model_id)
+    client = cluster.redis.client()
+    cfg = clf.model.config
+    applied = set()
+    for sid in expected:
+        raw = client.get(keys.session(sid))
+        if raw is not None:
+            st = decode_state(raw, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+            applied |= {(sid, s) for s in expected[sid].seqs if s <= st.last_pos}
+    client.close()
+    committed = sum(cluster.committed().values())
+    assert len(applied) > committed, "the batch in flight was committed before the crash"
+    w2 = cluster.worker("w2", env=FAST)
+    want = {(sid, s) for sid, e in expected.items() for s in e.seqs}
+    cluster.wait_predictions(want, 90)
+    time.sleep(1.0)
+    rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
+    assert w2.outcome("ok") == len(want) - len(applied)  # nothing applied twice
+    assert w2.outcome("duplicate") == len(applied) - committed
+    report("crash with two batches in flight", messages=len(pairs), applied_before_crash=len(applied),
+           committed_before_crash=committed, replayed=int(w2.outcome("replayed")), **vars(rep))
+
+
 # --- 3. zombie ---------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -599,6 +638,7 @@ def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_mode
     o = make("o")
     first = join(o) or o.worker.source.poll(40, 200)
     o.worker.process(first)
+    o.worker.settle()
     close(o)  # leaves the group after its commit
     snap = cluster.redis_snapshot()  # counter 1, O's token
     z = make("z")
@@ -614,10 +654,12 @@ def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_mode
     n_token = n.worker.epochs[(cluster.names["in"], 0)]
     assert n_token.split(":")[0] == z_token.split(":")[0] == "2" and n_token != z_token
     z.worker.process(held)  # the zombie wakes up with its records and its token
+    z.worker.settle()
     assert z.worker.summary.outcomes["fenced"] == len(held)
     assert z.registry.get_sample_value("gru_fenced_partitions_total") == 1
     close(z)
     n.worker.process(n_first)
+    n.worker.settle()
     n.worker.run()
     n.close()
     expected = expected_from(pairs)

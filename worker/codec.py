@@ -11,7 +11,6 @@ hidden, labels, outbox count, last position (byte 12), tokens seen, messages app
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,27 @@ from .ports import WriteStatus
 
 MAGIC = b"GRS2"
 HEADER = struct.Struct("<4sBBHHHqqq")
-OUTBOX_ENTRY = struct.Struct("<qqqB8s")  # position seq tokens_seen final digest, then f32 x labels
+OUTBOX_ENTRY = struct.Struct("<qqqBQ")  # position seq tokens_seen final digest, then f32 x labels
+# The same layouts as numpy structured dtypes, for whole batches at once (worker.engine).
+HEADER_DTYPE = np.dtype([("magic", "S4"), ("flags", "u1"), ("layers", "u1"), ("hidden", "<u2"),
+                         ("labels", "<u2"), ("n_out", "<u2"), ("last_pos", "<i8"),
+                         ("tokens", "<i8"), ("messages", "<i8")])
+assert HEADER_DTYPE.itemsize == HEADER.size
+
+
+def entry_dtype(num_labels: int) -> np.dtype:
+    return np.dtype([("position", "<i8"), ("seq", "<i8"), ("seen", "<i8"), ("final", "u1"),
+                     ("digest", "<u8"), ("probs", "<f4", (num_labels,))])
+
+
+def value_dtype(layers: int, hidden: int, num_labels: int, n_out: int, f16: bool) -> np.dtype:
+    """A whole state value with ``n_out`` outbox entries (``layers`` = 0: an ended session)."""
+    fields: list = [("hdr", HEADER_DTYPE)]
+    if layers:
+        fields.append(("h", "<f2" if f16 else "<f4", (layers, hidden)))
+    if n_out:
+        fields.append(("out", entry_dtype(num_labels), (n_out,)))
+    return np.dtype(fields)
 LAST_POS_OFFSET = 12  # byte offset of last_pos in the header; the Lua write script reads it too
 F16, SEQ, ENDED, PARTIAL = 1, 2, 4, 8
 MAX_OUTBOX = 2**16 - 1  # the header's outbox count is 16 bits
@@ -44,7 +63,7 @@ class OutboxEntry:
     seq: int
     tokens_seen: int
     final: bool
-    digest: bytes  # token_digest() of the message that produced it
+    digest: int  # token_digest() of the message that produced it
     probs: tuple[float, ...]
 
 
@@ -60,10 +79,45 @@ class SessionState:
     partial: bool = False  # the session's first messages were never applied (see README)
 
 
-def token_digest(token_ids: Sequence[int], end: bool) -> bytes:
-    """8 bytes that tell one message's content from another's at the same position."""
-    return hashlib.blake2b(np.asarray(token_ids, "<i4").tobytes() + (b"\x01" if end else b"\x00"),
-                           digest_size=8).digest()
+_BASE = np.uint64(0x100000001B3)
+_K_LEN, _K_END = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
+_POWERS = np.ones(1, np.uint64)
+
+
+def _powers(n: int) -> np.ndarray:
+    global _POWERS
+    if len(_POWERS) < n:
+        p = np.full(max(n, 2 * len(_POWERS)), _BASE, np.uint64)
+        p[0] = 1
+        _POWERS = np.cumprod(p, dtype=np.uint64)  # wraps modulo 2^64, on purpose
+    return _POWERS[:n]
+
+
+def token_digests(flat_ids: np.ndarray, lengths: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """A 64-bit digest per message, for a batch at once: ``flat_ids`` holds every message's
+    token ids back to back, ``lengths`` (each >= 1) and ``ends`` say where each ends and
+    whether it closes its session. It tells one message's content from another's at the same
+    position (a reused session id); it is not a cryptographic hash."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    within = np.arange(len(flat_ids), dtype=np.int64) - np.repeat(starts, lengths)
+    x = (np.asarray(flat_ids, np.int64).astype(np.uint64) + np.uint64(1)) * _powers(int(lengths.max(initial=1)))[within]
+    h = np.add.reduceat(x, starts) if len(x) else np.zeros(0, np.uint64)
+    h ^= lengths.astype(np.uint64) * _K_LEN
+    h ^= np.asarray(ends, np.uint64) * _K_END
+    h ^= h >> np.uint64(30)  # splitmix64's finaliser
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def token_digest(token_ids: Sequence[int], end: bool) -> int:
+    """``token_digests`` of one message."""
+    return int(token_digests(np.asarray(token_ids, np.int64), np.array([len(token_ids)]),
+                             np.array([end]))[0])
 
 
 def encode_state(s: SessionState, num_labels: int, dtype: str = "float32") -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kerr
@@ -190,6 +191,17 @@ class KafkaSource:
         self.consumer.seek(KafkaTP(*partition), offset)
         self._next[partition] = offset
 
+    def reset_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        tps = [KafkaTP(*tp) for tp in partitions]
+        try:
+            if self.settings.auto_offset_reset == "earliest":
+                found = self.consumer.beginning_offsets(tps, timeout_ms=self.timeout_ms)
+            else:
+                found = self.consumer.end_offsets(tps, timeout_ms=self.timeout_ms)
+        except kerr.KafkaError as e:
+            raise DependencyError("kafka", f"listing offsets failed: {e!r}") from e
+        return {(tp.topic, tp.partition): o for tp, o in found.items()}
+
     def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
         """Commit, retrying for at most ``request_timeout_ms`` in all: a coordinator outage
         must not hold the worker (kafka-python's own default is 305 s), nor SIGTERM past it.
@@ -240,9 +252,22 @@ class KafkaSource:
             log.warning("consumer close failed: %r", e)
 
 
+@dataclass
+class Sending:
+    """Messages handed to the producer, not yet known to be acknowledged."""
+
+    messages: list[Outgoing]
+    futures: list = field(default_factory=list)  # (message, FutureRecordMetadata)
+    rejected: list[tuple[Outgoing, str]] = field(default_factory=list)
+    unsent: list[Outgoing] = field(default_factory=list)
+    error: BaseException | None = None
+    done_at: list[float] = field(default_factory=list)  # when the last send was answered
+
+
 class KafkaSink:
-    """Sends and waits for every acknowledgement (acks=all). Sends that may succeed on a
-    retry come back as ``DependencyError.pending``; sends refused for good are returned."""
+    """Sends (``send``) and waits for every acknowledgement (``wait``; acks=all). Sends that
+    may succeed on a retry come back as ``DependencyError.pending``; sends refused for good
+    are returned."""
 
     def __init__(self, settings: KafkaSettings, timeout_s: float = 30.0) -> None:
         self.timeout_s = timeout_s
@@ -263,25 +288,34 @@ class KafkaSink:
         except kerr.KafkaError as e:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
 
-    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
-        sent: list[tuple[Outgoing, object]] = []
-        rejected: list[tuple[Outgoing, str]] = []
-        pending: list[Outgoing] = []
-        error: BaseException | None = None
+    def send(self, messages: Sequence[Outgoing]) -> "Sending":
+        """Hand every message to the producer and return without waiting (``wait`` does)."""
+        out = Sending(list(messages))
         for i, m in enumerate(messages):
             try:
-                sent.append((m, self.producer.send(m.topic, key=m.key, value=m.value)))
+                out.futures.append((m, self.producer.send(m.topic, key=m.key, value=m.value)))
             except PERMANENT_SEND_ERRORS as e:
-                rejected.append((m, repr(e)))
+                out.rejected.append((m, repr(e)))
             except kerr.KafkaError as e:  # the client is wedged or closed: retry the rest
-                pending += messages[i:]
-                error = e
+                out.unsent += messages[i:]
+                out.error = e
                 break
-        try:
-            self.producer.flush(timeout=self.flush_s)
-        except kerr.KafkaError as e:
-            error = error or e
-        for m, f in sent:
+        if out.futures:  # when the last send is acknowledged (end-to-end latency)
+            out.futures[-1][1].add_both(lambda _: out.done_at.append(time.time()))
+        return out
+
+    def wait(self, sending: "Sending") -> list[tuple[Outgoing, str]]:
+        """Wait for every acknowledgement of ``sending``; return the sends refused for good,
+        raise DependencyError(pending=...) with those that may succeed when retried."""
+        error = sending.error
+        pending = list(sending.unsent)
+        if any(not f.is_done for _, f in sending.futures):
+            try:
+                self.producer.flush(timeout=self.flush_s)
+            except kerr.KafkaError as e:
+                error = error or e
+        rejected = list(sending.rejected)
+        for m, f in sending.futures:
             if f.is_done and f.succeeded():
                 continue
             if f.is_done and isinstance(f.exception, PERMANENT_SEND_ERRORS):
@@ -290,9 +324,12 @@ class KafkaSink:
                 pending.append(m)
                 error = error or (f.exception if f.is_done else None)
         if pending:
-            raise DependencyError("kafka", f"{len(pending)} of {len(messages)} sends not "
+            raise DependencyError("kafka", f"{len(pending)} of {len(sending.messages)} sends not "
                                   f"acknowledged ({error!r})", pending=pending, rejected=rejected)
         return rejected
+
+    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
+        return self.wait(self.send(messages))
 
     def close(self) -> None:
         try:

@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .config import Settings
+import numpy as np
+
 from .engine import BatchResult, Engine, SessionUpdate
 from .errors import DependencyError, ShutdownRequested, UndecodableInput
 from .messages import (PredictionEncoder, Rejection, TokenMessage, dead_letter_key, decode,
@@ -95,10 +97,27 @@ class _Written:
     behind: set[TopicPartition]  # Redis lost writes: rewound, replayed from what it holds
     held: dict[TopicPartition, int]  # rewound to this offset (a write that never landed)
     deferred: int = 0  # messages of held sessions, redelivered later
+    live: list = field(default_factory=list)  # (update, rows it produces), set after the write
 
     @property
     def skipped(self) -> set[TopicPartition]:
         return self.fenced | self.behind
+
+
+@dataclass
+class _InFlight:
+    """A batch written and sent, not yet acknowledged nor committed."""
+
+    records: Sequence[Record]
+    written: _Written
+    rejections: Sequence[Rejection]
+    outgoing: list[Outgoing]
+    dead_letters: dict[int, Rejection]
+    sending: object
+    t_batch: float
+    t_sent: float
+    acked_at: float | None = None
+    settle_s: float = 0.0
 
 
 class Worker:
@@ -121,6 +140,8 @@ class Worker:
         self.last_poll_ok = 0.0
         self._stopping = False
         self._poll_backoff = settings.retry.initial_backoff_s
+        self._inflight: _InFlight | None = None
+        self._taken = 0  # input messages claimed into batches (for max_messages)
         source.bind(self.on_assigned, self.on_revoked)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -139,12 +160,15 @@ class Worker:
                     last_input = time.monotonic()
                 if records or self.unclaimed:
                     self.process(records)
-                elif self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
-                    log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
+                else:
+                    self.settle()  # nothing new: finish the batch in flight now
+                    if self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
+                        log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
+                        break
+                if self.s.max_messages and self._taken >= self.s.max_messages:
+                    log.info("took %d messages: exiting", self._taken)
                     break
-                if self.s.max_messages and self.summary.messages >= self.s.max_messages:
-                    log.info("processed %d messages: exiting", self.summary.messages)
-                    break
+            self.settle()
         except ShutdownRequested:
             log.info("shutdown requested during an outage; the batch in hand was not committed")
         finally:
@@ -185,11 +209,15 @@ class Worker:
     # --- one batch ------------------------------------------------------------------------
 
     def process(self, records: Sequence[Record]) -> None:
-        """Apply one polled batch, following the order of effects in the module docstring."""
+        """Apply one polled batch, following the order of effects in the module docstring.
+        Its outputs are sent, not awaited: the next batch's poll, decode, load and step
+        overlap with their acknowledgements, which ``_settle`` waits for (then commits)
+        before that next batch writes anything."""
         t_batch = time.perf_counter()
         records = self._claim(records)                                  # 0. claim
         if not records:
             return
+        self._taken += len(records)
         m = self.metrics
         t0 = time.perf_counter()
         messages, rejections = self._decode(records)
@@ -198,61 +226,94 @@ class Worker:
         t2 = time.perf_counter()
         result = self.engine.apply(messages, states)                    # 2. step
         t3 = time.perf_counter()
+        self.settle()                          # 4'-5' the previous batch: acks, then commit
+        t3b = time.perf_counter()
         written = self._write(records, messages, result)                # 3. write states
+        written.live = self._live_rows(written)
         t4 = time.perf_counter()
         outgoing, dead_letters = self._outgoing(written, rejections)
         t5 = time.perf_counter()
-        self._deliver(outgoing, dead_letters)                           # 4. produce, flush
-        t6 = time.perf_counter()
-        committed = self._commit(records, written)                      # 5. commit
-        t7 = time.perf_counter()
+        sending = self._retry(lambda: self.sink.send(outgoing))        # 4. produce (no wait)
         m.decode_seconds.observe(t1 - t0)
         m.load_seconds.observe(t2 - t1)
         m.engine_seconds.observe(t3 - t2)
-        m.store_seconds.observe(t4 - t3)
+        m.store_seconds.observe(t4 - t3b)
         m.encode_seconds.observe(t5 - t4)
-        m.produce_seconds.observe(t6 - t5)
-        m.commit_seconds.observe(t7 - t6)
-        self._account(records, written, rejections, t_batch)
+        self._inflight = _InFlight(records, written, rejections, outgoing, dead_letters, sending,
+                                   t_batch, time.perf_counter())
+
+    def settle(self) -> None:
+        """Finish the batch in flight: wait for every acknowledgement (4), commit (5)."""
+        f, self._inflight = self._inflight, None
+        if f is None:
+            return
+        t0 = time.perf_counter()
+        self._await(f)
+        t1 = time.perf_counter()
+        committed = self._commit(f.records, f.written)                  # 5. commit
+        m = self.metrics
+        m.produce_seconds.observe(t1 - t0)
+        m.commit_seconds.observe(time.perf_counter() - t1)
+        f.settle_s = time.perf_counter() - t0
+        self._account(f)
         self._finish_rebuilds(committed)
 
     # 0. claim ------------------------------------------------------------------------------
 
     def _claim(self, records: Sequence[Record]) -> list[Record]:
+        """Claim what the group assigned since the last batch, and start each claimed
+        partition exactly where its work resumes: the committed offset, or earlier when Redis
+        is behind. That start is set explicitly (kafka-python keeps the position of a
+        partition handed back to the same member, which can be past records this worker
+        dropped while the partition was not its own); polled records of a claimed partition
+        are kept only if they begin there. Records of partitions not ours are dropped."""
         rewound: set[TopicPartition] = set()
         if self.unclaimed:
-            rewound = self._claim_partitions(sorted(self.unclaimed))
+            self.settle()  # its commit first, so that the resume points include it
+            starts = self._claim_partitions(sorted(self.unclaimed))
+            first: dict[TopicPartition, int] = {}
+            for r in records:
+                first.setdefault((r.topic, r.partition), r.offset)
+            for tp, start in starts.items():
+                if first.get(tp) == start:
+                    continue  # the polled records begin where the work resumes
+                self.source.seek(tp, start)
+                rewound.add(tp)
         keep = [r for r in records
                 if (r.topic, r.partition) in self.epochs and (r.topic, r.partition) not in rewound]
         if len(keep) < len(records):
-            log.info("dropped %d polled records of partitions not ours or rewound (their "
-                     "owner reads them from the committed offset)", len(records) - len(keep))
+            log.info("dropped %d polled records of partitions not ours or restarted (they are "
+                     "read again from where the work resumes)", len(records) - len(keep))
         return keep
 
-    def _claim_partitions(self, tps: list[TopicPartition]) -> set[TopicPartition]:
-        """Take tokens; compare what Redis holds with what Kafka says was done; rewind."""
+    def _claim_partitions(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Take tokens; compare what Redis holds with what Kafka says was done. Returns where
+        each partition resumes: the committed offset (or where the reset policy starts when
+        nothing was committed), or earlier to rebuild what Redis lost."""
         claims = self._retry(lambda: self.store.claim(tps))
         committed = self._retry(lambda: self.source.committed(tps))
-        rewound = set()
+        fresh = [tp for tp in tps if committed.get(tp) is None]
+        policy = self._retry(lambda: self.source.reset_offsets(fresh)) if fresh else {}
+        starts: dict[TopicPartition, int] = {}
         for tp in tps:
             claim, done = claims[tp], committed.get(tp)
             self.epochs[tp] = claim.token
             self.recorded[tp] = claim.next_offset
+            starts[tp] = done if done is not None else policy[tp]
             start, reason = None, ""
             if claim.next_offset is not None:
                 if done is not None and claim.next_offset < done:
                     start, reason = claim.next_offset, "rollback"
             elif done is not None and done > 0:
                 since = int(self.clock() * 1000) - self.s.state.ttl_seconds * 1000
-                first = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
-                if first is not None and first < done:
-                    start, reason = first, "loss"
+                found = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
+                if found is not None and found < done:
+                    start, reason = found, "loss"
             if start is None:
                 continue
-            self.source.seek(tp, start)
+            starts[tp] = start
             self.rebuilds[tp] = Rebuild(reason, start, done)
             self.metrics.rebuilds.labels(reason).inc()
-            rewound.add(tp)
             log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the group "
                       "committed %d (%s): replaying offsets %d..%d to rebuild them, outputs "
                       "suppressed", tp[0], tp[1], claim.next_offset, done,
@@ -261,7 +322,7 @@ class Worker:
         self.unclaimed -= set(tps)
         log.info("claimed %s", ", ".join(f"{t}[{p}]@{self.epochs[(t, p)].split(':')[0]}"
                                           for t, p in tps))
-        return rewound
+        return starts
 
     def _decode(self, records: Sequence[Record]) -> tuple[list[TokenMessage], list[Rejection]]:
         messages, rejections = [], []
@@ -398,57 +459,72 @@ class Worker:
         """Whether this batch produces the outputs of ``record``."""
         return (record.topic, record.partition) not in w.skipped and not self._suppressed(record)
 
+    def _live_rows(self, w: _Written) -> list[tuple[SessionUpdate, list[int]]]:
+        """Per session update, the rows of its step table whose predictions this batch
+        produces (all of them unless a partition was skipped or is being rebuilt)."""
+        if not w.skipped and not self.rebuilds:
+            return [(u, u.steps) for u in w.result.updates]
+        return [(u, [i for i in u.steps if self._live(u.table.records[i], w)])
+                for u in w.result.updates]
+
     def _outgoing(self, w: _Written, rejections: Sequence[Rejection]
                   ) -> tuple[list[Outgoing], dict[int, Rejection]]:
-        k = self.s.kafka
+        topic = self.s.kafka.output_topic
         out: list[Outgoing] = []
-        for u in w.result.updates:
-            for p in u.predictions:
-                if self._live(p.record, w):
-                    out.append(Outgoing(k.output_topic, p.session_id.encode(),
-                                        self.encoder.encode(p)))
+        by_table: dict[int, tuple[object, list[int]]] = {}
+        for u, rows in w.live:
+            if rows:
+                by_table.setdefault(id(u.table), (u.table, []))[1].extend(rows)
+        for table, rows in by_table.values():
+            keys = [table.session_ids[i].encode() for i in rows]
+            out += [Outgoing(topic, key, value)
+                    for key, value in zip(keys, self.encoder.encode_rows(table, rows))]
         for p in w.result.replayed:
             if self._live(p.record, w):
-                out.append(Outgoing(k.output_topic, p.session_id.encode(), self.encoder.encode(p)))
+                out.append(Outgoing(topic, p.session_id.encode(), self.encoder.encode(p)))
         dead_letters: dict[int, Rejection] = {}
         for rej in [*rejections, *w.result.rejections]:
             rec = rej.record
             if not self._live(rec, w):
                 continue
-            o = Outgoing(k.dlq_topic, dead_letter_key(rec), encode_dead_letter(rej))
+            o = Outgoing(self.s.kafka.dlq_topic, dead_letter_key(rec), encode_dead_letter(rej))
             dead_letters[id(o)] = rej
             out.append(o)
         return out, dead_letters
 
-    def _deliver(self, outgoing: list[Outgoing], dead_letters: dict[int, Rejection]) -> None:
-        """Send until every message is acknowledged or refused for good. A refused dead letter
-        is sent again with its reason and coordinates only; anything else refused is dropped,
-        logged and counted (it can never be produced, and retrying it would block the batch)."""
-        pending = outgoing
+    def _await(self, f: "_InFlight") -> None:
+        """Wait until every message is acknowledged or refused for good, resending what may
+        pass on a retry. A refused dead letter is sent again with its reason and coordinates
+        only; anything else refused is dropped, logged and counted (it can never be
+        produced, and retrying it would block the partition for ever)."""
+        sending = f.sending
         backoff = self.s.retry.initial_backoff_s
-        while pending:
-            error = None
+        while sending is not None:
+            error, again = None, []
             try:
-                rejected = self.sink.deliver(pending)
-                pending = []
+                rejected = self.sink.wait(sending)
             except DependencyError as e:
                 error, rejected = e, e.rejected
-                pending = e.pending if e.pending is not None else pending
+                again = e.pending if e.pending is not None else list(sending.messages)
             for m, why in rejected:
-                rej = dead_letters.pop(id(m), None)
+                rej = f.dead_letters.pop(id(m), None)
                 if rej is not None:
                     rec = rej.record
                     log.error("dead letter of %s[%d]@%d refused (%s): sending its reason and "
                               "coordinates only", rec.topic, rec.partition, rec.offset, why)
                     self.metrics.dead_letter_fallbacks.inc()
-                    pending.append(Outgoing(m.topic, None, minimal_dead_letter(rej, why)))
+                    again.append(Outgoing(m.topic, None, minimal_dead_letter(rej, why)))
                 else:
                     log.error("a message to %s was refused for good and is dropped: %s (%d "
                               "bytes)", m.topic, why, len(m.value))
                     self.metrics.undeliverable.labels(m.topic).inc()
-            if error is not None and pending:
+            if not again:
+                f.acked_at = sending.done_at[-1] if sending.done_at else time.time()
+                return
+            if error is not None:
                 self._backoff(error, backoff)
                 backoff = min(backoff * 2, self.s.retry.max_backoff_s)
+            sending = self._retry(lambda: self.sink.send(again))
 
     # 5. commit -----------------------------------------------------------------------------
 
@@ -477,10 +553,10 @@ class Worker:
                 log.warning("%s[%d]: rebuild finished: %d messages replayed in %.1fs",
                             *tp, rb.messages, time.monotonic() - rb.began)
 
-    def _account(self, records: Sequence[Record], w: _Written, rejections: Sequence[Rejection],
-                 t_batch: float) -> None:
+    def _account(self, f: _InFlight) -> None:
+        records, w, rejections, t_batch = f.records, f.written, f.rejections, f.t_batch
         m, s, result = self.metrics, self.summary, w.result
-        now = self.clock()
+        now = f.acked_at or self.clock()
         counts = dict.fromkeys(OUTCOMES, 0)
         for r in records:
             tp = (r.topic, r.partition)
@@ -493,15 +569,17 @@ class Worker:
                 self.rebuilds[tp].messages += 1
         counts["deferred"] += w.deferred
         produced = 0
-        for u in result.updates:
-            live = [p for p in u.predictions if self._live(p.record, w)]
-            for p in live:
-                if p.record.timestamp_ms is not None:
-                    m.e2e_latency.observe(max(0.0, now - p.record.timestamp_ms / 1000))
-            produced += len(live)
-            if live:
-                m.sessions_started.inc(u.started)
-                m.sessions_ended.inc(u.predictions[-1].final)
+        stamps: list[int] = []
+        for u, rows in w.live:
+            if not rows:
+                continue
+            produced += len(rows)
+            stamps += [u.table.records[i].timestamp_ms for i in rows]
+            m.sessions_started.inc(u.started)
+            m.sessions_ended.inc(bool(u.table.final[u.steps[-1]]))
+        if stamps:
+            ts = np.array([t for t in stamps if t is not None], np.float64)
+            m.e2e_latency.observe_many(np.maximum(0.0, now - ts / 1000))
         counts["ok"] = produced
         counts["dead_lettered"] = sum(1 for x in [*rejections, *result.rejections]
                                       if self._live(x.record, w))
@@ -524,7 +602,7 @@ class Worker:
         m.tokens.inc(tokens)
         m.step_seconds.observe(result.step_seconds)
         m.batch_size.observe(len(records))
-        m.batch_seconds.observe(time.perf_counter() - t_batch)
+        m.batch_seconds.observe(f.t_sent - t_batch + f.settle_s)  # its own time, not the overlap
         m.saw_sessions(u.session_id for u in result.updates)
         s.messages += len(records)
         s.batches += 1

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+
+import msgspec
+import numpy as np
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from model.tokenizer import tokenize
 
@@ -43,15 +47,19 @@ class _BadInput(ValueError):
     pass
 
 
-def _reject_constant(name: str) -> float:
-    raise _BadInput(f"value contains {name}, which is not valid JSON")
+class _Input(msgspec.Struct, forbid_unknown_fields=True):
+    """The input value's JSON object, typed: msgspec (C) checks types and unknown fields."""
+
+    session_id: str
+    seq: int | None = None
+    tokens: list[str] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    end: bool = False
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_FIELDS = {"session_id", "seq", "tokens", "text", "token_ids", "end"}
+_FIELDS = ("session_id", "seq", "tokens", "text", "token_ids", "end")
+_INPUT = msgspec.json.Decoder(_Input)
 
 
 def decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], list[int]],
@@ -71,32 +79,23 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
     if len(raw) > limits.max_message_bytes:
         raise _BadInput(f"value is {len(raw)} bytes, over max_message_bytes={limits.max_message_bytes}")
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
-    except _BadInput:
-        raise
-    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, and a plain ValueError for
-        # integer literals over Python's int digit limit (4300 digits)
-        raise _BadInput(f"value is not valid UTF-8 JSON ({e.__class__.__name__}: {e})") from None
-    except RecursionError:
-        raise _BadInput("value is nested too deeply to decode") from None
-    if not isinstance(obj, dict):
-        raise _BadInput(f"value must be a JSON object, got {type(obj).__name__}")
-    unknown = set(obj) - _FIELDS
-    if unknown:
-        shown = ", ".join(repr(f[:40]) for f in sorted(unknown)[:5])
-        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise _BadInput(f"unknown field(s) {shown}{more}; allowed: {sorted(_FIELDS)}")
+        obj = _INPUT.decode(raw)
+    except msgspec.ValidationError as e:  # types, required and unknown fields
+        text = _cut(str(e))
+        if "unknown field" in text:
+            text += f"; allowed: {list(_FIELDS)}"
+        raise _BadInput(f"value breaks the message contract: {text}") from None
+    except msgspec.DecodeError as e:  # not UTF-8, not JSON (NaN and Infinity are not JSON)
+        constant = next((c for c in ("NaN", "Infinity") if c.encode() in raw[:4096]), None)
+        extra = f" (it contains {constant}, which is not valid JSON)" if constant else ""
+        raise _BadInput(f"value is not valid UTF-8 JSON: {e}{extra}") from None
 
-    sid = obj.get("session_id")
-    if not isinstance(sid, str) or not sid:
+    sid = obj.session_id
+    if not sid:
         raise _BadInput("session_id is required and must be a non-empty string")
     if len(sid) > limits.max_session_id_len:
         raise _BadInput(f"session_id has {len(sid)} characters, over "
                         f"max_session_id_len={limits.max_session_id_len}")
-    try:
-        sid.encode("utf-8")  # it becomes the Redis key and the prediction's Kafka key
-    except UnicodeEncodeError:
-        raise _BadInput("session_id is not valid Unicode (it contains a lone surrogate)") from None
     if record.key is None:
         if limits.require_key:
             raise _BadInput("key is missing: a session's messages must be keyed by their "
@@ -110,43 +109,31 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
         if key != sid:
             raise _BadInput(f"key {key[:80]!r} does not equal session_id {sid[:80]!r}")
 
-    seq = obj.get("seq")
-    if seq is not None and (not _is_int(seq) or seq < 0 or seq >= 2**53):
+    seq = obj.seq
+    if seq is not None and not 0 <= seq < 2**53:
         raise _BadInput(f"seq must be an integer in [0, 2^53), got {seq!r:.80}")
-    end = obj.get("end", False)
-    if not isinstance(end, bool):
-        raise _BadInput(f"end must be a boolean, got {type(end).__name__}")
 
-    given = [f for f in ("tokens", "text", "token_ids") if obj.get(f) is not None]
+    given = [f for f, v in (("tokens", obj.tokens), ("text", obj.text), ("token_ids", obj.token_ids))
+             if v is not None]
     if len(given) != 1:
         raise _BadInput(f"exactly one of tokens, text, token_ids is required; got {given or 'none'}")
-    field = given[0]
-    payload = obj[field]
-    if field == "text":
-        if not isinstance(payload, str):
-            raise _BadInput(f"text must be a string, got {type(payload).__name__}")
-        if len(payload) > limits.max_tokens_per_message * 64:
-            raise _BadInput(f"text is {len(payload)} characters, too long for "
+    if obj.text is not None:
+        if len(obj.text) > limits.max_tokens_per_message * 64:
+            raise _BadInput(f"text is {len(obj.text)} characters, too long for "
                             f"max_tokens_per_message={limits.max_tokens_per_message}")
-        tokens = tokenize(payload)
+        tokens = tokenize(obj.text)
         _check_count(len(tokens), limits, "text")
         ids = encode(tokens)
-    elif field == "tokens":
-        if not isinstance(payload, list) or not all(isinstance(t, str) for t in payload):
-            raise _BadInput("tokens must be a list of strings")
-        _check_count(len(payload), limits, "tokens")
-        ids = encode(payload)
+    elif obj.tokens is not None:
+        _check_count(len(obj.tokens), limits, "tokens")
+        ids = encode(obj.tokens)
     else:
-        if not isinstance(payload, list):
-            raise _BadInput(f"token_ids must be a list of integers, got {type(payload).__name__}")
-        _check_count(len(payload), limits, "token_ids")
-        for i, t in enumerate(payload):
-            if not _is_int(t):
-                raise _BadInput(f"token_ids[{i}]={t!r:.40} is not an integer")
-            if not 0 <= t < vocab_size:
-                raise _BadInput(f"token_ids[{i}]={t} is out of range for vocab size {vocab_size}")
-        ids = payload
-    return TokenMessage(sid, seq, ids, end, record)
+        ids = obj.token_ids
+        _check_count(len(ids), limits, "token_ids")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            i, t = next((i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size)
+            raise _BadInput(f"token_ids[{i}]={t!r:.40} is out of range for vocab size {vocab_size}")
+    return TokenMessage(sid, seq, ids, obj.end, record)
 
 
 def _check_count(n: int, limits: LimitSettings, field: str) -> None:
@@ -171,28 +158,67 @@ class Prediction:
     partial: bool = False  # the session's first messages were never applied to its state
 
 
-_CONTEXT = {False: '"full"', True: '"partial"'}
+class _PredictionOut(msgspec.Struct):
+    """The prediction's JSON object, its fields in the documented order."""
+
+    session_id: str
+    seq: int
+    label: str
+    confidence: float
+    probs: Any
+    tokens_seen: int
+    final: bool
+    context: str
+    model_id: str
+    partition: int
+    offset: int
 
 
 class PredictionEncoder:
-    """Encodes predictions as JSON with the label keys escaped once, not per message.
-    The bytes equal ``json.dumps`` of the documented object (compact separators)."""
+    """Encodes predictions as JSON with msgspec (C), a batch at a time: probabilities are
+    rounded to 6 decimals with numpy, and ``probs`` is a struct whose fields are the labels."""
 
     def __init__(self, labels: Sequence[str], model_id: str) -> None:
         self.labels = list(labels)
-        self._keys = [json.dumps(l) + ":" for l in self.labels]
-        self._model_id = json.dumps(model_id)
+        self.model_id = model_id
+        # A struct whose fields f0, f1, ... are renamed to the labels (fast); msgspec refuses
+        # names with quotes, backslashes or control characters: those labels take a dict.
+        try:
+            self._probs = msgspec.defstruct(
+                "Probs", [(f"f{i}", float) for i in range(len(self.labels))],
+                rename={f"f{i}": l for i, l in enumerate(self.labels)})
+        except ValueError:
+            self._probs = lambda *row: dict(zip(self.labels, row))
+        self._json = msgspec.json.Encoder()
 
     def encode(self, p: Prediction) -> bytes:
-        probs = [round(x, 6) for x in p.probs]
-        best = max(range(len(probs)), key=p.probs.__getitem__)
-        dist = ",".join(k + repr(x) for k, x in zip(self._keys, probs))
-        return (f'{{"session_id":{json.dumps(p.session_id)},"seq":{p.seq},'
-                f'"label":{self._keys[best][:-1]},"confidence":{probs[best]!r},'
-                f'"probs":{{{dist}}},"tokens_seen":{p.tokens_seen},'
-                f'"final":{"true" if p.final else "false"},'
-                f'"context":{_CONTEXT[p.partial]},"model_id":{self._model_id},'
-                f'"partition":{p.record.partition},"offset":{p.record.offset}}}').encode()
+        return self._encode(p.session_id, p.seq, list(p.probs), p.tokens_seen, p.final,
+                            p.partial, p.record)[0]
+
+    def encode_rows(self, table, rows: Sequence[int]) -> list[bytes]:
+        """The predictions of rows ``rows`` of a ``StepTable`` (worker.engine)."""
+        if not len(rows):
+            return []
+        r = np.asarray(rows)
+        return self._encode([table.session_ids[i] for i in rows], table.seq[r].tolist(),
+                            table.probs[r], table.tokens_seen[r].tolist(),
+                            table.final[r].tolist(), table.partial[r].tolist(),
+                            [table.records[i] for i in rows])
+
+    def _encode(self, sids, seqs, probs, seen, final, partial, records) -> list[bytes]:
+        if isinstance(sids, str):
+            sids, seqs, seen, final, partial, records = [sids], [seqs], [seen], [final], \
+                [partial], [records]
+            probs = [probs]
+        raw = np.asarray(probs, np.float64)
+        best = raw.argmax(axis=1).tolist()  # on the exact values, as the model ranks them
+        p = np.round(raw, 6)
+        rows = p.tolist()
+        labels, make, enc, mid = self.labels, self._probs, self._json.encode, self.model_id
+        return [enc(_PredictionOut(sid, sq, labels[b], row[b], make(*row), sn, fn,
+                                   "partial" if pa else "full", mid, rec.partition, rec.offset))
+                for sid, sq, row, b, sn, fn, pa, rec in zip(sids, seqs, rows, best, seen, final,
+                                                             partial, records)]
 
 
 def encode_prediction(p: Prediction, labels: Sequence[str], model_id: str) -> bytes:

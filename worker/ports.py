@@ -48,16 +48,27 @@ class Source(Protocol):
                          timestamp_ms: int) -> dict[TopicPartition, int | None]:
         """The first offset at or after ``timestamp_ms`` per partition (None: no such record)."""
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    def reset_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where the reset policy starts each partition (when nothing was committed)."""
     def commit(self, offsets: Mapping[TopicPartition, int]) -> bool: ...
     def lag(self) -> dict[TopicPartition, int]: ...
     def rejoin(self) -> None: ...
     def close(self) -> None: ...
 
 
+class Sending(Protocol):
+    """A sink's handle on messages it was given and has not confirmed yet."""
+
+    messages: list[Outgoing]
+    done_at: list[float]  # when the last message was answered (empty until then)
+
+
 class Sink(Protocol):
-    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
-        """Send and wait for every acknowledgement. Returns the messages the broker or the
-        client rejected for good (too large, invalid), each with the reason; raises
+    def send(self, messages: Sequence[Outgoing]) -> Sending:
+        """Start sending, without waiting for acknowledgements."""
+    def wait(self, sending: Sending) -> list[tuple[Outgoing, str]]:
+        """Wait for every acknowledgement. Returns the messages the broker or the client
+        rejected for good (too large, invalid), each with the reason; raises
         DependencyError(pending=...) for sends that may succeed when retried."""
     def close(self) -> None: ...
 
