@@ -33,7 +33,6 @@ from pathlib import Path
 from bench import common
 from bench.common import Bench, Cpu
 
-
 # --- (a) pass-through ----------------------------------------------------------------------
 
 def run_passthrough(bench: Bench, names: dict, n: int, batch: int, linger_ms: int = 2,
@@ -74,7 +73,13 @@ def run_naive(bench: Bench, names: dict, clf, seconds: float, batch: int) -> dic
     import redis
     import torch
 
-    from worker.codec import PosKind, SessionState, decode_state, encode_state, token_digest
+    from worker.codec import (
+        PosKind,
+        SessionState,
+        decode_state,
+        encode_state,
+        token_digest,
+    )
     from worker.messages import Prediction, encode_prediction
     from worker.ports import Record
 

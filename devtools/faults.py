@@ -18,7 +18,14 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-from worker.ports import PartitionMark, StateStore, StateWrite, StoreResult, TopicPartition, WriteStatus
+from worker.ports import (
+    PartitionMark,
+    StateStore,
+    StateWrite,
+    StoreResult,
+    TopicPartition,
+    WriteStatus,
+)
 
 log = logging.getLogger("devtools.faults")
 

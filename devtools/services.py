@@ -37,14 +37,14 @@ import contextlib
 import ctypes
 import functools
 import os
-import sys
-import weakref
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 

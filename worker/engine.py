@@ -25,8 +25,23 @@ import torch
 
 from model.gru import GRUClassifier
 
-from .codec import (ENDED, F16, HEADER, HEADER_DTYPE, MAGIC, MAX_OUTBOX, PARTIAL, SEQ, OutboxEntry, PosKind,
-                    StateCorrupt, decode_outbox, decode_state, token_digests, value_dtype)
+from .codec import (
+    ENDED,
+    F16,
+    HEADER,
+    HEADER_DTYPE,
+    MAGIC,
+    MAX_OUTBOX,
+    PARTIAL,
+    SEQ,
+    OutboxEntry,
+    PosKind,
+    StateCorrupt,
+    decode_outbox,
+    decode_state,
+    token_digests,
+    value_dtype,
+)
 from .compute import Stepper
 from .messages import Prediction, Rejection, TokenMessage
 from .ports import Record, TopicPartition

@@ -43,16 +43,33 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .config import Settings
 import numpy as np
 
+from .config import Settings
 from .engine import BatchResult, Engine, SessionUpdate
 from .errors import DependencyError, ShutdownRequested, UndecodableInput
-from .messages import (PredictionEncoder, Rejection, TokenMessage, dead_letter_key, decode,
-                       encode_dead_letter, minimal_dead_letter)
+from .messages import (
+    PredictionEncoder,
+    Rejection,
+    TokenMessage,
+    dead_letter_key,
+    decode,
+    encode_dead_letter,
+    minimal_dead_letter,
+)
 from .metrics import OUTCOMES, Metrics
-from .ports import (Outgoing, PartitionMark, Record, Sink, Source, StateStore, StateWrite,
-                    StoreResult, TopicPartition, WriteStatus)
+from .ports import (
+    Outgoing,
+    PartitionMark,
+    Record,
+    Sink,
+    Source,
+    StateStore,
+    StateWrite,
+    StoreResult,
+    TopicPartition,
+    WriteStatus,
+)
 
 log = logging.getLogger(__name__)
 

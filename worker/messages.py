@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
-
-import msgspec
-import numpy as np
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
+import numpy as np
 
 from model.tokenizer import tokenize
 

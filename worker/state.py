@@ -27,8 +27,14 @@ import redis.exceptions as rex
 
 from .codec import HEADER, LAST_POS_OFFSET, MAGIC, mark_status, write_status
 from .errors import DependencyError
-from .ports import (Claim, PartitionMark, StateWrite, StoreResult, TopicPartition,
-                    WriteStatus)
+from .ports import (
+    Claim,
+    PartitionMark,
+    StateWrite,
+    StoreResult,
+    TopicPartition,
+    WriteStatus,
+)
 
 
 @dataclass(frozen=True)
