@@ -95,8 +95,8 @@ def section_engine(args, sync) -> None:
     from worker.messages import TokenMessage
     from worker.ports import Record
     rng = np.random.default_rng(0)
-    for device in (GPU, "cpu"):
-        engine = Engine(make_model(), device=device)
+    for hidden, layers, device in ((128, 1, GPU), (128, 1, "cpu"), (512, 2, GPU), (512, 2, "cpu")):
+        engine = Engine(make_model(hidden, layers), device=device)
         for B in args.engine_batches:
             if out_of_time(args.budget_s * 0.8):
                 return
@@ -117,7 +117,8 @@ def section_engine(args, sync) -> None:
 
             batch()
             times = [batch() for _ in range(5 if device == GPU or B <= 1024 else 2)]
-            emit(section="engine", device=device, batch=B, tokens=args.tokens,
+            emit(section="engine", device=device, hidden=hidden, layers=layers, batch=B,
+                 tokens=args.tokens,
                  ms_per_batch=round(1e3 * float(np.median(times)), 2),
                  messages_per_s=round(B / float(np.median(times))))
 

@@ -6,7 +6,8 @@ consume capacity; the group join is excluded):
 
   (a)  passthrough  kafka-python consume -> produce, flush + commit per poll batch
                     (producer linger 2 ms / 16 KiB batches);
-  (a')              the same with the worker's producer settings (linger 50 ms / 256 KiB);
+  (a')              the same with the worker's producer settings (linger, batch bytes and
+                    compression from the worker's defaults);
   (b)  naive        per message: Redis GET, model step (batch 1), Redis SET, produce;
                     flush + commit per poll batch (a generous naive loop);
   (c)  worker       the real worker, in-process, for each --batch value. Its per-stage
@@ -36,9 +37,9 @@ from bench.common import Bench, Cpu
 # --- (a) pass-through ----------------------------------------------------------------------
 
 def run_passthrough(bench: Bench, names: dict, n: int, batch: int, linger_ms: int = 2,
-                    batch_bytes: int | None = None) -> dict:
+                    batch_bytes: int | None = None, compression: str | None = None) -> dict:
     c = common.consumer_for(bench.kafka.bootstrap, names["in"], f"pt-{uuid.uuid4().hex[:6]}")
-    p = common.producer_for(bench.kafka.bootstrap, linger_ms,
+    p = common.producer_for(bench.kafka.bootstrap, linger_ms, compression_type=compression,
                             **({"batch_size": batch_bytes} if batch_bytes else {}))
     done, t_first, batches, cpu0 = 0, None, 0, {}
     deadline = time.monotonic() + 120
@@ -63,6 +64,7 @@ def run_passthrough(bench: Bench, names: dict, n: int, batch: int, linger_ms: in
         p.close()
     return {"messages": done, "seconds": secs, "msgs_per_s": done / secs,
             "linger_ms": linger_ms, "producer_batch_bytes": batch_bytes or 16384,
+            "compression": compression,
             "batches": batches, "mean_batch": done / max(batches, 1),
             "cpu": Cpu.usage(cpu0, cpu1, secs, done)}
 
@@ -190,7 +192,7 @@ def print_table(res: dict, tokens: int) -> dict:
     if pt:
         rows.append(("(a) pass-through consume->produce", pt))
     if pt2:
-        rows.append(("(a') pass-through, linger 50 / 256 KiB", pt2))
+        rows.append(("(a') pass-through, the worker's producer settings", pt2))
     if nv:
         rows.append(("(b) naive per-message loop", nv))
     for r in R.get("worker", []):
@@ -206,7 +208,7 @@ def print_table(res: dict, tokens: int) -> dict:
     if best and pt:
         ratios["worker_vs_passthrough"] = best / pt
     if best and pt2:
-        ratios["worker_vs_passthrough_linger50"] = best / pt2
+        ratios["worker_vs_passthrough_worker_producer"] = best / pt2
     print()
     for k, v in ratios.items():
         print(f"{k:<32} {v:.2f}")
@@ -264,9 +266,12 @@ def main(argv=None) -> int:
                                                args.passthrough_messages, max(args.batch))
             bench.log(f"  {R['passthrough']['msgs_per_s']:.0f} msg/s")
             bench.log("(a') pass-through with the worker's producer settings ...")
+            from worker.config import KafkaSettings
+            k = KafkaSettings()
             R["passthrough_worker_producer"] = run_passthrough(
-                bench, backlog("pt50", args.passthrough_messages, 1), args.passthrough_messages,
-                max(args.batch), 50, 262_144)
+                bench, backlog("ptw", args.passthrough_messages, 1), args.passthrough_messages,
+                max(args.batch), k.linger_ms, k.producer_batch_bytes,
+                None if k.compression_type == "none" else k.compression_type)
             bench.log(f"  {R['passthrough_worker_producer']['msgs_per_s']:.0f} msg/s")
         if "b" in args.only:
             bench.log("(b) naive per-message loop ...")

@@ -1,35 +1,48 @@
 """The worker's main loop: claim, poll, decode, load states, step, store states, produce, commit.
 
-Order of effects for one batch (this is the one place it is written down):
+Order of effects for one batch N (this is the one place it is written down). Delivery is
+pipelined: batch N's acknowledgements are awaited while batch N+1 is polled, decoded,
+loaded and stepped, and always before batch N+1 writes anything.
 
 0. **Claim** the partitions the group assigned since the last batch (outside the rebalance
-   callback, so a Redis outage never blocks the group's heartbeats): take a new, never reused
-   fencing token per partition (any older owner is now fenced) and read ``next_offset``, the
-   offset up to which Redis holds the partition's effects. If it is behind the group's committed
-   offset, Redis lost writes (rolled back, failed over to a lagging replica): seek back to it.
-   If Redis has no record while Kafka has a committed offset, Redis lost everything: seek to
-   the first offset inside the state TTL. Records from there up to the committed offset are
-   *rebuilt*: applied to the states again, their outputs suppressed (they were produced
-   before). Records polled for a partition that is not (or no longer) ours are dropped.
+   callback, so a Redis outage never blocks the group's heartbeats; after finishing the batch
+   in flight, so its commit counts): take a new, never reused fencing token per partition (any
+   older owner is now fenced) and read ``next_offset``, the offset up to which Redis holds
+   the partition's effects. Each claimed partition resumes at the group's committed offset,
+   set explicitly (kafka-python keeps the position of a partition handed back to the same
+   member). If ``next_offset`` is behind the committed offset, Redis lost writes: resume at
+   ``next_offset``. If Redis has no record while Kafka has a committed offset, Redis lost
+   everything: resume at the first offset inside the state TTL. Records from there up to the
+   committed offset are *rebuilt*: applied again, their outputs suppressed (they were
+   produced before). Polled records of partitions not ours are dropped.
    *Crash here:* nothing was written; the next owner claims again.
 1. **Load states.** One MGET for every session in the batch. Nothing is written yet.
-   *Crash here:* nothing happened; the batch is redelivered and processed as new.
+   *Crash here:* nothing of N happened; N is redelivered. Batch N-1 may still be in flight
+   (sent, not acknowledged, not committed): it is redelivered too, its messages are
+   duplicates and its predictions are re-emitted from the outboxes (step 3 below).
 2. **Step.** The pure engine drops duplicates (position at or before the stored one),
    advances each session through its new messages and encodes the new states, each with
    an outbox holding this batch's predictions for that session.
    *Crash here:* as in 1.
+2'. **Settle batch N-1**: wait for every acknowledgement of its outputs (4), then commit its
+   offsets (5). No session is written again before the predictions in its outbox are
+   acknowledged, so an outbox always covers what is not yet known to be produced.
 3. **Write states,** fenced and deduplicated, in one atomic script call that also records
-   each partition's ``next_offset``. A write lands only if the partition's token is still ours
+   each partition's ``next_offset``. A write lands only if the partition's token is still ours,
+   its ``next_offset`` has not gone back (else Redis lost writes under us: rewind and rebuild),
    and the stored position is the one we loaded. A session whose write was refused as STALE
    (another writer, a rollback) is loaded and stepped again, up to three times; if it still
    does not land, its partition is rewound to its first message and committed only below it.
-   *Crash here (after the write, before 4):* on redelivery every message is a duplicate, so
-   no state changes again; the predictions are re-emitted from the outboxes.
-4. **Produce** predictions, dead letters and re-emitted predictions, then flush and wait
-   for every acknowledgement. A dead letter refused for good (too large) is replaced by one
-   with its reason and coordinates only; nothing refused for good is retried for ever.
+   *Crash here (after the write, before its acknowledgements):* on redelivery every message
+   is a duplicate, so no state changes again; the predictions are re-emitted from the outboxes.
+4. **Produce** predictions, dead letters and re-emitted predictions: handed to the producer,
+   not awaited here (2' of the next batch, or the loop when no batch follows, waits). A dead
+   letter refused for good (too large) is replaced by one with its reason and coordinates only;
+   nothing refused for good is retried for ever.
    *Crash here:* as in 3; consumers may see a prediction twice.
-5. **Commit** the next offset of every partition in the batch that was not fenced.
+5. **Commit** the next offset of every partition in the batch that was not fenced, once all of
+   the batch's outputs are acknowledged (2' of the next batch, or when the poll comes back
+   empty, or at shutdown).
    *Crash after 5:* nothing is redelivered.
 
 So the effect on state is exactly-once, and predictions are at-least-once: consumers
