@@ -57,7 +57,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
               "--session-timeout-ms": "7000", "--heartbeat-interval-ms": "1000",
               "--redis-url": "memory", "--redis-prefix": "p1", "--state-dtype": "float16",
               "--model-dir": "/m", "--device": "auto", "--threads": "3", "--dtype": "float16",
-              "--batch-size": "64", "--batch-wait-ms": "5", "--metrics-host": "127.0.0.1",
+              "--batch-size": "64", "--batch-wait-ms": "5", "--target-latency-ms": "12.5",
+                  "--metrics-host": "127.0.0.1",
               "--metrics-port": "0", "--log-level": "debug", "--max-messages": "9",
               "--idle-exit": "1.5"}
     assert set(values) == {i.flag for i in settings_info() if i.flag}
@@ -71,6 +72,7 @@ def test_every_flag_reaches_its_setting(monkeypatch):
                    "--redis-url": "memory", "--redis-prefix": "p1", "--state-dtype": "float16",
                    "--model-dir": Path("/m"), "--device": "auto", "--threads": 3,
                    "--dtype": "float16", "--batch-size": 64, "--batch-wait-ms": 5,
+                   "--target-latency-ms": 12.5,
                    "--metrics-host": "127.0.0.1", "--metrics-port": 0, "--log-level": "DEBUG",
                    "--max-messages": 9, "--idle-exit": 1.5}
 

@@ -28,6 +28,9 @@ def clf(tiny_model_dir):
 
 
 def make_worker(clf, log, store, sink=None, source=None, **settings):
+    """Batches take up to ``batch.max_records`` unless a test turns the latency budget on
+    (its limits follow measured times, so batch boundaries would depend on the machine)."""
+    settings["batch"] = {"target_latency_ms": 0, **settings.get("batch", {})}
     s = Settings(idle_exit_s=0.05, **settings)
     engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
                     end_ttl_ms=s.state.end_ttl_seconds * 1000)
@@ -719,3 +722,41 @@ def test_a_rebalance_across_two_polls_loses_no_record(clf):
     # kept past them: those messages were never applied, their sessions' later ones were.
     assert_matches_offline(clf, sessions, predictions(log), store)
     assert len({(p["session_id"], p["seq"]) for p in predictions(log)}) == len(pairs)
+
+
+def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
+    """The loop asks the budget before each poll, passes the known lag, and exports what it
+    chose. A cost model seeded at 1 ms per message allows 10 messages in a 12 ms budget
+    (2 ms fixed); a backlog of more than 20 lifts the limit to max_records."""
+    from worker.budget import BatchBudget
+
+    class Seeded(BatchBudget):
+        def observe(self, messages, sessions, seconds):  # keep the seeded model
+            pass
+
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(4, seed=41)
+    publish(log, interleave(sessions, seed=41))
+    total = len(log.records[(IN, 0)])
+    assert total > 25
+    w = make_worker(clf, log, store, batch={"max_records": 64, "target_latency_ms": 12})
+    budget = Seeded(0.012, 64, min_records=2, warmup_batches=0)
+    for n in (5, 10, 20, 40):
+        BatchBudget.observe(budget, n, n, 0.002 + 0.001 * n)
+    w.budget = budget
+    n = budget.limit(0).records
+    assert 8 <= n <= 10
+    asked = []
+    poll = w.source.poll
+    w.source.poll = lambda n, wait: asked.append(n) or poll(n, wait)
+    w.run()
+    # the first poll knows no lag yet; then a backlog while more than 20 wait, then the budget
+    assert asked[0] == n and 64 in asked and asked[-1] == n
+    backlog_polls = [i for i, n in enumerate(asked) if n == 64]
+    assert backlog_polls == list(range(1, len(backlog_polls) + 1))
+    reg = w.metrics.registry
+    assert reg.get_sample_value("gru_batch_budget_seconds") == 0.012
+    assert reg.get_sample_value("gru_batch_limit_records", {"reason": "budget"}) == n
+    assert reg.get_sample_value("gru_batch_cost_seconds", {"term": "per_message"}) == \
+        pytest.approx(0.001, rel=0.1)
+    assert_matches_offline(clf, sessions, predictions(log))

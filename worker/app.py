@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -20,7 +21,7 @@ from .config import CLUSTER_SCHEMES, Settings
 from .engine import Engine
 from .kafka_io import KafkaSink, KafkaSource, missing_codecs
 from .loop import Worker
-from .metrics import HealthServer, Metrics
+from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
 from .ports import StateStore
 from .state import Keys, MemoryStateStore, RedisStateStore
 
@@ -68,9 +69,11 @@ class App:
     worker: Worker
     health: HealthServer
     registry: CollectorRegistry
+    unwatch_gc: Callable[[], None] = lambda: None
 
     def close(self) -> None:
         self.health.stop()
+        self.unwatch_gc()
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
@@ -110,4 +113,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
         return redis_ok and kafka_ok and ok, {"redis": redis_ok, "kafka": kafka_ok, **details}
 
     health = HealthServer(registry, settings.metrics.host, settings.metrics.port, ready).start()
-    return App(worker, health, registry)
+    unwatch = watch_gc(metrics)
+    if settings.batch.gc_freeze:
+        quiet_gc()
+    return App(worker, health, registry, unwatch)

@@ -132,6 +132,13 @@ class BatchSettings(BaseModel):
     max_wait_ms: int = Field(0, ge=0, description="extra wait for a batch to fill after its "
                              "first record; 0 takes what has arrived (batches grow with load)",
                              json_schema_extra=flag("--batch-wait-ms"))
+    target_latency_ms: float = Field(20.0, ge=0, description="latency budget for one batch's "
+                                     "processing time: a batch stops growing where its predicted "
+                                     "time passes it (0: off, batches take up to max_records)",
+                                     json_schema_extra=flag("--target-latency-ms"))
+    gc_freeze: bool = Field(True, description="after start-up, move every object into the "
+                            "garbage collector's permanent generation and collect young objects "
+                            "less often (fewer, shorter pauses)")
 
 
 class LimitSettings(BaseModel):

@@ -70,6 +70,7 @@ from .messages import (
     encode_dead_letter,
     minimal_dead_letter,
 )
+from .budget import BatchBudget
 from .metrics import OUTCOMES, Metrics
 from .ports import (
     Outgoing,
@@ -172,6 +173,10 @@ class Worker:
         self._poll_backoff = settings.retry.initial_backoff_s
         self._inflight: _InFlight | None = None
         self._taken = 0  # input messages claimed into batches (for max_messages)
+        self.budget = BatchBudget(settings.batch.target_latency_ms / 1000,
+                                  settings.batch.max_records)
+        self._waiting: int | None = None  # consumer lag after the last poll
+        metrics.batch_budget.set(settings.batch.target_latency_ms / 1000)
         source.bind(self.on_assigned, self.on_revoked)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -264,13 +269,15 @@ class Worker:
         outgoing, dead_letters = self._outgoing(written, rejections)
         t5 = time.perf_counter()
         sending = self._retry(lambda: self.sink.send(outgoing))        # 4. produce (no wait)
+        t6 = time.perf_counter()
+        self.budget.observe(len(records), len(result.updates), t6 - t_batch)
         m.decode_seconds.observe(t1 - t0)
         m.load_seconds.observe(t2 - t1)
         m.engine_seconds.observe(t3 - t2)
         m.store_seconds.observe(t4 - t3b)
         m.encode_seconds.observe(t5 - t4)
         self._inflight = _InFlight(records, written, rejections, outgoing, dead_letters, sending,
-                                   t_batch, time.perf_counter())
+                                   t_batch, t6)
 
     def settle(self) -> None:
         """Finish the batch in flight: wait for every acknowledgement (4), commit (5)."""
@@ -642,9 +649,14 @@ class Worker:
     # --- dependencies ---------------------------------------------------------------------
 
     def _poll(self) -> list[Record]:
+        limit = self.budget.limit(self._waiting)
+        m = self.metrics
+        m.batch_limit.labels(limit.reason).set(limit.records)
+        m.batch_cost.labels("fixed").set(self.budget.fixed_s)
+        m.batch_cost.labels("per_message").set(self.budget.per_message_s)
         t0 = time.perf_counter()
         try:
-            records = self.source.poll(self.s.batch.max_records, self.s.batch.max_wait_ms)
+            records = self.source.poll(limit.records, self.s.batch.max_wait_ms)
         except UndecodableInput as e:
             self.metrics.undecodable.labels(
                 e.topic or "unknown", "unknown" if e.partition is None else str(e.partition)).inc()
@@ -665,10 +677,13 @@ class Worker:
 
     def _update_lag(self) -> None:
         try:
-            for (topic, p), lag in self.source.lag().items():
-                self.metrics.lag.labels(topic, str(p)).set(lag)
+            lags = self.source.lag()
         except DependencyError:
-            pass
+            self._waiting = None
+            return
+        for (topic, p), lag in lags.items():
+            self.metrics.lag.labels(topic, str(p)).set(lag)
+        self._waiting = sum(lags.values()) if lags else None
 
     def _drop_fenced(self, fenced: set[TopicPartition]) -> None:
         for tp in fenced:

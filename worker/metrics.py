@@ -6,10 +6,12 @@ back with ``registry.get_sample_value``.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -152,21 +154,66 @@ class Metrics:
         self.partial_sessions = Counter(
             "gru_sessions_partial_total", "Sessions begun with no state at a seq past 0: "
             "their beginning was never applied (predictions say context=partial)", registry=r)
+        self.batch_budget = Gauge(
+            "gru_batch_budget_seconds", "The latency budget for one batch's processing time "
+            "(GRU_BATCH__TARGET_LATENCY_MS; 0: off)", registry=r)
+        self.batch_limit = Gauge(
+            "gru_batch_limit_records", "The most records the next batch may take, and why "
+            "(budget, backlog, warmup, max)", ["reason"], registry=r)
+        self.batch_cost = Gauge(
+            "gru_batch_cost_seconds", "The fitted batch cost model: fixed seconds per batch and "
+            "marginal seconds per message", ["term"], registry=r)
+        self.gc_pauses = Histogram(
+            "gru_gc_pause_seconds", "Python garbage-collector pauses in the worker, by generation",
+            ["generation"], buckets=STAGE_BUCKETS, registry=r)
         self.model_info = Gauge("gru_model_info", "The loaded model", ["model_id", "device"],
                                 registry=r)
         self._window = active_window_s
-        self._seen: dict[str, float] = {}
-        self._last_prune = time.monotonic()
+        self._seen: OrderedDict[str, float] = OrderedDict()  # least recently seen first
+
 
     def saw_sessions(self, session_ids, now: float | None = None) -> None:
+        """Prunes from the least recently seen end, a few entries per call: a pass over every
+        session (100k of them) would be a pause of tens of milliseconds."""
         now = time.monotonic() if now is None else now
+        seen = self._seen
         for sid in session_ids:
-            self._seen[sid] = now
-        if now - self._last_prune > min(10.0, self._window):
-            cutoff = now - self._window
-            self._seen = {s: t for s, t in self._seen.items() if t >= cutoff}
-            self._last_prune = now
-        self.active_sessions.set(len(self._seen))
+            seen[sid] = now
+            seen.move_to_end(sid)
+        cutoff = now - self._window
+        while seen:
+            sid, t = next(iter(seen.items()))
+            if t >= cutoff:
+                break
+            del seen[sid]
+        self.active_sessions.set(len(seen))
+
+
+def watch_gc(metrics: Metrics) -> Callable[[], None]:
+    """Observe every garbage-collector pause into ``gru_gc_pause_seconds{generation}``.
+    Returns the function that stops watching."""
+    children = [metrics.gc_pauses.labels(str(g)) for g in range(3)]
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[min(info.get("generation", 2), 2)].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+    return lambda: gc.callbacks.remove(callback)
+
+
+def quiet_gc() -> None:
+    """After start-up: everything alive now (the model, torch, the clients) moves to the
+    permanent generation, so no later full collection walks it again, and young objects are
+    collected every 20,000 net allocations instead of 700. The loop's garbage is short-lived
+    (a batch's records and arrays), so fewer young collections promote less of it and the
+    rare full ones stay short. tests/test_metrics.py and bench/latency.py measure the pauses."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 class HealthServer:
