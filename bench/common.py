@@ -227,6 +227,33 @@ def stage_report(before: dict, after: dict) -> dict:
     return out
 
 
+def histogram_from_text(parsed: dict[str, float], name: str,
+                        labels: dict[str, str] | None = None) -> tuple[float, float, list]:
+    """``histogram_state`` from /metrics text parsed by ``devtools.launcher.parse_metrics``."""
+    extra = "".join(f'{k}="{v}",' for k, v in sorted((labels or {}).items()))
+    suffix = f"{{{extra[:-1]}}}" if extra else ""
+    total = parsed.get(f"{name}_sum{suffix}", 0.0)
+    count = parsed.get(f"{name}_count{suffix}", 0.0)
+    head = f"{name}_bucket{{"
+    buckets = []
+    for key, value in parsed.items():
+        if key.startswith(head):
+            fields = dict(kv.split("=", 1) for kv in key[len(head):-1].split(","))
+            le = fields.pop("le").strip('"')
+            if {k: v.strip('"') for k, v in fields.items()} == (labels or {}):
+                buckets.append((float(le), value))
+    return total, count, sorted(buckets)
+
+
+def stages_from_text(parsed: dict[str, float]) -> dict:
+    """``stages_snapshot`` of a worker process, from its /metrics."""
+    out = {stage: histogram_from_text(parsed, name) for stage, name in STAGES.items()}
+    out["worker_e2e"] = histogram_from_text(parsed, "gru_e2e_latency_seconds")
+    for g in "012":
+        out[f"gc_gen{g}"] = histogram_from_text(parsed, "gru_gc_pause_seconds", {"generation": g})
+    return out
+
+
 def stages_snapshot(registry) -> dict:
     return {stage: histogram_state(registry, name) for stage, name in STAGES.items()}
 

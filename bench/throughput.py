@@ -150,11 +150,13 @@ def run_naive(bench: Bench, names: dict, clf, seconds: float, batch: int) -> dic
 # --- (c) the real worker -------------------------------------------------------------------
 
 def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, max_wait_ms: int,
-               threads: int, **settings) -> dict:
+               threads: int, target_latency_ms: float | None = None, **settings) -> dict:
     from prometheus_client import CollectorRegistry
 
     from worker.app import build_worker
 
+    if target_latency_ms is not None:
+        settings["batch"] = {**settings.get("batch", {}), "target_latency_ms": target_latency_ms}
     s = common.worker_settings(bench, model_dir, names, batch, max_wait_ms, threads,
                                max_messages=n, **settings)
     app = build_worker(s, CollectorRegistry())
@@ -175,7 +177,8 @@ def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, m
     done = summary.messages - mark["done0"]
     stages = common.stage_report(mark["stages0"], common.stages_snapshot(reg))
     batches = stages.get("batch", {}).get("calls", 0)
-    return {"batch_max_records": batch, "max_wait_ms": max_wait_ms, "messages": done,
+    return {"batch_max_records": batch, "max_wait_ms": max_wait_ms,
+            "target_latency_ms": s.batch.target_latency_ms, "messages": done,
             "seconds": secs, "msgs_per_s": done / secs, "tokens_per_s": summary.tokens / secs,
             "batches": batches, "mean_batch": done / max(batches, 1), "outcomes": summary.outcomes,
             "stages": stages, "cpu": Cpu.usage(mark["cpu0"], cpu1, secs, done)}
@@ -196,8 +199,9 @@ def print_table(res: dict, tokens: int) -> dict:
     if nv:
         rows.append(("(b) naive per-message loop", nv))
     for r in R.get("worker", []):
-        rows.append((f"(c) worker max_records={r['batch_max_records']} "
-                     f"(mean batch {r['mean_batch']:.0f})", r["msgs_per_s"]))
+        rows.append((f"(c) worker max_records={r['batch_max_records']} budget="
+                     f"{r.get('target_latency_ms', 0):g}ms (mean batch {r['mean_batch']:.0f})",
+                     r["msgs_per_s"]))
     print(f"\n{'measurement':<52} {'msgs/s':>9} {'tokens/s':>10}")
     for name, m in rows:
         print(f"{name:<52} {m:>9.0f} {m * tokens:>10.0f}")
@@ -213,7 +217,8 @@ def print_table(res: dict, tokens: int) -> dict:
     for k, v in ratios.items():
         print(f"{k:<32} {v:.2f}")
     for r in R.get("worker", []):
-        print(f"\nworker max_records={r['batch_max_records']}: stage  mean ms  p99 ms  share of wall")
+        print(f"\nworker max_records={r['batch_max_records']} budget {r.get('target_latency_ms', 0):g} ms: "
+              "stage  mean ms  p99 ms  share of wall")
         for stage, v in r["stages"].items():
             print(f"  {stage:<12} {v['mean_ms']:>8.3f} {v['p99_ms']:>7.2f} {v['seconds'] / r['seconds']:>8.1%}")
     return ratios
@@ -228,7 +233,10 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, nargs="+", default=[512, 1024],
                     help="worker batch.max_records values for (c)")
-    ap.add_argument("--max-wait-ms", type=int, default=20, help="worker batch.max_wait_ms")
+    ap.add_argument("--max-wait-ms", type=int, default=0, help="worker batch.max_wait_ms")
+    ap.add_argument("--target-latency-ms", type=float, nargs="+", default=[None],
+                    help="worker batch.target_latency_ms values for (c) (default: the worker's; "
+                         "0: no budget)")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (worker and naive)")
     ap.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
@@ -280,11 +288,12 @@ def main(argv=None) -> int:
             bench.log(f"  {R['naive']['msgs_per_s']:.0f} msg/s")
         if "c" in args.only:
             R["worker"] = []
-            for i, b in enumerate(args.batch):
-                bench.log(f"(c) worker batch.max_records={b} ...")
+            runs = [(b, t) for b in args.batch for t in args.target_latency_ms]
+            for i, (b, t) in enumerate(runs):
+                bench.log(f"(c) worker batch.max_records={b} target_latency_ms={t} ...")
                 names = backlog(f"w{b}", args.messages, 3 + i)
                 r = run_worker(bench, model_dir, names, args.messages, b, args.max_wait_ms,
-                               args.threads)
+                               args.threads, t)
                 R["worker"].append(r)
                 bench.log(f"  {r['msgs_per_s']:.0f} msg/s, mean batch {r['mean_batch']:.0f}")
     res["machine"]["loadavg_end"] = __import__("os").getloadavg()

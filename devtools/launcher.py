@@ -52,19 +52,20 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
 class WorkerProcess:
     """``python -m worker run ARGS`` (or another module's CLI with ``module=``) in its own
     process group, with its own metrics port and its output in a log file (a temporary one
-    unless ``log_path`` is given; ``log=False`` discards it). ``env`` adds to a copy of this
+    unless ``log_path`` is given; ``log=False`` discards it), pinned to ``cpus`` if given. ``env`` adds to a copy of this
     process's environment without its ``GRU_*`` variables."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
                  log_path: Path | None = None, port: int | None = None,
                  module: str = "worker", command: Sequence[str] = ("run",),
-                 log: bool = True) -> None:
+                 log: bool = True, cpus: set[int] | None = None) -> None:
         self.args, self.extra_env = list(args), dict(env or {})
         self.port = port or free_port()
         if log and log_path is None:
             log_path = Path(tempfile.mkdtemp(prefix="gru-worker-")) / "worker.log"
         self.log_path = log_path
         self.module, self.command = module, list(command)
+        self.cpus = cpus  # CPU affinity of the process and every thread it starts
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -85,11 +86,22 @@ class WorkerProcess:
         try:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent(os.getpid()))
+                                         preexec_fn=self._preexec())
         finally:
             if log is not None:
                 log.close()
         return self
+
+    def _preexec(self):
+        own_group = die_with_parent(os.getpid())
+        if self.cpus is None:
+            return own_group
+        cpus = set(self.cpus)
+
+        def preexec() -> None:
+            own_group()
+            os.sched_setaffinity(0, cpus)
+        return preexec
 
     # --- state ----------------------------------------------------------------------------
 

@@ -1,0 +1,335 @@
+"""Latency at fixed offered loads, open loop, against real local services.
+
+    .venv/bin/python -m bench.latency [--modes pinned unpinned] [--rates 0.1 0.25 0.5 0.75]
+        [--seconds 20] [--variant NAME:GRU_X=V,GRU_Y=W ...]
+
+For each mode:
+
+1. **Services.** tansu and a private redis-server. ``pinned``: this process, and so the
+   broker, Redis, the feeder and the collector it starts, run on CPU 1; the worker runs alone
+   on CPU 0 (``sched_setaffinity``, as ``taskset`` does). ``unpinned``: no affinity.
+2. **Max.** The worker (a real ``python -m worker run`` process, default settings) drains a
+   backlog that a librdkafka producer writes as fast as it can. Its rate between 10 % and
+   90 % of the backlog, read from its own counters, is this run's max.
+3. **Rates.** For each fraction of that max, a feeder process (librdkafka) sends record ``i``
+   at its scheduled time ``t0 + i / rate``, whatever the worker does: the feeder never waits
+   on it. A collector process (librdkafka, fetch wait 5 ms) stamps each prediction's
+   arrival. Latency = arrival - scheduled time, so a feeder that falls behind counts against
+   the worker, never for it (no coordinated omission). The first ``--warmup`` seconds of each
+   rate are left out. Per-stage p99s and GC pauses come from the worker's /metrics, scraped
+   around each rate.
+4. **Variants** (optional): the rates again with a worker started with other settings
+   (``--variant nofreeze:GRU_BATCH__GC_FREEZE=false``), each on fresh topics, all at
+   fractions of the same max.
+
+Writes bench/results/latency-<date>.json and prints one table per mode and variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import common
+from bench.common import Bench
+
+COLLECTOR_FETCH_WAIT_MS = 5
+
+
+# --- the feeder and the collector (child processes) ---------------------------------------
+
+def feed(args) -> int:
+    """Send ``rate * seconds`` records on schedule (``rate`` 0: all at once)."""
+    import confluent_kafka
+    n = args.count
+    pairs = common.stream(args.sessions, args.tokens, n, args.seed, args.prefix)
+    p = confluent_kafka.Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 1,
+                                  "acks": "all", "queue.buffering.max.messages": 2_000_000,
+                                  "queue.buffering.max.kbytes": 2_000_000})
+    sent = np.zeros(n)
+    t0 = time.time() + 0.3
+    i = 0
+    while time.time() < t0:
+        time.sleep(0.01)
+    while i < n:
+        now = time.time()
+        due = n if args.rate <= 0 else min(n, int((now - t0) * args.rate) + 1)
+        while i < due:
+            key, value = pairs[i]
+            try:
+                p.produce(args.topic, value, key)
+            except BufferError:
+                p.poll(0.01)
+                continue
+            sent[i] = time.time()
+            i += 1
+        p.poll(0)
+        if i < n and args.rate > 0:
+            wait = t0 + i / args.rate - time.time()
+            if wait > 0:
+                time.sleep(min(wait, 0.002))
+    left = p.flush(60)
+    sids, seqs = zip(*((json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs))
+    np.savez(args.out, t0=t0, rate=args.rate, sent=sent, sid=np.array(sids), seq=np.array(seqs),
+             unflushed=left)
+    return 0
+
+
+def collect(args) -> int:
+    """Stamp every record of ``--topic`` with its arrival until SIGTERM; then write them."""
+    import confluent_kafka
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    c = confluent_kafka.Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"lat-{os.getpid()}",
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": COLLECTOR_FETCH_WAIT_MS,
+                                  "fetch.min.bytes": 1, "auto.offset.reset": "earliest"})
+    c.assign([confluent_kafka.TopicPartition(args.topic, p, confluent_kafka.OFFSET_BEGINNING)
+              for p in range(args.partitions)])
+    arrivals, values = [], []
+    c.consume(1, 0.5)
+    print("ready", flush=True)
+    while not stop:
+        msgs = c.consume(2000, 0.05)
+        t = time.time()
+        for m in msgs:
+            if m.error() is None:
+                arrivals.append(t)
+                values.append(m.value())
+    c.close()
+    sids, seqs = [], []
+    for v in values:
+        d = json.loads(v)
+        sids.append(d["session_id"])
+        seqs.append(d["seq"])
+    np.savez(args.out, arrival=np.array(arrivals), sid=np.array(sids), seq=np.array(seqs))
+    return 0
+
+
+# --- one worker on fresh topics, and its phases ---------------------------------------------
+
+class Rig:
+    """A worker process, a collector process and fresh topics for one mode and variant."""
+
+    def __init__(self, bench: Bench, model_dir: Path, args, tag: str, env: dict[str, str],
+                 worker_cpus: set[int] | None, workdir: Path) -> None:
+        from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
+        self.bench, self.args, self.workdir, self.tag = bench, args, workdir, tag
+        self.names = bench.fresh(tag)
+        n = self.names
+        self.collector_out = workdir / f"{tag}-collected.npz"
+        self.collector = subprocess.Popen(
+            [sys.executable, "-m", "bench.latency", "_collect", "--bootstrap", bench.kafka.bootstrap,
+             "--topic", n["out"], "--partitions", str(args.partitions), "--out", str(self.collector_out)],
+            cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.collector.stdout.readline().strip() == "ready"
+        self.worker = WorkerProcess(
+            ["--bootstrap", bench.kafka.bootstrap, "--input-topic", n["in"], "--output-topic", n["out"],
+             "--group", n["group"], "--redis-url", bench.redis.url, "--redis-prefix", n["prefix"],
+             "--model-dir", str(model_dir), "--threads", "1", "--log-level", "WARNING",
+             *TEST_GROUP_TIMEOUTS],
+            env={"GRU_KAFKA__DLQ_TOPIC": n["dlq"], **env}, cpus=worker_cpus,
+            log_path=workdir / f"{tag}-worker.log").start()
+        self.worker.wait_ready(90)
+        self.phases: list[dict] = []
+
+    def ok(self) -> float:
+        return self.worker.outcome("ok")
+
+    def run_phase(self, name: str, rate: float, count: int, seed: int) -> dict:
+        """Feed ``count`` records at ``rate`` (0: at once); wait until the worker applied them."""
+        from devtools.launcher import parse_metrics
+        out = self.workdir / f"{self.tag}-{name}-fed.npz"
+        start_ok = self.ok()
+        before = parse_metrics(self.worker.get("/metrics")[1])
+        feeder = subprocess.Popen(
+            [sys.executable, "-m", "bench.latency", "_feed", "--bootstrap", self.bench.kafka.bootstrap,
+             "--topic", self.names["in"], "--rate", str(rate), "--count", str(count),
+             "--sessions", str(self.args.sessions), "--tokens", str(self.args.tokens),
+             "--seed", str(seed), "--prefix", f"{self.tag}-{name}-", "--out", str(out)],
+            cwd=common.ROOT)
+        progress = []  # (time, applied) while the worker drains: the max rate comes from it
+        deadline = None
+        while True:
+            done = self.ok() - start_ok
+            progress.append((time.time(), done))
+            if done >= count:
+                break
+            if feeder.poll() is not None:
+                if feeder.returncode:
+                    raise RuntimeError(f"feeder failed ({feeder.returncode})")
+                deadline = deadline or time.time() + 60
+                if time.time() > deadline:
+                    raise RuntimeError(f"{name}: the worker applied {done} of {count}")
+            time.sleep(0.25)
+        feeder.wait(120)
+        time.sleep(1.0)  # the last predictions reach the collector
+        after = parse_metrics(self.worker.get("/metrics")[1])
+        phase = {"name": name, "rate": rate, "count": count, "fed": str(out),
+                 "stages": common.stage_report(common.stages_from_text(before),
+                                               common.stages_from_text(after)),
+                 "progress": progress}
+        self.phases.append(phase)
+        return phase
+
+    def close(self) -> dict[str, np.ndarray]:
+        self.worker.terminate(30)
+        self.collector.send_signal(signal.SIGTERM)
+        self.collector.wait(60)
+        return dict(np.load(self.collector_out))
+
+
+def max_rate(progress: list[tuple[float, float]], count: int) -> float:
+    """Messages per second between 10 % and 90 % of ``count`` applied (interpolated)."""
+    t = np.array([p[0] for p in progress])
+    d = np.array([p[1] for p in progress])
+    lo, hi = np.interp([0.1 * count, 0.9 * count], d, t)
+    return 0.8 * count / (hi - lo)
+
+
+def latencies(phase: dict, collected: dict[str, np.ndarray], warmup_s: float) -> dict:
+    fed = np.load(phase["fed"])
+    index = {(s, int(q)): i for i, (s, q) in enumerate(zip(fed["sid"].tolist(), fed["seq"].tolist()))}
+    arrival = np.full(len(index), np.nan)
+    for s, q, a in zip(collected["sid"].tolist(), collected["seq"].tolist(),
+                       collected["arrival"].tolist()):
+        i = index.get((s, int(q)))
+        if i is not None and not arrival[i] <= a:  # first arrival wins (NaN compares false)
+            arrival[i] = a
+    rate, t0 = float(fed["rate"]), float(fed["t0"])
+    scheduled = t0 + np.arange(len(index)) / rate
+    keep = scheduled >= t0 + warmup_s
+    lat = (arrival - scheduled)[keep] * 1000
+    missing = int(np.isnan(lat).sum())
+    lat = lat[~np.isnan(lat)]
+    behind = (fed["sent"] - scheduled)[keep] * 1000  # how late the feeder sent
+    q = lambda v: round(float(np.percentile(lat, v)), 2) if lat.size else None
+    return {"samples": int(lat.size), "missing": missing, "p50_ms": q(50), "p90_ms": q(90),
+            "p99_ms": q(99), "p99_9_ms": q(99.9), "max_ms": round(float(lat.max()), 2) if lat.size else None,
+            "feeder_late_p99_ms": round(float(np.percentile(behind, 99)), 3)}
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    env = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return name, env
+
+
+def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "pinned":
+        if len(cpus) < 2:
+            raise SystemExit("pinned mode needs two CPUs")
+        worker_cpus, others = {cpus[0]}, {cpus[1]}
+        os.sched_setaffinity(0, others)  # the services, feeder and collector inherit it
+    else:
+        worker_cpus = None
+    out: dict = {"mode": mode, "worker_cpus": sorted(worker_cpus) if worker_cpus else "any",
+                 "variants": {}}
+    try:
+        with Bench(args.partitions) as bench:
+            bench.log(f"[{mode}] tansu {bench.kafka.bootstrap}, redis {bench.redis.url}")
+            peak = None
+            for vi, (vname, env) in enumerate([("default", {})] + [parse_variant(v) for v in args.variant]):
+                rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}", env, worker_cpus, workdir)
+                try:
+                    if peak is None:
+                        ph = rig.run_phase("max", 0, args.max_messages, 100)
+                        peak = max_rate(ph["progress"], args.max_messages)
+                        out["max_msgs_per_s"] = round(peak, 1)
+                        out["max_stages"] = ph["stages"]
+                        bench.log(f"[{mode}] max {peak:.0f} msg/s")
+                    for ri, frac in enumerate(args.rates):
+                        rate = frac * peak
+                        count = int(rate * args.seconds)
+                        bench.log(f"[{mode}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for {args.seconds:g} s")
+                        rig.run_phase(f"r{frac:g}", rate, count, 200 + ri)
+                finally:
+                    collected = rig.close()
+                rows = []
+                for ph in rig.phases:
+                    ph.pop("progress", None)
+                    if ph["rate"] > 0:
+                        ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
+                        ph["latency"] = latencies(ph, collected, args.warmup)
+                    rows.append(ph)
+                out["variants"][vname] = {"env": env, "phases": rows}
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+    return out
+
+
+def print_mode(res: dict) -> None:
+    print(f"\n== {res['mode']} (worker on CPUs {res['worker_cpus']}), max {res['max_msgs_per_s']:.0f} msg/s")
+    for vname, v in res["variants"].items():
+        print(f"-- variant {vname} {v['env'] or ''}")
+        print(f"{'load':>6} {'msg/s':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}  "
+              f"{'n':>6} {'miss':>4}  per-stage p99 ms (batch, poll, load, engine, store, produce, commit, gc2)")
+        for ph in v["phases"]:
+            if "latency" not in ph:
+                continue
+            lat, st = ph["latency"], ph["stages"]
+            p = lambda k: f"{st[k]['p99_ms']:.1f}" if k in st else "-"
+            print(f"{ph['fraction_of_max']:>6.0%} {ph['rate']:>7.0f} {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f} "
+                  f"{lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  {lat['samples']:>6} {lat['missing']:>4}  "
+                  f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, {p('redis_write')}, "
+                  f"{p('produce')}, {p('commit')}, {p('gc_gen2')}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("_feed", "_collect"):
+        ap = argparse.ArgumentParser()
+        for a in ("--bootstrap", "--topic", "--out", "--prefix"):
+            ap.add_argument(a)
+        for a in ("--count", "--sessions", "--tokens", "--seed", "--partitions"):
+            ap.add_argument(a, type=int, default=0)
+        ap.add_argument("--rate", type=float, default=0)
+        a = ap.parse_args(argv[1:])
+        return feed(a) if argv[0] == "_feed" else collect(a)
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=["pinned", "unpinned"], choices=["pinned", "unpinned"])
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75],
+                    help="fractions of the measured max")
+    ap.add_argument("--seconds", type=float, default=20.0, help="per rate")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds left out at each rate's start")
+    ap.add_argument("--max-messages", type=int, default=40000, help="backlog for the max")
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--tokens", type=int, default=4, help="tokens per message")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:ENV=VALUE,... a worker with other settings, at the same rates")
+    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    model_dir = common.resolve_model(args.model)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    res = {"argv": sys.argv, "machine": common.machine(), "model": {"dir": str(model_dir), **{
+        k: cfg.get(k) for k in ("model_id", "embed_dim", "hidden_size", "num_layers")}},
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "collector_fetch_wait_ms": COLLECTOR_FETCH_WAIT_MS, "modes": []}
+    import tempfile
+    workdir = Path(tempfile.mkdtemp(prefix="gru-latency-"))
+    with contextlib.suppress(KeyboardInterrupt):
+        for mode in args.modes:
+            res["modes"].append(run_mode(mode, args, model_dir, workdir))
+            print_mode(res["modes"][-1])
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    common.write_result("latency", res, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
