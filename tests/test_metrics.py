@@ -43,3 +43,13 @@ def test_active_sessions_forget_the_least_recently_seen_first():
     assert m.registry.get_sample_value("gru_active_sessions") == 2
     m.saw_sessions([], now=30.0)
     assert m.registry.get_sample_value("gru_active_sessions") == 0
+
+
+def test_pruning_is_bounded_per_call_and_catches_up():
+    m = Metrics(CollectorRegistry(), active_window_s=10)
+    m.saw_sessions([f"s{i}" for i in range(5000)], now=0.0)
+    m.saw_sessions([], now=20.0)  # all expired: one call prunes at most PRUNE_PER_CALL
+    assert len(m._seen) == 5000 - Metrics.PRUNE_PER_CALL
+    m.saw_sessions([], now=21.0)
+    m.saw_sessions([], now=22.0)
+    assert m.registry.get_sample_value("gru_active_sessions") == 0

@@ -80,6 +80,8 @@ def _le(bound: float) -> str:
 
 
 class Metrics:
+    PRUNE_PER_CALL = 2000
+
     def __init__(self, registry: CollectorRegistry, active_window_s: float = 300.0) -> None:
         self.registry = registry
         r = registry
@@ -181,7 +183,9 @@ class Metrics:
             seen[sid] = now
             seen.move_to_end(sid)
         cutoff = now - self._window
-        while seen:
+        for _ in range(self.PRUNE_PER_CALL):  # bounded: the gauge catches up over a few calls
+            if not seen:
+                break
             sid, t = next(iter(seen.items()))
             if t >= cutoff:
                 break
