@@ -23,15 +23,12 @@ def test_gc_pauses_are_observed_by_generation():
     assert count("2") >= 1  # no longer watched: nothing raises, nothing more is required
 
 
-def test_quiet_gc_freezes_the_heap_and_raises_the_young_threshold():
-    before = gc.get_threshold()
+def test_quiet_gc_freezes_the_heap():
     try:
         quiet_gc()
         assert gc.get_freeze_count() > 1000
-        assert gc.get_threshold()[0] == 20_000
     finally:
         gc.unfreeze()
-        gc.set_threshold(*before)
 
 
 def test_active_sessions_forget_the_least_recently_seen_first():

@@ -137,8 +137,8 @@ class BatchSettings(BaseModel):
                                      "time passes it (0: off, batches take up to max_records)",
                                      json_schema_extra=flag("--target-latency-ms"))
     gc_freeze: bool = Field(True, description="after start-up, move every object into the "
-                            "garbage collector's permanent generation and collect young objects "
-                            "less often (fewer, shorter pauses)")
+                            "garbage collector's permanent generation (no full collection walks "
+                            "the model and the clients again)")
 
 
 class LimitSettings(BaseModel):
