@@ -3,6 +3,7 @@ sessions, how fast a lost Redis is rebuilt; and the deployment those figures imp
 
     python -m bench.capacity [measure] [--sizes 10000 100000 1000000] [--only mwr]
     python -m bench.capacity plan --msgs-per-s 20000 --sessions 50000 [--ttl-s 86400] ...
+    python -m bench.capacity table     # the sizing table of docs/capacity.md
 
 ``measure`` starts its own services (a private redis-server per layout, a one-node Redis
 Cluster, tansu; the shared Redis is never touched) and writes
@@ -262,13 +263,12 @@ def measure_worker(bench: Bench, model_dir: Path, clf, args, log) -> list[dict]:
             f"{r['stages'].get('batch', {}).get('p99_ms')} ms, outcomes {r['outcomes']}")
 
     per = -(-args.messages // 1000)
-    for rnd in range(args.repeat):
+    for rnd in range(args.repeat):  # each round: a Redis of 1k keys, then one of 1M
         client.flushall()  # the private server of this bench only
         populate(f"small{rnd}", 1000)
         one("1k", f"small{rnd}", list(range(1000)), per, 10 + rnd)
-        if rnd == 0:
-            client.flushall()
-            populate("big", big)
+        client.flushall()
+        populate("big", big)
         ids = order[taken:taken + 1000]
         taken += 1000
         one("1M-same-shape", "big", ids, per, 20 + rnd)
@@ -316,6 +316,14 @@ def measure(args) -> int:
             from bench import rebuild
             res["rebuild"] = rebuild.main(["--sessions", str(args.rebuild_sessions),
                                            "--messages", "2", "--model", str(model_dir)])
+    if args.merge:  # sections not measured in this run, from an earlier one (named in the result)
+        earlier = json.loads(Path(args.merge).read_text())
+        for section in ("memory", "worker", "rebuild", "input_bytes_per_token"):
+            if section not in res and section in earlier:
+                res[section] = earlier[section]
+                res.setdefault("merged_from", {})[section] = {
+                    "file": Path(args.merge).name, "date": earlier.get("date"),
+                    "machine": earlier.get("machine")}
     res["machine"]["loadavg_end"] = __import__("os").getloadavg()
     with contextlib.suppress(Exception):
         res["constants"] = sizing.Measured.from_result(res).as_dict()
@@ -334,12 +342,35 @@ def plan(args) -> int:
     return 0
 
 
+def table(args) -> int:
+    """The docs' sizing table: 10k / 100k / 1M msg/s against 1M / 10M / 100M sessions."""
+    m = sizing.Measured.load(args.results)
+    print("| msg/s | sessions | partitions | worker processes (cores) | Redis shards "
+          "(memory / CPU) | Redis used / resident GiB | fullest shard GiB | Kafka in / out "
+          "MB/s | Redis MB/s | full rebuild h |")
+    print("|" + "---:|" * 10)
+    for rate in (10_000, 100_000, 1_000_000):
+        for n in (1_000_000, 10_000_000, 100_000_000):
+            p = sizing.Profile(msgs_per_s=rate, sessions=n)
+            pl = sizing.plan(p, m)
+            print(f"| {rate:,} | {n:,} | {pl.partitions} | {pl.worker_processes} "
+                  f"({pl.worker_cores:g}) | {pl.redis_shards} ({pl.redis_shards_for_memory} / "
+                  f"{pl.redis_shards_for_cpu}) | {pl.redis_memory_gib:,.1f} / "
+                  f"{pl.redis_rss_gib:,.1f} | {pl.shard_memory_gib:,.1f} | "
+                  f"{rate * pl.kafka_in_bytes_per_msg / 1e6:,.1f} / "
+                  f"{rate * pl.kafka_out_bytes_per_msg / 1e6:,.1f} | "
+                  f"{rate * pl.redis_bytes_per_msg / 1e6:,.1f} | {pl.rebuild_hours:,.1f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="measure on this machine (the default)")
     p = sub.add_parser("plan", help="print the deployment for a traffic profile")
+    t = sub.add_parser("table", help="the sizing table of docs/capacity.md")
+    t.add_argument("--results", default=None, help="a capacity-*.json (default: the newest)")
     for a in (ap, m):
         a.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
         a.add_argument("--cluster-sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -354,6 +385,8 @@ def main(argv=None) -> int:
         a.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
         a.add_argument("--only", default="mwr", help="m memory, w worker, r rebuild")
         a.add_argument("--out", default=None)
+        a.add_argument("--merge", default=None,
+                       help="an earlier capacity result: take the sections not in --only from it")
     p.add_argument("--msgs-per-s", type=float, required=True)
     p.add_argument("--sessions", type=float, required=True,
                    help="session states resident in Redis (live, and idle within the TTL)")
@@ -370,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--single-redis", action="store_true", help="one Redis, not a Cluster")
     p.add_argument("--results", default=None, help="a capacity-*.json (default: the newest)")
     args = ap.parse_args(argv)
+    if args.command == "table":
+        return table(args)
     return plan(args) if args.command == "plan" else measure(args)
 
 

@@ -70,10 +70,11 @@ class Measured:
     redis_key_overhead: float  # bytes per state beyond its allocated value and key
     cluster_key_overhead: float  # the same on a cluster-enabled node
     rss_ratio: float  # used_memory_rss / used_memory at the largest size
-    worker_msgs_per_s: float  # one CPU process, 1M live sessions, each message a new session
-    worker_cores: float  # cores that process used at that rate
+    worker_cpu_us_per_msg: float  # CPU of one process (all threads), 1M live sessions
+    worker_cores_per_process: float  # what one saturated process uses (GIL-bound: ~1 core)
     worker_tokens: int  # tokens per message of those runs
-    step_us_per_token: float  # the model step's part of a process' time
+    step_share: float  # the model step's share of a process' time in those runs
+    worker_msgs_per_s_wall: float  # the rate seen on the (shared, contended) box
     redis_cpu_us_per_msg: float
     redis_net_in_per_msg: float  # worker -> Redis
     redis_net_out_per_msg: float  # Redis -> worker
@@ -99,10 +100,11 @@ class Measured:
                                         "python -m bench.capacity measure")
             path = found[-1]
         res = json.loads(Path(path).read_text())
-        return cls.from_result(res, str(path), _gpu_figures(RESULTS))
+        return cls.from_result(res, str(path), _gpu_figures(RESULTS), _process_cores(RESULTS))
 
     @classmethod
-    def from_result(cls, res: dict, source: str = "", gpu: dict | None = None) -> "Measured":
+    def from_result(cls, res: dict, source: str = "", gpu: dict | None = None,
+                    processes: dict | None = None) -> "Measured":
         m = res["model"]
         mem = res["memory"]
         big = [row for row in mem["layouts"]]
@@ -118,18 +120,19 @@ class Measured:
         cover = crow["points"][-1]["bytes_per_session"] - allocated_bytes(cvalue,
                                                                           crow["key_bytes"])
         wide = [r for r in res["worker"] if r["case"] == "1M-distinct"]
-        rate = _median([r["msgs_per_s"] for r in wide])
-        step = _median([r["stages"]["model_step"]["seconds"] / r["messages"] * 1e6
-                        for r in wide]) / res["params"]["tokens"]
+        share = _median([r["stages"]["model_step"]["seconds"] / r["seconds"] for r in wide])
         g = gpu or {}
         return cls(
             source=source, machine=f"{res['machine'].get('cpu', '?')}, "
                                    f"{res['machine'].get('cpus')} vCPU, {res.get('date', '')}",
             hidden=m["hidden"], layers=m["layers"], embed=m["embed"], labels=m["labels"],
             redis_key_overhead=round(_mean(over), 1), cluster_key_overhead=round(cover, 1),
-            rss_ratio=round(max(ratio), 3), worker_msgs_per_s=round(rate),
-            worker_cores=round(_median([r["cpu"]["bench_process"]["cores"] for r in wide]), 2),
-            worker_tokens=res["params"]["tokens"], step_us_per_token=round(step, 2),
+            rss_ratio=round(max(ratio), 3),
+            worker_cpu_us_per_msg=round(_median([r["cpu"]["bench_process"]["cpu_us_per_msg"]
+                                                 for r in wide]), 1),
+            worker_cores_per_process=(processes or {}).get("cores", 0.95),
+            worker_tokens=res["params"]["tokens"], step_share=round(share, 3),
+            worker_msgs_per_s_wall=round(_median([r["msgs_per_s"] for r in wide])),
             redis_cpu_us_per_msg=round(_median([r["cpu"]["redis"]["cpu_us_per_msg"]
                                                 for r in wide]), 2),
             redis_net_in_per_msg=_median([r["redis_net_in_per_msg"] for r in wide]),
@@ -140,17 +143,21 @@ class Measured:
             kafka_out_bytes_per_msg=_median([r["output_bytes_per_msg"] for r in wide]),
             rebuild_msgs_per_s=float(res["rebuild"]["rebuild_msg_per_s"]),
             gpu_tokens_per_s=g.get("tokens_per_s"), gpu_engine_ms_512=g.get("engine_512"),
-            notes={"gpu_source": g.get("source")})
+            notes={"gpu_source": g.get("source"),
+                   "cores_per_process_source": (processes or {}).get("source")})
+
+
+GPU_RESULT = "gpu_step-2026-11-26-h100-fused.json"  # the H100 re-run after the fused step
 
 
 def _gpu_figures(results: Path) -> dict:
     """The H100 step (fp32, CUDA graph, 8192 sessions x 4 tokens, with pinned transfers) and
-    the engine per 512-message batch on GPU and CPU, from the newest gpu_step result."""
-    found = sorted(results.glob("gpu_step-*.json"))
-    if not found:
+    the engine per 512-message batch on GPU and CPU (docs/benchmarks.md)."""
+    path = results / GPU_RESULT
+    if not path.exists():
         return {}
-    rows = json.loads(found[-1].read_text())
-    out: dict = {"source": found[-1].name}
+    rows = json.loads(path.read_text())
+    out: dict = {"source": path.name}
     for r in rows:
         if (r.get("section"), r.get("dtype"), r.get("mode"), r.get("batch")) == \
                 ("step", "float32", "graph", 8192):
@@ -160,6 +167,18 @@ def _gpu_figures(results: Path) -> dict:
     if {"cuda", "cpu"} <= set(eng):
         out["engine_512"] = (eng["cuda"], eng["cpu"])
     return out
+
+
+def _process_cores(results: Path) -> dict:
+    """Cores one saturated worker process used: the single-process runs of bench/processes.py
+    (a quiet 2-core box, 2026-11-26), median."""
+    cores, names = [], []
+    for path in sorted(results.glob("processes-*.json")):
+        for r in json.loads(path.read_text()).get("runs", []):
+            if r.get("processes") == 1 and "worker0" in r.get("cpu", {}):
+                cores.append(r["cpu"]["worker0"]["cores"])
+                names.append(path.name)
+    return {"cores": _median(cores), "source": sorted(set(names))} if cores else {}
 
 
 def _median(xs: list[float]) -> float:
@@ -243,11 +262,16 @@ def step_scale(p: Profile, m: Measured) -> float:
 
 
 def process_cost_us(p: Profile, m: Measured) -> tuple[float, float]:
-    """(µs of one process per message, µs of it in the model step): the measured cost per
+    """(CPU µs of one process per message, µs of it in the model step): the measured CPU per
     message, its step part rescaled to the profile's tokens and model size."""
-    per_msg = 1e6 / m.worker_msgs_per_s
-    step = m.step_us_per_token * step_scale(p, m) * p.tokens_per_message
-    return per_msg - m.step_us_per_token * m.worker_tokens + step, step
+    step_measured = m.worker_cpu_us_per_msg * m.step_share
+    step = step_measured * step_scale(p, m) * p.tokens_per_message / m.worker_tokens
+    return m.worker_cpu_us_per_msg - step_measured + step, step
+
+
+def process_rate(p: Profile, m: Measured) -> float:
+    """Messages per second of one process that has its own core."""
+    return m.worker_cores_per_process * 1e6 / process_cost_us(p, m)[0]
 
 
 def bytes_per_session(p: Profile, m: Measured, partitions: int = 64) -> tuple[float, float]:
@@ -275,7 +299,7 @@ def fullest_shard_share(partitions: int, shards: int) -> float:
 
 def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
     cost, step = process_cost_us(p, m)
-    rate = 1e6 / cost
+    rate = process_rate(p, m)
     workers = max(1, math.ceil(p.msgs_per_s / (rate * policy.worker_utilisation)))
 
     value, per_session = bytes_per_session(p, m)
@@ -312,7 +336,8 @@ def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
         pays = step / cost >= 0.5  # moving the step off the CPU at least halves the processes
     return Plan(
         partitions=partitions, worker_processes=workers,
-        worker_cores=round(workers * m.worker_cores, 1), process_msgs_per_s=round(rate),
+        worker_cores=round(workers * m.worker_cores_per_process, 1),
+        process_msgs_per_s=round(rate),
         step_share=round(step / cost, 3), redis_shards=shards,
         redis_shards_for_memory=for_memory, redis_shards_for_cpu=for_cpu,
         value_bytes=value, bytes_per_session=round(per_session, 1),

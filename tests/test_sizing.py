@@ -17,7 +17,8 @@ from worker.state import Keys
 M = Measured(
     source="", machine="test", hidden=128, layers=1, embed=512, labels=5,
     redis_key_overhead=100.0, cluster_key_overhead=120.0, rss_ratio=1.1,
-    worker_msgs_per_s=5000, worker_cores=1.2, worker_tokens=4, step_us_per_token=10.0,
+    worker_cpu_us_per_msg=200.0, worker_cores_per_process=1.0, worker_tokens=4,
+    step_share=0.2, worker_msgs_per_s_wall=3000,
     redis_cpu_us_per_msg=5.0, redis_net_in_per_msg=800.0, redis_net_out_per_msg=700.0,
     measured_value_bytes=601.0, kafka_in_bytes_per_msg=100.0, kafka_in_bytes_per_token=8.0,
     kafka_out_bytes_per_msg=300.0, rebuild_msgs_per_s=8000.0, gpu_tokens_per_s=6e7,
@@ -48,12 +49,13 @@ def test_key_bytes_are_the_real_key_layout(cluster):
         len(keys.session(sid, ("tokens", 63)))
 
 
-def test_the_measured_profile_gives_back_the_measured_rate():
+def test_the_measured_profile_gives_back_the_measured_cost():
     cost, step = sizing.process_cost_us(Profile(msgs_per_s=1, sessions=1), M)
-    assert cost == pytest.approx(1e6 / M.worker_msgs_per_s) and step == pytest.approx(40.0)
+    assert cost == pytest.approx(200.0) and step == pytest.approx(40.0)
+    assert sizing.process_rate(Profile(msgs_per_s=1, sessions=1), M) == pytest.approx(5000)
     wider = Profile(msgs_per_s=1, sessions=1, hidden=256, tokens_per_message=8)
-    # step per token x (256 (512 + 256)) / (128 (512 + 128)) = 2.4, twice the tokens
-    assert sizing.process_cost_us(wider, M)[1] == pytest.approx(10.0 * 2.4 * 8)
+    # the step: x (256 (512 + 256)) / (128 (512 + 128)) = 2.4, and twice the tokens
+    assert sizing.process_cost_us(wider, M) == pytest.approx((160 + 40 * 2.4 * 2, 40 * 2.4 * 2))
 
 
 def test_memory_is_sessions_times_bytes_per_session():
@@ -81,7 +83,7 @@ def test_tombstones_add_to_memory():
 def test_a_plan_meets_its_own_constraints(msgs, sessions):
     pol = Policy()
     pl = sizing.plan(Profile(msgs_per_s=msgs, sessions=sessions), M, pol)
-    rate = 1e6 / sizing.process_cost_us(Profile(msgs_per_s=msgs, sessions=sessions), M)[0]
+    rate = sizing.process_rate(Profile(msgs_per_s=msgs, sessions=sessions), M)
     assert pl.worker_processes * rate * pol.worker_utilisation >= msgs
     assert (pl.worker_processes - 1) * rate * pol.worker_utilisation < msgs
     assert pl.partitions >= pl.worker_processes * pol.partitions_per_worker
