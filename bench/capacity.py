@@ -333,11 +333,17 @@ def measure(args) -> int:
 
 def plan(args) -> int:
     measured = sizing.Measured.load(args.results)
+    sessions, ends = args.sessions, args.ends_per_s
+    if sessions is None:
+        if args.concurrent is None or args.session_s is None:
+            raise SystemExit("give --sessions, or --concurrent and --session-s")
+        sessions, ends = sizing.resident_sessions(args.concurrent, args.session_s, args.ttl_s,
+                                                  args.send_end)
     profile = sizing.Profile(
-        msgs_per_s=args.msgs_per_s, sessions=args.sessions, tokens_per_message=args.tokens,
+        msgs_per_s=args.msgs_per_s, sessions=sessions, tokens_per_message=args.tokens,
         ttl_s=args.ttl_s, hidden=args.hidden, layers=args.layers, embed=args.embed,
         dtype=args.state_dtype, outbox=args.outbox, cluster=not args.single_redis,
-        session_id_len=args.session_id_len, ends_per_s=args.ends_per_s)
+        session_id_len=args.session_id_len, ends_per_s=ends)
     print(sizing.render(sizing.plan(profile, measured), profile, measured))
     return 0
 
@@ -388,8 +394,13 @@ def main(argv=None) -> int:
         a.add_argument("--merge", default=None,
                        help="an earlier capacity result: take the sections not in --only from it")
     p.add_argument("--msgs-per-s", type=float, required=True)
-    p.add_argument("--sessions", type=float, required=True,
+    p.add_argument("--sessions", type=float, default=None,
                    help="session states resident in Redis (live, and idle within the TTL)")
+    p.add_argument("--concurrent", type=float, default=None,
+                   help="instead of --sessions: sessions open at once ...")
+    p.add_argument("--session-s", type=float, default=None, help="... lasting this long on average")
+    p.add_argument("--send-end", action="store_true",
+                   help="... whose last message has end=true (else they idle out after the TTL)")
     p.add_argument("--tokens", type=float, default=4, help="tokens per message")
     p.add_argument("--ttl-s", type=float, default=86_400, help="GRU_STATE__TTL_SECONDS")
     p.add_argument("--hidden", type=int, default=None, help="default: the measured model's")

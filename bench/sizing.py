@@ -69,6 +69,7 @@ class Measured:
     labels: int
     redis_key_overhead: float  # bytes per state beyond its allocated value and key
     cluster_key_overhead: float  # the same on a cluster-enabled node
+    redis_shard_fixed: float  # bytes a Redis takes once it holds states, whatever their count
     rss_ratio: float  # used_memory_rss / used_memory at the largest size
     worker_cpu_us_per_msg: float  # CPU of one process (all threads), 1M live sessions
     worker_cores_per_process: float  # what one saturated process uses (GIL-bound: ~1 core)
@@ -108,9 +109,12 @@ class Measured:
         m = res["model"]
         mem = res["memory"]
         big = [row for row in mem["layouts"]]
-        over, ratio = [], []
+        over, ratio, fixed = [], [], []
         for row in big:
-            p = row["points"][-1]
+            p, small = row["points"][-1], row["points"][0]
+            # bytes per session = c + F / n: F from the smallest and the largest size
+            fixed.append((small["bytes_per_session"] - p["bytes_per_session"])
+                         / (1 / small["sessions"] - 1 / p["sessions"]))
             over.append(p["bytes_per_session"] - allocated_bytes(row["value_bytes"],
                                                                  row["key_bytes"]))
             ratio.append(p["used_memory_rss"] / p["used_memory"])
@@ -127,7 +131,7 @@ class Measured:
                                    f"{res['machine'].get('cpus')} vCPU, {res.get('date', '')}",
             hidden=m["hidden"], layers=m["layers"], embed=m["embed"], labels=m["labels"],
             redis_key_overhead=round(_mean(over), 1), cluster_key_overhead=round(cover, 1),
-            rss_ratio=round(max(ratio), 3),
+            redis_shard_fixed=round(_median(fixed)), rss_ratio=round(max(ratio), 3),
             worker_cpu_us_per_msg=round(_median([r["cpu"]["bench_process"]["cpu_us_per_msg"]
                                                  for r in wide]), 1),
             worker_cores_per_process=(processes or {}).get("cores", 0.95),
@@ -218,6 +222,18 @@ class Profile:
     topic: str = "tokens"
 
 
+def resident_sessions(concurrent: float, session_s: float, ttl_s: float,
+                      send_end: bool) -> tuple[float, float]:
+    """(states resident in Redis, sessions ended per second) for ``concurrent`` sessions that
+    last ``session_s`` on average. A session that never sends ``end`` keeps its state for the
+    TTL after its last message, so new sessions per second x (duration + TTL) are resident;
+    one that ends is deleted at once and leaves a tombstone (``Profile.ends_per_s``)."""
+    started_per_s = concurrent / session_s
+    if send_end:
+        return concurrent, started_per_s
+    return started_per_s * (session_s + ttl_s), 0.0
+
+
 @dataclass(frozen=True)
 class Policy:
     """Assumptions, not measurements; docs/capacity.md gives the reason for each."""
@@ -284,6 +300,13 @@ def bytes_per_session(p: Profile, m: Measured, partitions: int = 64) -> tuple[fl
     return value, allocated_bytes(value, key) + over
 
 
+def redis_used_bytes(p: Profile, m: Measured, shards: int, partitions: int = 64) -> float:
+    """used_memory of every state, tombstone and each shard's fixed part, all shards."""
+    per = bytes_per_session(p, m, partitions)[1]
+    return (p.sessions * per + p.ends_per_s * p.end_ttl_s * tombstone_bytes(p, m)
+            + shards * m.redis_shard_fixed)
+
+
 def tombstone_bytes(p: Profile, m: Measured) -> float:
     value = state_value_bytes(0, 0, m.labels, outbox=TOMBSTONE_OUTBOX)
     key = state_key_bytes(p.session_id_len, p.cluster, p.key_prefix, p.namespace, p.topic)
@@ -303,8 +326,7 @@ def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
     workers = max(1, math.ceil(p.msgs_per_s / (rate * policy.worker_utilisation)))
 
     value, per_session = bytes_per_session(p, m)
-    tombstones = p.ends_per_s * p.end_ttl_s
-    used = p.sessions * per_session + tombstones * tombstone_bytes(p, m)
+    used = redis_used_bytes(p, m, 1)
     rss = used * m.rss_ratio
     gib = 2**30
     for_memory = max(1, math.ceil(rss / (policy.shard_data_gib * gib)))
@@ -324,6 +346,8 @@ def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
     if p.cluster:
         partitions = max(partitions, -(-shards * policy.partitions_per_shard // 4) * 4)
 
+    used = redis_used_bytes(p, m, shards)
+    rss = used * m.rss_ratio
     redis_bytes = (m.redis_net_in_per_msg + m.redis_net_out_per_msg
                    + 2 * (value - m.measured_value_bytes))
     replay = p.msgs_per_s * p.ttl_s

@@ -16,7 +16,7 @@ from worker.state import Keys
 
 M = Measured(
     source="", machine="test", hidden=128, layers=1, embed=512, labels=5,
-    redis_key_overhead=100.0, cluster_key_overhead=120.0, rss_ratio=1.1,
+    redis_key_overhead=100.0, cluster_key_overhead=120.0, redis_shard_fixed=0.0, rss_ratio=1.1,
     worker_cpu_us_per_msg=200.0, worker_cores_per_process=1.0, worker_tokens=4,
     step_share=0.2, worker_msgs_per_s_wall=3000,
     redis_cpu_us_per_msg=5.0, redis_net_in_per_msg=800.0, redis_net_out_per_msg=700.0,
@@ -68,6 +68,12 @@ def test_memory_is_sessions_times_bytes_per_session():
     assert pl.redis_rss_gib == pytest.approx(pl.redis_memory_gib * 1.1, abs=0.01)
     half = sizing.plan(dataclasses.replace(p, dtype="float16"), M)
     assert half.bytes_per_session < pl.bytes_per_session
+
+
+def test_each_shard_adds_its_fixed_part():
+    p = Profile(msgs_per_s=1000, sessions=6000)
+    m = dataclasses.replace(M, redis_shard_fixed=250_000)
+    assert sizing.redis_used_bytes(p, m, 3) - sizing.redis_used_bytes(p, M, 3) == 750_000
 
 
 def test_tombstones_add_to_memory():
@@ -125,3 +131,11 @@ def test_the_committed_result_loads_and_plans():
     assert pl.worker_processes >= 1 and pl.redis_shards >= 1 and pl.partitions >= 4
     text = sizing.render(pl, Profile(msgs_per_s=20_000, sessions=50_000), m)
     assert "Kafka partitions" in text and "Redis shards" in text
+
+
+def test_resident_sessions_count_the_ttl_unless_sessions_end():
+    # 50k calls of 5 min: 166.7 new calls per second
+    resident, ends = sizing.resident_sessions(50_000, 300, 86_400, send_end=False)
+    assert resident == pytest.approx(50_000 / 300 * (300 + 86_400)) and ends == 0
+    resident, ends = sizing.resident_sessions(50_000, 300, 86_400, send_end=True)
+    assert resident == 50_000 and ends == pytest.approx(50_000 / 300)
