@@ -108,9 +108,9 @@ class Measured:
                     processes: dict | None = None) -> "Measured":
         m = res["model"]
         mem = res["memory"]
-        big = [row for row in mem["layouts"]]
+        layouts = mem["layouts"]
         over, ratio, fixed = [], [], []
-        for row in big:
+        for row in layouts:
             p, small = row["points"][-1], row["points"][0]
             # bytes per session = c + F / n: F from the smallest and the largest size
             fixed.append((small["bytes_per_session"] - p["bytes_per_session"])
@@ -267,6 +267,7 @@ class Plan:
     redis_bytes_per_msg: float  # both directions
     rebuild_hours: float  # replay of one TTL of input by every planned process
     gpus: int | None  # H100s for the step alone, if moved off the CPU
+    gpu_worker_processes: int | None  # the processes still needed for the rest, with GPUs
     gpu_pays: bool
 
 
@@ -353,8 +354,10 @@ def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
     replay = p.msgs_per_s * p.ttl_s
     rebuild_h = replay / (m.rebuild_msgs_per_s * workers) / 3600
 
-    gpus, pays = None, False
+    gpus, gpu_workers, pays = None, None, False
     if m.gpu_tokens_per_s:
+        rest_rate = m.worker_cores_per_process * 1e6 / (cost - step)
+        gpu_workers = max(1, math.ceil(p.msgs_per_s / (rest_rate * policy.worker_utilisation)))
         gpus = max(1, math.ceil(p.msgs_per_s * p.tokens_per_message * step_scale(p, m)
                                 / (m.gpu_tokens_per_s * policy.gpu_utilisation)))
         pays = step / cost >= 0.5  # moving the step off the CPU at least halves the processes
@@ -371,7 +374,7 @@ def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
         kafka_in_bytes_per_msg=round(in_bytes, 1),
         kafka_out_bytes_per_msg=m.kafka_out_bytes_per_msg,
         redis_bytes_per_msg=round(redis_bytes, 1), rebuild_hours=round(rebuild_h, 2),
-        gpus=gpus, gpu_pays=pays)
+        gpus=gpus, gpu_worker_processes=gpu_workers, gpu_pays=pays)
 
 
 def render(pl: Plan, p: Profile, m: Measured) -> str:
@@ -403,6 +406,7 @@ def render(pl: Plan, p: Profile, m: Measured) -> str:
     if pl.gpus is not None:
         lines.append(
             f"GPU                  {'pays' if pl.gpu_pays else 'does not pay'}: the step is "
-            f"{pl.step_share:.0%} of a process; {pl.gpus} H100 would carry the step alone "
-            f"(step only, not measured end to end)")
+            f"{pl.step_share:.0%} of a process; with the step on {pl.gpus} H100, "
+            f"{pl.gpu_worker_processes} processes instead of {pl.worker_processes} (from the "
+            f"H100 step rate alone: not measured end to end)")
     return "\n".join(lines)

@@ -139,3 +139,10 @@ def test_resident_sessions_count_the_ttl_unless_sessions_end():
     assert resident == pytest.approx(50_000 / 300 * (300 + 86_400)) and ends == 0
     resident, ends = sizing.resident_sessions(50_000, 300, 86_400, send_end=True)
     assert resident == 50_000 and ends == pytest.approx(50_000 / 300)
+
+
+def test_gpus_take_the_step_off_the_processes():
+    pl = sizing.plan(Profile(msgs_per_s=1e5, sessions=1e6), M)
+    # 200 µs per message of which 40 in the step: 160 µs left, 1 core, 60 %
+    assert pl.gpu_worker_processes == math.ceil(1e5 / (1e6 / 160 * 0.6))
+    assert pl.gpus == math.ceil(1e5 * 4 / (6e7 * 0.5))
