@@ -95,7 +95,8 @@ class Measured:
     def load(cls, path: str | Path | None = None) -> "Measured":
         """From a capacity result file (default: the newest under bench/results)."""
         if path is None:
-            found = sorted(RESULTS.glob("capacity-*.json"), key=lambda p: p.stat().st_mtime)
+            found = sorted(RESULTS.glob("capacity-*.json"),  # by the date measured, not mtime
+                           key=lambda p: json.loads(p.read_text()).get("date", ""))
             if not found:
                 raise FileNotFoundError("no bench/results/capacity-*.json: run "
                                         "python -m bench.capacity measure")
