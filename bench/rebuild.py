@@ -75,7 +75,7 @@ def states(client, prefix: str) -> dict[bytes, bytes]:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, default=100_000)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model_dir = common.resolve_model(args.model)
     clf = model.load(model_dir)
     cfg = clf.model.config
@@ -132,6 +132,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     common.write_result("rebuild", result, args.out)
+    return result
 
 
 if __name__ == "__main__":
