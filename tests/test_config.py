@@ -59,7 +59,7 @@ def test_every_flag_reaches_its_setting(monkeypatch):
               "--model-dir": "/m", "--device": "auto", "--threads": "3", "--dtype": "float16",
               "--batch-size": "64", "--batch-wait-ms": "5", "--metrics-host": "127.0.0.1",
               "--metrics-port": "0", "--log-level": "debug", "--max-messages": "9",
-              "--idle-exit": "1.5"}
+              "--idle-exit": "1.5", "--emit": "change", "--min-confidence": "0.6"}
     assert set(values) == {i.flag for i in settings_info() if i.flag}
     parser_ran = main(["run", *[x for kv in values.items() for x in kv]])
     assert parser_ran == 0
@@ -72,7 +72,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
                    "--model-dir": Path("/m"), "--device": "auto", "--threads": 3,
                    "--dtype": "float16", "--batch-size": 64, "--batch-wait-ms": 5,
                    "--metrics-host": "127.0.0.1", "--metrics-port": 0, "--log-level": "DEBUG",
-                   "--max-messages": 9, "--idle-exit": 1.5}
+                   "--max-messages": 9, "--idle-exit": 1.5, "--emit": "change",
+                   "--min-confidence": 0.6}
 
 
 def test_flags_override_env_which_overrides_defaults(monkeypatch):

@@ -21,6 +21,7 @@ from .engine import Engine
 from .kafka_io import KafkaSink, KafkaSource, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics
+from .output import OutputPolicy
 from .ports import StateStore
 from .state import Keys, MemoryStateStore, RedisStateStore
 
@@ -83,13 +84,15 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
              clf.model.config.hidden_size, clf.model.config.num_layers)
     store = build_store(settings, clf.model_id)
     metrics = Metrics(registry)
-    metrics.model_info.labels(clf.model_id, device).set(1)
+    metrics.add_model(clf.model_id, clf.labels, clf.label_prior, device, "current")
     if settings.model.dtype == "float16" and device != "cuda":
         raise SystemExit("model.dtype=float16 needs model.device=cuda (or auto with a GPU)")
     engine = Engine(clf.model, device=device, state_dtype=settings.state.dtype,
                     ttl_ms=settings.state.ttl_seconds * 1000,
                     end_ttl_ms=settings.state.end_ttl_seconds * 1000,
-                    compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs)
+                    compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs,
+                    output=OutputPolicy(settings.output.emit, settings.output.min_confidence),
+                    model_id=clf.model_id)
     missing = missing_codecs()
     if missing:
         log.error("kafka-python cannot decode %s: input compressed with them will stall its "

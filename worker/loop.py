@@ -127,7 +127,7 @@ class _Written:
     behind: set[TopicPartition]  # Redis lost writes: rewound, replayed from what it holds
     held: dict[TopicPartition, int]  # rewound to this offset (a write that never landed)
     deferred: int = 0  # messages of held sessions, redelivered later
-    live: list = field(default_factory=list)  # (update, rows it produces), set after the write
+    live: list = field(default_factory=list)  # (update, its live rows), set after the write
 
     @property
     def skipped(self) -> set[TopicPartition]:
@@ -490,8 +490,9 @@ class Worker:
         return (record.topic, record.partition) not in w.skipped and not self._suppressed(record)
 
     def _live_rows(self, w: _Written) -> list[tuple[SessionUpdate, list[int]]]:
-        """Per session update, the rows of its step table whose predictions this batch
-        produces (all of them unless a partition was skipped or is being rebuilt)."""
+        """Per session update, the rows of its step table that are live in this batch (all
+        of them unless a partition was skipped or is being rebuilt). The output policy then
+        picks which of them are produced (``table.emit``, worker/output.py)."""
         if not w.skipped and not self.rebuilds:
             return [(u, u.steps) for u in w.result.updates]
         return [(u, [i for i in u.steps if self._live(u.table.records[i], w)])
@@ -506,6 +507,8 @@ class Worker:
             if rows:
                 by_table.setdefault(id(u.table), (u.table, []))[1].extend(rows)
         for table, rows in by_table.values():
+            emit = table.emit
+            rows = [i for i in rows if emit[i]]
             keys = [table.session_ids[i].encode() for i in rows]
             out += [Outgoing(topic, key, value)
                     for key, value in zip(keys, self.encoder.encode_rows(table, rows))]
@@ -598,19 +601,26 @@ class Worker:
                 counts["rebuilt"] += 1
                 self.rebuilds[tp].messages += 1
         counts["deferred"] += w.deferred
-        produced = 0
+        produced = applied = 0
         stamps: list[int] = []
+        by_table: dict[int, tuple[object, list[int]]] = {}
         for u, rows in w.live:
             if not rows:
                 continue
-            produced += len(rows)
-            stamps += [u.table.records[i].timestamp_ms for i in rows]
+            applied += len(rows)
+            by_table.setdefault(id(u.table), (u.table, []))[1].extend(rows)
+            emit = u.table.emit
+            emitted = [i for i in rows if emit[i]]
+            produced += len(emitted)
+            stamps += [u.table.records[i].timestamp_ms for i in emitted]
             m.sessions_started.inc(u.started)
             m.sessions_ended.inc(bool(u.table.final[u.steps[-1]]))
+        for table, rows in by_table.values():
+            m.observe_predictions(table, rows)
         if stamps:
             ts = np.array([t for t in stamps if t is not None], np.float64)
             m.e2e_latency.observe_many(np.maximum(0.0, now - ts / 1000))
-        counts["ok"] = produced
+        counts["ok"] = applied
         counts["dead_lettered"] = sum(1 for x in [*rejections, *result.rejections]
                                       if self._live(x.record, w))
         counts["duplicate"] = sum(1 for d in result.duplicates if self._live(d.record, w))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import redis.exceptions as rex
 
-from .codec import HEADER, LAST_POS_OFFSET, MAGIC, mark_status, write_status
+from .codec import LAST_POS_OFFSET, MAGIC, MAGIC_V2, MIN_HEADER, mark_status, write_status
 from .errors import DependencyError
 from .ports import (
     Claim,
@@ -117,7 +117,8 @@ for k = np + 1, #KEYS do
     local cur = redis.call('GET', KEYS[k])
     if not cur then
       status = (expected == '-') and 0 or 1
-    elseif #cur < %(header)d or string.sub(cur, 1, 4) ~= '%(magic)s' then
+    elseif #cur < %(header)d or (string.sub(cur, 1, 4) ~= '%(magic)s'
+                                 and string.sub(cur, 1, 4) ~= '%(magic_v2)s') then
       status = 3
     else
       local curpos = struct.unpack('<i8', cur, %(pos)d)
@@ -146,7 +147,8 @@ for i = 1, np do
   end
 end
 return out
-""" % {"header": HEADER.size, "magic": MAGIC.decode(), "pos": LAST_POS_OFFSET + 1}
+""" % {"header": MIN_HEADER, "magic": MAGIC.decode(), "magic_v2": MAGIC_V2.decode(),
+       "pos": LAST_POS_OFFSET + 1}
 
 
 def _transient(fn):
