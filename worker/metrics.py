@@ -211,7 +211,25 @@ class Metrics:
         self.label_prior = Gauge(
             "gru_model_label_prior", "Share of each label in the model's training split (absent "
             "for artifacts that do not record it)", ["model_id", "label"], registry=r)
+        # Rollout (worker/models.py): sessions per model, and the previous model's drain.
+        self.model_active_sessions = Gauge(
+            "gru_model_active_sessions", f"Sessions with a message in the last "
+            f"{active_window_s:g}s, by the model serving them (this worker)", ["model_id"],
+            registry=r)
+        self.model_stored_sessions = Gauge(
+            "gru_model_stored_sessions", "Sessions stored under each model's namespace in the "
+            "state store while a previous model drains (live: a hidden state; ended: a "
+            "tombstone), counted by a periodic scan; the same for every worker of the group",
+            ["model_id", "state"], registry=r)
+        self.drain_progress = Gauge(
+            "gru_model_drain_progress", "Share of the previous model's sessions that have ended "
+            "or expired since this worker started draining it (1: drained, then unloaded)",
+            ["model_id"], registry=r)
+        self.models_unloaded = Counter(
+            "gru_models_unloaded_total", "Previous models unloaded once no session was left "
+            "under them", registry=r)
         self._labels: dict[str, tuple[str, ...]] = {}
+        self._seen_by_model: dict[str, dict[str, float]] = {}
         self._window = active_window_s
         self._seen: dict[str, float] = {}
         self._last_prune = time.monotonic()
@@ -258,15 +276,25 @@ class Metrics:
             self.tokens_to_final.labels(mid).observe_many(table.first_reached[ends])
             self.session_length.labels(mid).observe_many(table.tokens_seen[ends])
 
-    def saw_sessions(self, session_ids, now: float | None = None) -> None:
+    def saw_sessions(self, session_ids, now: float | None = None,
+                     models: dict[str, list[str]] | None = None) -> None:
+        """Sessions that had a message now; ``models``: the same, by the model serving them."""
         now = time.monotonic() if now is None else now
         for sid in session_ids:
             self._seen[sid] = now
+        for mid, sids in (models or {}).items():
+            seen = self._seen_by_model.setdefault(mid, {})
+            for sid in sids:
+                seen[sid] = now
         if now - self._last_prune > min(10.0, self._window):
             cutoff = now - self._window
             self._seen = {s: t for s, t in self._seen.items() if t >= cutoff}
+            for mid, seen in self._seen_by_model.items():
+                self._seen_by_model[mid] = {s: t for s, t in seen.items() if t >= cutoff}
             self._last_prune = now
         self.active_sessions.set(len(self._seen))
+        for mid, seen in self._seen_by_model.items():
+            self.model_active_sessions.labels(mid).set(len(seen))
 
 
 class HealthServer:
