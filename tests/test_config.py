@@ -59,7 +59,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
               "--model-dir": "/m", "--device": "auto", "--threads": "3", "--dtype": "float16",
               "--batch-size": "64", "--batch-wait-ms": "5", "--metrics-host": "127.0.0.1",
               "--metrics-port": "0", "--log-level": "debug", "--max-messages": "9",
-              "--idle-exit": "1.5", "--emit": "change", "--min-confidence": "0.6"}
+              "--idle-exit": "1.5", "--emit": "change", "--min-confidence": "0.6",
+              "--previous-model-dir": "/old"}
     assert set(values) == {i.flag for i in settings_info() if i.flag}
     parser_ran = main(["run", *[x for kv in values.items() for x in kv]])
     assert parser_ran == 0
@@ -73,7 +74,7 @@ def test_every_flag_reaches_its_setting(monkeypatch):
                    "--dtype": "float16", "--batch-size": 64, "--batch-wait-ms": 5,
                    "--metrics-host": "127.0.0.1", "--metrics-port": 0, "--log-level": "DEBUG",
                    "--max-messages": 9, "--idle-exit": 1.5, "--emit": "change",
-                   "--min-confidence": 0.6}
+                   "--min-confidence": 0.6, "--previous-model-dir": Path("/old")}
 
 
 def test_flags_override_env_which_overrides_defaults(monkeypatch):

@@ -123,6 +123,12 @@ class ModelSettings(BaseModel):
                                                  "float16 needs device cuda",
                                                  json_schema_extra=flag("--dtype"))
     cuda_graphs: bool = Field(True, description="on CUDA, replay captured graphs per batch bucket")
+    previous_dir: Path | None = Field(
+        None, description="during a rollout, the model that was serving until now: sessions "
+        "with live state under it stay on it until they end or expire, then it is unloaded; "
+        "new sessions go to --model-dir", json_schema_extra=flag("--previous-model-dir"))
+    drain_check_s: float = Field(60.0, gt=0, description="how often the sessions left under "
+                                 "the previous model are counted (a scan of the state store)")
 
 
 class BatchSettings(BaseModel):

@@ -62,7 +62,6 @@ from .config import Settings
 from .engine import BatchResult, Engine, SessionUpdate
 from .errors import DependencyError, ShutdownRequested, UndecodableInput
 from .messages import (
-    PredictionEncoder,
     Rejection,
     TokenMessage,
     dead_letter_key,
@@ -71,6 +70,7 @@ from .messages import (
     minimal_dead_letter,
 )
 from .metrics import OUTCOMES, Metrics
+from .models import ModelSet, ServedModel
 from .ports import (
     Outgoing,
     PartitionMark,
@@ -154,11 +154,15 @@ class Worker:
     def __init__(self, settings: Settings, engine: Engine, store: StateStore, source: Source,
                  sink: Sink, metrics: Metrics, labels: Sequence[str], model_id: str,
                  encode_tokens: Callable, vocab_size: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 previous: ServedModel | None = None, vocab_key: object = None) -> None:
         self.s = settings
         self.engine, self.store, self.source, self.sink = engine, store, source, sink
         self.metrics = metrics
-        self.encoder = PredictionEncoder(labels, model_id)
+        # The current model, and during a rollout the previous one (worker/models.py).
+        self.models = ModelSet(ServedModel(model_id, engine, tuple(labels), encode_tokens,
+                                           vocab_size, vocab_key), previous, settings.limits,
+                               metrics)
         self.encode_tokens, self.vocab_size = encode_tokens, vocab_size
         self.clock = clock
         self.owned: set[TopicPartition] = set()  # assigned to us by the group
@@ -252,9 +256,10 @@ class Worker:
         t0 = time.perf_counter()
         messages, rejections = self._decode(records)
         t1 = time.perf_counter()
+        self.models.between_batches()  # unload a drained previous model
         states = self._load(messages)                                   # 1. load states
         t2 = time.perf_counter()
-        result = self.engine.apply(messages, states)                    # 2. step
+        result = self.models.apply(messages, states)                    # 2. step
         t3 = time.perf_counter()
         self.settle()                          # 4'-5' the previous batch: acks, then commit
         t3b = time.perf_counter()
@@ -367,13 +372,17 @@ class Worker:
 
     # 1. load -------------------------------------------------------------------------------
 
-    def _load(self, messages: Sequence[TokenMessage]) -> dict[str, bytes | None]:
+    def _load(self, messages: Sequence[TokenMessage]) -> dict[str, tuple[bytes | None, ...]]:
+        """Each session's value under each model namespace served (one round trip)."""
         first: dict[str, TopicPartition] = {}
         for m in messages:
             first.setdefault(m.session_id, (m.record.topic, m.record.partition))
         sids, parts = list(first), list(first.values())
-        values = self._retry(lambda: self.store.load(sids, parts))
-        return dict(zip(sids, values))
+        models = self.models.namespaces
+        values = self._retry(lambda: self.store.load(sids, parts, models))
+        n = len(sids)
+        return {sid: tuple(values[k * n + i] for k in range(len(models)))
+                for i, sid in enumerate(sids)}
 
     # 3. write ------------------------------------------------------------------------------
 
@@ -401,7 +410,7 @@ class Worker:
             skip = fenced | set(behind)
             again_msgs = [m for m in messages if m.session_id in sids
                           and (m.record.topic, m.record.partition) not in skip]
-            again = self.engine.apply(again_msgs, refused)
+            again = self.models.reapply(again_msgs, refused)
             result = result.without_sessions(sids)
             result.merge(again)
             parts = {(m.record.topic, m.record.partition) for m in again_msgs}
@@ -459,24 +468,28 @@ class Worker:
     def _store(self, marks: dict[TopicPartition, PartitionMark],
                updates: Sequence[SessionUpdate]) -> StoreResult:
         writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
-                             u.ttl_ms) for u in updates]
+                             u.ttl_ms, u.model) for u in updates]
         res = self._retry(lambda: self.store.store(marks, writes))
         self._note_recorded(marks, res)
         return res
 
     def _refused(self, updates: Sequence[SessionUpdate],
-                 res: StoreResult) -> dict[str, bytes | None]:
-        """Sessions whose write did not land, with their current stored values. A refusal can
-        be our own write: the first attempt ran, its reply was lost (Redis restarted or timed
-        out) and the retry found the position already moved. The stored value is then
-        byte-for-byte ours, so it counts as written."""
+                 res: StoreResult) -> dict[str, tuple[str | None, bytes | None]]:
+        """Sessions whose write did not land, with the model namespace they were written
+        under and their value there now. A refusal can be our own write: the first attempt
+        ran, its reply was lost (Redis restarted or timed out) and the retry found the
+        position already moved. The stored value is then byte-for-byte ours, so it counts
+        as written."""
         bad = [u for u, st in zip(updates, res.statuses)
                if st in (WriteStatus.STALE, WriteStatus.CORRUPT)]
-        if not bad:
-            return {}
-        current = self._retry(lambda: self.store.load([u.session_id for u in bad],
-                                                      [u.partition for u in bad]))
-        return {u.session_id: value for u, value in zip(bad, current) if value != u.value}
+        out: dict[str, tuple[str | None, bytes | None]] = {}
+        for model in {u.model for u in bad}:
+            these = [u for u in bad if u.model == model]
+            current = self._retry(lambda: self.store.load(
+                [u.session_id for u in these], [u.partition for u in these], (model,)))
+            out.update({u.session_id: (model, value) for u, value in zip(these, current)
+                        if value != u.value})
+        return out
 
     # 4. produce ----------------------------------------------------------------------------
 
@@ -510,11 +523,13 @@ class Worker:
             emit = table.emit
             rows = [i for i in rows if emit[i]]
             keys = [table.session_ids[i].encode() for i in rows]
+            encoder = self.models.encoder(table.model_id)
             out += [Outgoing(topic, key, value)
-                    for key, value in zip(keys, self.encoder.encode_rows(table, rows))]
+                    for key, value in zip(keys, encoder.encode_rows(table, rows))]
         for p in w.result.replayed:
             if self._live(p.record, w):
-                out.append(Outgoing(topic, p.session_id.encode(), self.encoder.encode(p)))
+                out.append(Outgoing(topic, p.session_id.encode(),
+                                    self.models.encoder(p.model_id).encode(p)))
         dead_letters: dict[int, Rejection] = {}
         for rej in [*rejections, *w.result.rejections]:
             rec = rej.record
@@ -643,7 +658,10 @@ class Worker:
         m.step_seconds.observe(result.step_seconds)
         m.batch_size.observe(len(records))
         m.batch_seconds.observe(f.t_sent - t_batch + f.settle_s)  # its own time, not the overlap
-        m.saw_sessions(u.session_id for u in result.updates)
+        by_model: dict[str, list[str]] = {}
+        for u in result.updates:
+            by_model.setdefault(u.table.model_id, []).append(u.session_id)
+        m.saw_sessions([u.session_id for u in result.updates], models=by_model)
         s.messages += len(records)
         s.batches += 1
         s.predictions += produced
