@@ -15,6 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 import model as model_pkg
+from model.artifact import ArtifactError
 
 from .config import CLUSTER_SCHEMES, Settings
 from .engine import Engine
@@ -92,7 +93,10 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
     device = resolve_device(settings.model.device)
-    clf = model_pkg.load(settings.model.dir, device=device)
+    try:
+        clf = model_pkg.load(settings.model.dir, device=device)
+    except ArtifactError as e:
+        raise ArtifactError(f"(--model-dir / GRU_MODEL__DIR): {e}") from None
     log.info("model %s from %s on %s: %d labels, vocab %d, hidden %d x %d layers",
              clf.model_id, settings.model.dir, device, len(clf.labels), len(clf.vocab),
              clf.model.config.hidden_size, clf.model.config.num_layers)
@@ -104,7 +108,10 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     engine = build_engine(settings, clf, device)
     previous = None
     if settings.model.previous_dir is not None:
-        old = model_pkg.load(settings.model.previous_dir, device=device)
+        try:
+            old = model_pkg.load(settings.model.previous_dir, device=device)
+        except ArtifactError as e:
+            raise ArtifactError(f"(--previous-model-dir / GRU_MODEL__PREVIOUS_DIR): {e}") from None
         if old.model_id != clf.model_id:
             log.info("previous model %s from %s: its live sessions stay on it until they end "
                      "or expire; new sessions go to %s", old.model_id,
