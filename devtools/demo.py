@@ -24,7 +24,7 @@ from pathlib import Path
 
 from worker.client import chunk_messages, dataset_sessions, follow, interleave
 
-from .launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
+from .launcher import TEST_GROUP_TIMEOUTS, WorkerProcess, parse_metrics
 from .services import RedisServer, Tansu
 
 
@@ -163,6 +163,18 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{acc:.3f} ({correct}/{len(finals)}), {len(latencies)} predictions, "
               f"latency p50 {1000 * _quantile(latencies, 0.5):.1f} ms, "
               f"p99 {1000 * _quantile(latencies, 0.99):.1f} ms (produce to prediction received)")
+        # A batch is accounted in /metrics once its acknowledgements are in, a moment after
+        # its predictions can be read: wait for the finals to show.
+        until = time.monotonic() + 10
+        while True:
+            text = worker.get("/metrics")[1]
+            n = sum(v for k, v in parse_metrics(text).items()
+                    if k.startswith("gru_model_predictions_total{") and 'final="true"' in k)
+            if n >= len(finals) or time.monotonic() > until:
+                break
+            time.sleep(0.2)
+        for line in quality_lines(text):
+            print(line)
         print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (while the demo runs); "
               f"state: {how}")
         return 0 if len(finals) == len(sessions) else 1
@@ -176,6 +188,44 @@ def run_demo(args: argparse.Namespace) -> int:
             service.close()
         if redis_url not in ("memory", None) and not stack[1:]:
             _forget_demo_keys(redis_url, prefix)
+
+
+def quality_lines(metrics_text: str) -> list[str]:
+    """The model-quality series the dashboard's "Model quality" row plots, as the worker's
+    /metrics shows them: final labels against the training prior, confidence, tokens until
+    the final label was first reached, session length."""
+    from prometheus_client.parser import text_string_to_metric_families
+    finals: dict[tuple[str, str], float] = {}
+    prior: dict[tuple[str, str], float] = {}
+    sums: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for smp in family.samples:
+            mid = smp.labels.get("model_id")
+            if smp.name == "gru_model_predictions_total" and smp.labels.get("final") == "true":
+                finals[(mid, smp.labels["label"])] = smp.value
+            elif smp.name == "gru_model_label_prior":
+                prior[(mid, smp.labels["label"])] = smp.value
+            elif smp.name.endswith(("_sum", "_count")) and smp.name.startswith((
+                    "gru_prediction_confidence", "gru_tokens_to_final_label",
+                    "gru_session_length_tokens")):
+                sums[(mid, smp.name)] = smp.value
+    out = []
+    for mid in sorted({m for m, _ in finals} | {m for m, _ in prior}):
+        total = sum(v for (m, _), v in finals.items() if m == mid) or float("nan")
+        labels = sorted({l for m, l in [*finals, *prior] if m == mid})
+        shares = ", ".join(f"{l} {finals.get((mid, l), 0) / total:.2f}"
+                           + (f" (prior {prior[(mid, l)]:.2f})" if (mid, l) in prior else "")
+                           for l in labels)
+        out.append(f"model quality {mid}: final labels {shares}")
+
+        def mean(name: str) -> float:
+            n = sums.get((mid, f"{name}_count"), 0)
+            return sums.get((mid, f"{name}_sum"), 0) / n if n else float("nan")
+        out.append(f"model quality {mid}: mean confidence "
+                   f"{mean('gru_prediction_confidence'):.3f}, mean tokens until the final "
+                   f"label was first reached {mean('gru_tokens_to_final_label'):.1f}, mean "
+                   f"session length {mean('gru_session_length_tokens'):.1f} tokens")
+    return out
 
 
 def _forget_demo_keys(redis_url: str, prefix: str) -> None:

@@ -109,8 +109,9 @@ def _model_id(weights_path: Path, vocab_path: Path, architecture: Mapping) -> st
 
 
 def save(out_dir: str | Path, model: GRUClassifier, vocab: Vocab, labels: Sequence[str],
-         training: Mapping | None = None) -> str:
-    """Write the artifact and return its model_id."""
+         training: Mapping | None = None, label_prior: Mapping[str, float] | None = None) -> str:
+    """Write the artifact and return its model_id. ``label_prior``: each label's share of the
+    training split, what the worker's label-drift series compare live final labels with."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), out / WEIGHTS_FILE)
@@ -126,6 +127,10 @@ def save(out_dir: str | Path, model: GRUClassifier, vocab: Vocab, labels: Sequen
                       "pad_id": 0, "unk_id": 1},
         "training": dict(training or {}),
     }
+    if label_prior is not None:
+        if set(label_prior) != set(labels):
+            raise ValueError(f"label_prior names {sorted(label_prior)}, not the labels {list(labels)}")
+        config["label_prior"] = {l: float(label_prior[l]) for l in labels}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return model_id
 
@@ -142,6 +147,14 @@ class Classifier:
 
     def encode(self, tokens: Sequence[str]) -> list[int]:
         return self.vocab.encode(tokens)
+
+    @property
+    def label_prior(self) -> dict[str, float] | None:
+        """Each label's share of the training split; None for artifacts that predate it."""
+        prior = self.config.get("label_prior")
+        if not isinstance(prior, dict) or set(prior) != set(self.labels):
+            return None
+        return {l: float(prior[l]) for l in self.labels}
 
     @torch.inference_mode()
     def probabilities(self, token_ids: Sequence[int]) -> torch.Tensor:

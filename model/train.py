@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     seconds = time.time() - t0
     training = {**asdict(cfg), "best_epoch": best_epoch, "best_val_score": best_score,
                 "train_seconds": round(seconds, 1), "split": split.ids(), "history": history}
-    model_id = artifact.save(out_dir, model, vocab, labels, training)
+    prior = {l: sum(1 for y in tr_y if y == label_id[l]) / len(tr_y) for l in labels}
+    model_id = artifact.save(out_dir, model, vocab, labels, training, label_prior=prior)
     log(f"saved {out_dir} (model_id {model_id}, best epoch {best_epoch}, {seconds:.0f}s)")
     return {"model_id": model_id, "best_epoch": best_epoch, "seconds": seconds,
             "val": history[best_epoch - 1]["val"]}

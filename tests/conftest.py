@@ -20,3 +20,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     summary = train(TrainConfig(**TINY), out)
     (out / "summary.json").write_text(json.dumps(summary, default=str))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_b(tmp_path_factory) -> Path:
+    """Another tiny model (seed 1: another split, vocab and weights, so another model_id),
+    the new model of the rollout tests."""
+    out = tmp_path_factory.mktemp("tiny-gru-b")
+    train(TrainConfig(**{**TINY, "seed": 1}), out)
+    return out

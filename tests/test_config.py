@@ -60,7 +60,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
               "--batch-size": "64", "--batch-wait-ms": "5", "--target-latency-ms": "12.5",
                   "--metrics-host": "127.0.0.1",
               "--metrics-port": "0", "--log-level": "debug", "--max-messages": "9",
-              "--idle-exit": "1.5"}
+              "--idle-exit": "1.5", "--emit": "change", "--min-confidence": "0.6",
+              "--previous-model-dir": "/old"}
     assert set(values) == {i.flag for i in settings_info() if i.flag}
     parser_ran = main(["run", *[x for kv in values.items() for x in kv]])
     assert parser_ran == 0
@@ -74,7 +75,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
                    "--dtype": "float16", "--batch-size": 64, "--batch-wait-ms": 5,
                    "--target-latency-ms": 12.5,
                    "--metrics-host": "127.0.0.1", "--metrics-port": 0, "--log-level": "DEBUG",
-                   "--max-messages": 9, "--idle-exit": 1.5}
+                   "--max-messages": 9, "--idle-exit": 1.5, "--emit": "change",
+                   "--min-confidence": 0.6, "--previous-model-dir": Path("/old")}
 
 
 def test_flags_override_env_which_overrides_defaults(monkeypatch):

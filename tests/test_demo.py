@@ -29,5 +29,9 @@ def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_di
     assert 0.0 <= float(m.group(3)) <= 1.0
     assert 0 < float(m.group(4)) <= float(m.group(5))
     assert "metrics: http://127.0.0.1:" in proc.stdout
+    # The model-quality panels' series, read from the worker's /metrics.
+    assert re.search(r"model quality \w+: final labels .*\(prior 0\.\d\d\)", proc.stdout), proc.stdout
+    assert re.search(r"model quality \w+: mean confidence 0\.\d+, mean tokens until the final "
+                     r"label was first reached \d", proc.stdout), proc.stdout
     assert "state store:" in proc.stderr and "Kafka: a local tansu broker" in proc.stderr
     assert _tansu_pids() <= before

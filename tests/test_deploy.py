@@ -113,9 +113,14 @@ def dashboard_targets() -> list[tuple[str, str]]:
             for t in p.get("targets", []) if t.get("expr")]
 
 
-def alert_rules() -> list[dict]:
+def all_rules() -> list[dict]:
+    """Every rule of alerts.yml: alerts and recording rules."""
     doc = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
     return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def alert_rules() -> list[dict]:
+    return [r for r in all_rules() if "alert" in r]
 
 
 def promql(expr: str) -> str:
@@ -314,9 +319,10 @@ def test_dashboard_and_alerts_use_only_exported_metric_names():
     text = generate_latest(Metrics(CollectorRegistry()).registry).decode()
     exported = exported_names(text)
     referenced = {n for _, e in dashboard_targets() for n in METRIC_NAME.findall(e)}
-    referenced |= {n for r in alert_rules() for n in METRIC_NAME.findall(r["expr"])}
+    referenced |= {n for r in all_rules() for n in METRIC_NAME.findall(r["expr"])}
     assert {"gru_e2e_latency_seconds_bucket", "gru_consumer_lag_messages",
-            "gru_messages_total"} <= referenced
+            "gru_messages_total", "gru_model_predictions_total",
+            "gru_model_label_prior"} <= referenced
     assert referenced <= exported, f"not exported by worker/metrics.py: {referenced - exported}"
 
 
@@ -328,7 +334,12 @@ def test_dashboard_has_the_required_panels():
                    "histogram_quantile(0.99, sum by (le) (rate(gru_e2e_latency_seconds_bucket",
                    "histogram_quantile(0.99, sum by (le) (rate(gru_step_seconds_bucket",
                    "gru_batch_size_messages_bucket", "sum by (topic, partition) (gru_consumer_lag_messages)",
-                   'outcome="dead_lettered"', 'outcome!="ok"', "gru_active_sessions"):
+                   'outcome="dead_lettered"', 'outcome!="ok"', "gru_active_sessions",
+                   "sum by (model_id, label, final) (rate(gru_model_predictions_total",
+                   "gru_prediction_confidence_bucket", "gru_tokens_to_final_label_bucket",
+                   "gru_session_length_tokens_bucket", "gru:final_label_share:ratio1h",
+                   "gru:label_prior", "gru:final_label_drift:tvd1h",
+                   "gru_predictions_suppressed_total"):
         assert needle in exprs, needle
 
 
@@ -348,8 +359,11 @@ def test_promtool_check_config_and_rules(tmp_path):
     out = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert "1 rule files found" in out
     out = promtool("check", "rules", "alerts.yml")
-    n = len(alert_rules())
-    assert f"{n} rules found" in out and n >= 4
+    n = len(all_rules())
+    assert f"{n} rules found" in out and len(alert_rules()) >= 4
+    records = {r["record"] for r in all_rules() if "record" in r}
+    assert {"gru:final_label_share:ratio1h", "gru:label_prior",
+            "gru:final_label_drift:tvd1h"} <= records
 
 
 @needs_promtool
@@ -362,7 +376,9 @@ def test_promtool_alert_unit_tests_pass_and_cover_every_alert():
             (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
     names = {r["alert"] for r in alert_rules()}
     assert {"GruE2ELatencyP99High", "GruConsumerLagGrowing", "GruDeadLetterRateHigh",
-            "GruWorkerDown"} <= names
+            "GruWorkerDown", "GruLabelDrift"} <= names
+    tested = {case["expr"] for t in tests for case in t.get("promql_expr_test", [])}
+    assert {"gru:final_label_share:ratio1h", "gru:final_label_drift:tvd1h"} <= tested
     assert fired == names and quiet == names, "each alert needs a firing and a quiet case"
 
 
@@ -502,15 +518,15 @@ def test_alert_rules_load_and_evaluate_on_real_worker_metrics(scraped):
         rs = [r for g in groups for r in g["rules"]]
         return rs if rs and all(r.get("health") == "ok" for r in rs) else None
 
-    rs = wait_for(rules, 15, 0.5, "every alert rule to evaluate with health ok")
-    assert {r["name"] for r in rs} == {r["alert"] for r in alert_rules()}
+    rs = wait_for(rules, 15, 0.5, "every rule to evaluate with health ok")
+    assert {r["name"] for r in rs} == {r.get("alert") or r["record"] for r in all_rules()}
     # Healthy worker, tiny load: nothing fires.
-    assert [r["name"] for r in rs if r["state"] == "firing"] == []
-    for r in alert_rules():
-        assert prom.query(r["expr"])["status"] == "success", r["alert"]
+    assert [r["name"] for r in rs if r.get("state") == "firing"] == []
+    for r in all_rules():
+        assert prom.query(r["expr"])["status"] == "success", r.get("alert") or r["record"]
 
     # The names the dashboard and alerts use are all in the live worker's /metrics.
     exported = exported_names(metrics_text)
     referenced = {n for _, e in dashboard_targets() for n in METRIC_NAME.findall(e)}
-    referenced |= {n for r in alert_rules() for n in METRIC_NAME.findall(r["expr"])}
+    referenced |= {n for r in all_rules() for n in METRIC_NAME.findall(r["expr"])}
     assert referenced <= exported, referenced - exported

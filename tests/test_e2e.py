@@ -318,3 +318,53 @@ def test_commit_and_close_are_bounded_while_the_coordinator_is_down(tiny_model_d
         finally:
             own.resume()
         assert took < 4.0 and closing < 4.0, (took, closing)
+
+
+def test_a_model_rollout_mid_stream_resets_no_session(broker, names, tiny_model_dir,
+                                                      tiny_model_dir_b):
+    """Issue 16: model A serves the first part of a stream; then a worker on B with
+    ``--previous-model-dir A`` takes the rest and new sessions. Sessions begun before the
+    switch equal A offline over all their tokens, those begun after equal B, and each key
+    lives under the model that served its session."""
+    from .test_rollout import split_stream
+    a, b = model.load(tiny_model_dir), model.load(tiny_model_dir_b)
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
+    old = bbc_sessions(8, seed=90, max_chunk=20, max_tokens=120, prefix="old")
+    new = bbc_sessions(6, seed=91, max_chunk=20, max_tokens=120, prefix="new")
+    before, after = split_stream(old, seed=90)
+    publish(broker, names["in"], before)
+    run_worker(settings_for(broker, names, tiny_model_dir))
+    publish(broker, names["in"], interleave(new, seed=91, end=True) + after)
+    app, summary = run_worker(settings_for(
+        broker, names, tiny_model_dir_b,
+        model={"previous_dir": tiny_model_dir, "drain_check_s": 0.2}))
+    assert summary.outcomes["dead_lettered"] == 0
+    preds = read_topic(broker, names["out"])
+    for p in preds:
+        assert p["model_id"] == (a.model_id if p["session_id"].startswith("old") else b.model_id)
+    for clf, sessions in ((a, old), (b, new)):
+        last = {}
+        for p in preds:
+            if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
+                last[p["session_id"]] = p
+        for s in sessions:
+            want = clf.classify(s.tokens)
+            got = last[s.session_id]
+            assert got["tokens_seen"] == len(s.tokens) and got["final"], s.session_id
+            assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5, s.session_id
+    client = redis.Redis.from_url(REDIS_URL)
+    ka, kb = (Keys(names["prefix"], m.model_id, names["group"]) for m in (a, b))
+    assert all(client.exists(ka.session(s.session_id)) and not client.exists(
+        kb.session(s.session_id)) for s in old)
+    assert all(client.exists(kb.session(s.session_id)) and not client.exists(
+        ka.session(s.session_id)) for s in new)
+    # The drain scan saw the old sessions' tombstones (they answer replays for an hour): A
+    # is still loaded, nothing of it is live.
+    reg = app.registry
+    assert reg.get_sample_value("gru_model_stored_sessions",
+                                {"model_id": a.model_id, "state": "ended"}) == len(old)
+    assert reg.get_sample_value("gru_model_stored_sessions",
+                                {"model_id": a.model_id, "state": "live"}) == 0
+    assert reg.get_sample_value("gru_model_info", {"model_id": a.model_id, "device": "cpu",
+                                                   "role": "previous"}) == 1
+    assert app.worker.models.previous is not None

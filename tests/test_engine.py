@@ -24,8 +24,10 @@ def state(rng, ended=False, partial=False, n_out=1, seq=True) -> SessionState:
     h = rng.standard_normal((L, H)).astype(np.float32)
     out = tuple(OutboxEntry(10 + i, i, 5 * i, ended and i == n_out - 1, token_digest([i, 1], False),
                             tuple(rng.random(C).astype(np.float32).tolist())) for i in range(n_out))
+    label = int(rng.integers(-1, C))
     return SessionState(h, 10 + n_out, PosKind.SEQ if seq else PosKind.OFFSET, 42, 7, ended, out,
-                        partial)
+                        partial, None if label < 0 else label,
+                        tuple(int(x) for x in rng.integers(0, 99, C)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -59,8 +61,10 @@ def test_batch_decode_equals_the_per_value_decode(seed, n, f16):
                 bool(got.ended[i]), bool(got.partial[i])) == (
             want.last_pos, want.pos_kind == PosKind.SEQ, want.tokens_seen, want.messages,
             want.ended, want.partial)
+        assert got.last_label[i] == (-1 if want.last_label is None else want.last_label)
         if not want.ended:
             assert np.array_equal(got.h[i], want.h)
+            assert got.first[i].tolist() == list(want.first_seen)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
+from worker.output import OutputPolicy
 from worker.codec import decode_state
 from worker.state import MemoryStateStore
 
@@ -33,8 +34,11 @@ def make_worker(clf, log, store, sink=None, source=None, **settings):
     settings["batch"] = {"target_latency_ms": 0, **settings.get("batch", {})}
     s = Settings(idle_exit_s=0.05, **settings)
     engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
-                    end_ttl_ms=s.state.end_ttl_seconds * 1000)
+                    end_ttl_ms=s.state.end_ttl_seconds * 1000,
+                    output=OutputPolicy(s.output.emit, s.output.min_confidence),
+                    model_id=clf.model_id)
     metrics = Metrics(CollectorRegistry())
+    metrics.add_model(clf.model_id, clf.labels, clf.label_prior, "cpu", "current")
     return Worker(s, engine, store, source or FakeSource(log, IN), sink or FakeSink(log), metrics,
                   clf.labels, clf.model_id, clf.encode, len(clf.vocab))
 

@@ -21,20 +21,59 @@ def test_codec_roundtrip(layers, hidden, labels, n_out, pos, ended, partial, see
     rng = np.random.default_rng(seed)
     h = rng.standard_normal((layers, hidden)).astype(np.float32)
     outbox = tuple(OutboxEntry(pos - i, i, 10 * i, i == 0, token_digest([i, 2], i == 0),
-                               tuple(float(x) for x in rng.random(labels).astype(np.float32)))
+                               tuple(float(x) for x in rng.random(labels).astype(np.float32)),
+                               suppressed=bool(i % 2))
                    for i in range(n_out))
-    s = SessionState(h, pos, PosKind.SEQ, 123, 4, ended, outbox, partial)
+    last_label = int(rng.integers(0, labels)) if seed % 3 else None
+    first = tuple(int(x) for x in rng.integers(0, 1000, labels))
+    s = SessionState(h, pos, PosKind.SEQ, 123, 4, ended, outbox, partial, last_label, first)
     raw = encode_state(s, labels)
     back = decode_state(raw, layers, hidden, labels)
     assert back.last_pos == pos and back.pos_kind == PosKind.SEQ and back.ended == ended
     assert back.tokens_seen == 123 and back.messages == 4 and back.outbox == outbox
-    assert back.partial == partial
+    assert back.partial == partial and back.last_label == last_label
     if ended:
-        assert back.h.shape == (0, 0)
+        assert back.h.shape == (0, 0) and back.first_seen is None
     else:
-        assert np.array_equal(back.h, h)
-    assert len(raw) == HEADER.size + (0 if ended else layers * hidden * 4) + n_out * (
+        assert np.array_equal(back.h, h) and back.first_seen == first
+    assert len(raw) == HEADER.size + (0 if ended else layers * hidden * 4 + 4 * labels) + n_out * (
         OUTBOX_ENTRY.size + 4 * labels)
+
+
+def encode_v2(s: SessionState, num_labels: int) -> bytes:
+    """A value as workers before the GRS3 format wrote it: 36-byte header, no first-seen
+    counts, outbox marks holding only the final bit."""
+    from worker.codec import ENDED, HEADER_V2, PARTIAL, SEQ
+    flags = (SEQ if s.pos_kind == PosKind.SEQ else 0) | (ENDED if s.ended else 0) | (
+        PARTIAL if s.partial else 0)
+    h = np.zeros((0, 0), np.float32) if s.ended else s.h
+    parts = [HEADER_V2.pack(b"GRS2", flags, *h.shape, num_labels, len(s.outbox), s.last_pos,
+                            s.tokens_seen, s.messages), h.astype("<f4").tobytes()]
+    for e in s.outbox:
+        parts += [OUTBOX_ENTRY.pack(e.position, e.seq, e.tokens_seen, e.final, e.digest),
+                  np.asarray(e.probs, "<f4").tobytes()]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_values_of_the_previous_format_are_still_read(ended):
+    """An upgrade must not cut live sessions: GRS2 values decode (no last label, no
+    first-seen counts), per value and in the engine's batch decode, and pass the write rule."""
+    from worker.engine import decode_states
+    h = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = (OutboxEntry(7, 7, 30, ended, token_digest([1], ended), (0.25, 0.75)),)
+    s = SessionState(h, 7, PosKind.SEQ, 30, 8, ended, out, False)
+    raw = encode_v2(s, 2)
+    back = decode_state(raw, 2, 3, 2)
+    assert (back.last_pos, back.tokens_seen, back.messages, back.ended, back.outbox) == (
+        7, 30, 8, ended, out)
+    assert back.last_label is None and back.first_seen is None
+    if not ended:
+        assert np.array_equal(back.h, h)
+    got = decode_states([raw, None], 2, 3, 2)
+    assert got.exists[0] and not got.corrupt and got.last_pos[0] == 7 and got.ended[0] == ended
+    assert got.last_label[0] == -1 and not got.first[0].any()
+    assert write_status(raw, 7, 8) == WriteStatus.OK
 
 
 def test_token_digest_tells_messages_apart():
@@ -47,7 +86,7 @@ def test_float16_state_is_half_the_size_and_close():
     h = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32) / 3
     s = SessionState(h, 5, PosKind.OFFSET)
     raw16, raw32 = encode_state(s, 5, "float16"), encode_state(s, 5)
-    assert len(raw16) - 36 == (len(raw32) - 36) // 2
+    assert len(raw16) - 40 - 4 * 5 == (len(raw32) - 40 - 4 * 5) // 2
     assert np.abs(decode_state(raw16, 2, 128, 5).h - h).max() < 1e-3
 
 
@@ -105,6 +144,7 @@ RULE_TABLE = [
     (b"", 0, 1, WriteStatus.CORRUPT),
     (b"XXXX" + value(3)[4:], 3, 4, WriteStatus.CORRUPT),  # another program's value
     (value(3)[:20], 3, 4, WriteStatus.CORRUPT),  # shorter than a header
+    (b"GRS2" + value(3)[4:36], 3, 4, WriteStatus.OK),  # the previous format's header
 ]
 
 

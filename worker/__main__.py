@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         app = build_worker(settings, CollectorRegistry())
     except ArtifactError as e:  # missing, not a directory, or not a valid model artifact
-        print(f"error: cannot load the model (--model-dir / GRU_MODEL__DIR): {e}", file=sys.stderr)
+        print(f"error: cannot load the model {e}", file=sys.stderr)
         return 2
     if stopping:
         app.worker.stop()

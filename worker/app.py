@@ -16,12 +16,15 @@ import torch
 from prometheus_client import CollectorRegistry
 
 import model as model_pkg
+from model.artifact import ArtifactError
 
 from .config import CLUSTER_SCHEMES, Settings
 from .engine import Engine
 from .kafka_io import KafkaSink, KafkaSource, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
+from .models import DrainWatcher, ServedModel
+from .output import OutputPolicy
 from .ports import StateStore
 from .state import Keys, MemoryStateStore, RedisStateStore
 
@@ -69,30 +72,57 @@ class App:
     worker: Worker
     health: HealthServer
     registry: CollectorRegistry
+    drain: DrainWatcher | None = None
     unwatch_gc: Callable[[], None] = lambda: None
 
     def close(self) -> None:
+        if self.drain is not None:
+            self.drain.stop()
         self.health.stop()
         self.unwatch_gc()
+
+
+def build_engine(settings: Settings, clf, device: str) -> Engine:
+    """The engine of one served model, from the settings every model shares."""
+    return Engine(clf.model, device=device, state_dtype=settings.state.dtype,
+                  ttl_ms=settings.state.ttl_seconds * 1000,
+                  end_ttl_ms=settings.state.end_ttl_seconds * 1000,
+                  compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs,
+                  output=OutputPolicy(settings.output.emit, settings.output.min_confidence),
+                  model_id=clf.model_id)
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
     device = resolve_device(settings.model.device)
-    clf = model_pkg.load(settings.model.dir, device=device)
+    try:
+        clf = model_pkg.load(settings.model.dir, device=device)
+    except ArtifactError as e:
+        raise ArtifactError(f"(--model-dir / GRU_MODEL__DIR): {e}") from None
     log.info("model %s from %s on %s: %d labels, vocab %d, hidden %d x %d layers",
              clf.model_id, settings.model.dir, device, len(clf.labels), len(clf.vocab),
              clf.model.config.hidden_size, clf.model.config.num_layers)
     store = build_store(settings, clf.model_id)
     metrics = Metrics(registry)
-    metrics.model_info.labels(clf.model_id, device).set(1)
+    metrics.add_model(clf.model_id, clf.labels, clf.label_prior, device, "current")
     if settings.model.dtype == "float16" and device != "cuda":
         raise SystemExit("model.dtype=float16 needs model.device=cuda (or auto with a GPU)")
-    engine = Engine(clf.model, device=device, state_dtype=settings.state.dtype,
-                    ttl_ms=settings.state.ttl_seconds * 1000,
-                    end_ttl_ms=settings.state.end_ttl_seconds * 1000,
-                    compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs)
+    engine = build_engine(settings, clf, device)
+    previous = None
+    if settings.model.previous_dir is not None:
+        try:
+            old = model_pkg.load(settings.model.previous_dir, device=device)
+        except ArtifactError as e:
+            raise ArtifactError(f"(--previous-model-dir / GRU_MODEL__PREVIOUS_DIR): {e}") from None
+        if old.model_id != clf.model_id:
+            log.info("previous model %s from %s: its live sessions stay on it until they end "
+                     "or expire; new sessions go to %s", old.model_id,
+                     settings.model.previous_dir, clf.model_id)
+            metrics.add_model(old.model_id, old.labels, old.label_prior, device, "previous")
+            previous = ServedModel(old.model_id, build_engine(settings, old, device),
+                                   tuple(old.labels), old.encode, len(old.vocab),
+                                   tuple(old.vocab.itos), device)
     missing = missing_codecs()
     if missing:
         log.error("kafka-python cannot decode %s: input compressed with them will stall its "
@@ -101,7 +131,10 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     source = KafkaSource(settings.kafka)
     sink = KafkaSink(settings.kafka)
     worker = Worker(settings, engine, store, source, sink, metrics, clf.labels, clf.model_id,
-                    clf.encode, len(clf.vocab))
+                    clf.encode, len(clf.vocab), previous=previous,
+                    vocab_key=tuple(clf.vocab.itos))
+    worker.models.current.device = device
+    drain = DrainWatcher(worker.models, store, settings.model.drain_check_s).start()
 
     def ready() -> tuple[bool, dict]:
         try:
@@ -116,4 +149,4 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     unwatch = watch_gc(metrics)
     if settings.batch.gc_freeze:
         quiet_gc()
-    return App(worker, health, registry, unwatch)
+    return App(worker, health, registry, drain, unwatch)

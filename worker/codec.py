@@ -1,12 +1,17 @@
 """The byte format of a session's state value, and the write rule every store applies.
 
-A value is a 36-byte header, the GRU state ``h`` (L x H, float32 or float16) and an outbox: the
-predictions of the messages applied by the last write, each with a digest of its tokens, so a
-redelivered duplicate can re-emit its prediction (``worker.loop``) and a reused position with
-other tokens is told apart. The engine uses this module without knowing where values live.
+A value is a 40-byte header, the GRU state ``h`` (L x H, float32 or float16), the token count
+at which each label was first predicted (C x uint32, 0: not yet; live sessions only) and an
+outbox: the predictions of the messages applied by the last write, each with a digest of its
+tokens and whether it was emitted, so a redelivered duplicate re-emits exactly what was emitted
+(``worker.loop``) and a reused position with other tokens is told apart. The engine uses this
+module without knowing where values live.
 
-Header, little-endian: magic ``GRS2``, flags (float16, seq-numbered, ended, partial), layers,
-hidden, labels, outbox count, last position (byte 12), tokens seen, messages applied.
+Header, little-endian: magic ``GRS3``, flags (float16, seq-numbered, ended, partial), layers,
+hidden, labels, outbox count, last position (byte 12), tokens seen, messages applied, the last
+emitted label (``NO_LABEL``: none yet; what ``GRU_OUTPUT__EMIT=change`` compares with), 2 spare
+bytes. Values written before it (magic ``GRS2``: a 36-byte header, no first-seen counts) are
+still read, so an upgrade cuts no session; they are rewritten as ``GRS3`` on their next write.
 """
 
 from __future__ import annotations
@@ -20,18 +25,28 @@ import numpy as np
 
 from .ports import WriteStatus
 
-MAGIC = b"GRS2"
-HEADER = struct.Struct("<4sBBHHHqqq")
-OUTBOX_ENTRY = struct.Struct("<qqqBQ")  # position seq tokens_seen final digest, then f32 x labels
+MAGIC = b"GRS3"
+MAGIC_V2 = b"GRS2"  # read, never written
+MAGICS = (MAGIC, MAGIC_V2)
+HEADER = struct.Struct("<4sBBHHHqqqHH")
+HEADER_V2 = struct.Struct("<4sBBHHHqqq")
+OUTBOX_ENTRY = struct.Struct("<qqqBQ")  # position seq tokens_seen marks digest, then f32 x labels
+NO_LABEL = 0xFFFF  # the header's last emitted label before any was emitted
 # The same layouts as numpy structured dtypes, for whole batches at once (worker.engine).
-HEADER_DTYPE = np.dtype([("magic", "S4"), ("flags", "u1"), ("layers", "u1"), ("hidden", "<u2"),
-                         ("labels", "<u2"), ("n_out", "<u2"), ("last_pos", "<i8"),
-                         ("tokens", "<i8"), ("messages", "<i8")])
-assert HEADER_DTYPE.itemsize == HEADER.size
+_HEADER_FIELDS = [("magic", "S4"), ("flags", "u1"), ("layers", "u1"), ("hidden", "<u2"),
+                  ("labels", "<u2"), ("n_out", "<u2"), ("last_pos", "<i8"), ("tokens", "<i8"),
+                  ("messages", "<i8")]
+HEADER_DTYPE = np.dtype(_HEADER_FIELDS + [("last_label", "<u2"), ("spare", "<u2")])
+HEADER_V2_DTYPE = np.dtype(_HEADER_FIELDS)
+assert HEADER_DTYPE.itemsize == HEADER.size and HEADER_V2_DTYPE.itemsize == HEADER_V2.size
+# An outbox entry's marks: the message ended its session; its prediction was not emitted
+# (GRU_OUTPUT__EMIT, GRU_OUTPUT__MIN_CONFIDENCE), so a replay must not emit it either.
+OUT_FINAL, OUT_SUPPRESSED = 1, 2
+SEEN_MAX = 2**32 - 1  # first-seen token counts saturate here
 
 
 def entry_dtype(num_labels: int) -> np.dtype:
-    return np.dtype([("position", "<i8"), ("seq", "<i8"), ("seen", "<i8"), ("final", "u1"),
+    return np.dtype([("position", "<i8"), ("seq", "<i8"), ("seen", "<i8"), ("marks", "u1"),
                      ("digest", "<u8"), ("probs", "<f4", (num_labels,))])
 
 
@@ -40,10 +55,14 @@ def value_dtype(layers: int, hidden: int, num_labels: int, n_out: int, f16: bool
     fields: list = [("hdr", HEADER_DTYPE)]
     if layers:
         fields.append(("h", "<f2" if f16 else "<f4", (layers, hidden)))
+        fields.append(("first", "<u4", (num_labels,)))
     if n_out:
         fields.append(("out", entry_dtype(num_labels), (n_out,)))
     return np.dtype(fields)
+
+
 LAST_POS_OFFSET = 12  # byte offset of last_pos in the header; the Lua write script reads it too
+MIN_HEADER = HEADER_V2.size  # the shortest header a readable value has (GRS2)
 F16, SEQ, ENDED, PARTIAL = 1, 2, 4, 8
 MAX_OUTBOX = 2**16 - 1  # the header's outbox count is 16 bits
 
@@ -65,6 +84,7 @@ class OutboxEntry:
     final: bool
     digest: int  # token_digest() of the message that produced it
     probs: tuple[float, ...]
+    suppressed: bool = False  # not emitted when applied: a replay does not emit it either
 
 
 @dataclass(slots=True)
@@ -77,6 +97,8 @@ class SessionState:
     ended: bool = False
     outbox: tuple[OutboxEntry, ...] = ()
     partial: bool = False  # the session's first messages were never applied (see README)
+    last_label: int | None = None  # the last label emitted for the session
+    first_seen: tuple[int, ...] | None = None  # per label: tokens seen when first predicted
 
 
 _BASE = np.uint64(0x100000001B3)
@@ -128,10 +150,15 @@ def encode_state(s: SessionState, num_labels: int, dtype: str = "float32") -> by
     flags = (F16 if dtype == "float16" else 0) | (SEQ if s.pos_kind == PosKind.SEQ else 0) \
         | (ENDED if s.ended else 0) | (PARTIAL if s.partial else 0)
     parts = [HEADER.pack(MAGIC, flags, layers, hidden, num_labels, len(s.outbox), s.last_pos,
-                         s.tokens_seen, s.messages),
+                         s.tokens_seen, s.messages,
+                         NO_LABEL if s.last_label is None else s.last_label, 0),
              np.ascontiguousarray(h, dtype="<f2" if dtype == "float16" else "<f4").tobytes()]
+    if not s.ended:
+        first = s.first_seen if s.first_seen is not None else (0,) * num_labels
+        parts.append(np.asarray(first, dtype="<u4").tobytes())
     for e in s.outbox:
-        parts.append(OUTBOX_ENTRY.pack(e.position, e.seq, e.tokens_seen, e.final, e.digest))
+        marks = (OUT_FINAL if e.final else 0) | (OUT_SUPPRESSED if e.suppressed else 0)
+        parts.append(OUTBOX_ENTRY.pack(e.position, e.seq, e.tokens_seen, marks, e.digest))
         parts.append(np.asarray(e.probs, dtype="<f4").tobytes())
     return b"".join(parts)
 
@@ -139,7 +166,7 @@ def encode_state(s: SessionState, num_labels: int, dtype: str = "float32") -> by
 def stored_position(raw: bytes) -> int:
     """The last applied position of a stored value; the one definition both stores use (the
     Lua script reads the same 8 bytes). Raises StateCorrupt if the value is not a state."""
-    if len(raw) < HEADER.size or raw[:4] != MAGIC:
+    if len(raw) < MIN_HEADER or raw[:4] not in MAGICS:
         raise StateCorrupt(f"stored value of {len(raw)} bytes is not a state value "
                            f"(magic {raw[:4]!r}, expected {MAGIC!r})")
     return struct.unpack_from("<q", raw, LAST_POS_OFFSET)[0]
@@ -172,41 +199,56 @@ def mark_status(stored_token: str | None, stored_next: int | None, token: str,
     return WriteStatus.OK
 
 
+def _layout(raw: bytes) -> tuple[struct.Struct, bool]:
+    """The header of a value by its magic, and whether it holds first-seen counts."""
+    if raw[:4] == MAGIC_V2:
+        return HEADER_V2, False
+    return HEADER, True
+
+
 def decode_state(raw: bytes, layers: int, hidden: int, num_labels: int,
                  with_outbox: bool = True) -> SessionState:
     """Decode and validate a value. The outbox is only needed when a duplicate arrives, so
     the hot path skips it (``with_outbox=False``) and calls ``decode_outbox`` on demand."""
-    if len(raw) < HEADER.size:
+    if len(raw) < MIN_HEADER:
         raise StateCorrupt(f"state value is {len(raw)} bytes, shorter than its header")
-    magic, flags, l, hdim, c, n_out, last_pos, tokens, messages = HEADER.unpack_from(raw)
+    header, v3 = _layout(raw)
+    if len(raw) < header.size:
+        raise StateCorrupt(f"state value is {len(raw)} bytes, shorter than its header")
+    magic, flags, l, hdim, c, n_out, last_pos, tokens, messages, *rest = header.unpack_from(raw)
     ended = bool(flags & ENDED)
-    if magic != MAGIC:
+    if magic not in MAGICS:
         raise StateCorrupt(f"state value has magic {magic!r}, expected {MAGIC!r}")
     if (l, hdim) != ((0, 0) if ended else (layers, hidden)) or c != num_labels:
         raise StateCorrupt(f"state shape L={l} H={hdim} C={c} does not match the model's "
                            f"L={layers} H={hidden} C={num_labels}")
     width = 2 if flags & F16 else 4
-    h_end = HEADER.size + l * hdim * width
-    if len(raw) != h_end + n_out * (OUTBOX_ENTRY.size + 4 * c):
+    h_end = header.size + l * hdim * width
+    first_end = h_end + (4 * c if v3 and not ended else 0)
+    if len(raw) != first_end + n_out * (OUTBOX_ENTRY.size + 4 * c):
         raise StateCorrupt(f"state value is {len(raw)} bytes, header implies "
-                           f"{h_end + n_out * (OUTBOX_ENTRY.size + 4 * c)}")
+                           f"{first_end + n_out * (OUTBOX_ENTRY.size + 4 * c)}")
     h = np.frombuffer(raw, dtype="<f2" if width == 2 else "<f4", count=l * hdim,
-                      offset=HEADER.size).astype(np.float32).reshape(l, hdim)
+                      offset=header.size).astype(np.float32).reshape(l, hdim)
+    first = (tuple(np.frombuffer(raw, "<u4", count=c, offset=h_end).tolist())
+             if first_end > h_end else None)
+    last_label = rest[0] if v3 and rest[0] != NO_LABEL else None
     return SessionState(h, last_pos, PosKind.SEQ if flags & SEQ else PosKind.OFFSET, tokens,
                         messages, ended, decode_outbox(raw) if with_outbox else (),
-                        bool(flags & PARTIAL))
+                        bool(flags & PARTIAL), last_label, first)
 
 
 def decode_outbox(raw: bytes) -> tuple[OutboxEntry, ...]:
     """The outbox of a value that ``decode_state`` has already validated."""
-    _, flags, l, hdim, c, n_out, *_ = HEADER.unpack_from(raw)
+    header, v3 = _layout(raw)
+    _, flags, l, hdim, c, n_out, *_ = header.unpack_from(raw)
     entry = OUTBOX_ENTRY.size + 4 * c
-    start = HEADER.size + l * hdim * (2 if flags & F16 else 4)
+    start = header.size + l * hdim * (2 if flags & F16 else 4) + (4 * c if v3 and l else 0)
     out = []
     for i in range(n_out):
         at = start + i * entry
-        pos, seq, seen, final, digest = OUTBOX_ENTRY.unpack_from(raw, at)
+        pos, seq, seen, marks, digest = OUTBOX_ENTRY.unpack_from(raw, at)
         probs = np.frombuffer(raw, dtype="<f4", count=c, offset=at + OUTBOX_ENTRY.size)
-        out.append(OutboxEntry(pos, seq, seen, bool(final), digest,
-                               tuple(float(p) for p in probs)))
+        out.append(OutboxEntry(pos, seq, seen, bool(marks & OUT_FINAL), digest,
+                               tuple(float(p) for p in probs), bool(marks & OUT_SUPPRESSED)))
     return tuple(out)

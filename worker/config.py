@@ -123,6 +123,12 @@ class ModelSettings(BaseModel):
                                                  "float16 needs device cuda",
                                                  json_schema_extra=flag("--dtype"))
     cuda_graphs: bool = Field(True, description="on CUDA, replay captured graphs per batch bucket")
+    previous_dir: Path | None = Field(
+        None, description="during a rollout, the model that was serving until now: sessions "
+        "with live state under it stay on it until they end or expire, then it is unloaded; "
+        "new sessions go to --model-dir", json_schema_extra=flag("--previous-model-dir"))
+    drain_check_s: float = Field(60.0, gt=0, description="how often the sessions left under "
+                                 "the previous model are counted (a scan of the state store)")
 
 
 class BatchSettings(BaseModel):
@@ -150,6 +156,19 @@ class LimitSettings(BaseModel):
     max_message_bytes: int = Field(1_000_000, ge=64)
 
 
+class OutputSettings(BaseModel):
+    """Which predictions are emitted (worker/output.py). The decision is stored with the
+    session's state, so replays and restarts decide the same way."""
+
+    emit: Literal["every", "change", "final"] = Field(
+        "every", description="every: a prediction per input message; change: only when the "
+        "session's label differs from the last one emitted; final: only at end=true",
+        json_schema_extra=flag("--emit"))
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="emit only predictions "
+                                  "whose top probability is at least this",
+                                  json_schema_extra=flag("--min-confidence"))
+
+
 class MetricsSettings(BaseModel):
     host: str = Field("0.0.0.0", json_schema_extra=flag("--metrics-host"))
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port",
@@ -171,6 +190,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batch: BatchSettings = BatchSettings()
     limits: LimitSettings = LimitSettings()
+    output: OutputSettings = OutputSettings()
     metrics: MetricsSettings = MetricsSettings()
     retry: RetrySettings = RetrySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

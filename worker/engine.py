@@ -28,11 +28,16 @@ from model.gru import GRUClassifier
 from .codec import (
     ENDED,
     F16,
-    HEADER,
     HEADER_DTYPE,
+    HEADER_V2_DTYPE,
     MAGIC,
+    MAGIC_V2,
     MAX_OUTBOX,
+    NO_LABEL,
+    OUT_FINAL,
+    OUT_SUPPRESSED,
     PARTIAL,
+    SEEN_MAX,
     SEQ,
     OutboxEntry,
     PosKind,
@@ -44,6 +49,7 @@ from .codec import (
 )
 from .compute import Stepper
 from .messages import Prediction, Rejection, TokenMessage
+from .output import OutputPolicy, decide
 from .ports import Record, TopicPartition
 
 
@@ -59,11 +65,18 @@ class StepTable:
     final: np.ndarray  # (n,) bool: the message ended its session
     partial: np.ndarray  # (n,) bool: the session's beginning was never applied
     probs: np.ndarray  # (n, C) float32
+    label: np.ndarray  # (n,) int64: the top label
+    confidence: np.ndarray  # (n,) float32: its probability
+    emit: np.ndarray  # (n,) bool: emitted under the output policy (worker.output)
+    confident: np.ndarray  # (n,) bool: confidence at least the policy's minimum
+    first_reached: np.ndarray  # (n,) int64: on final rows, tokens seen when the final label
+    #                            was first predicted in the session; 0 elsewhere
+    model_id: str = ""
 
     def prediction(self, i: int) -> Prediction:
         return Prediction(self.session_ids[i], int(self.seq[i]), tuple(self.probs[i].tolist()),
                           int(self.tokens_seen[i]), bool(self.final[i]), self.records[i],
-                          partial=bool(self.partial[i]))
+                          partial=bool(self.partial[i]), model_id=self.model_id)
 
 
 @dataclass(slots=True)
@@ -81,6 +94,7 @@ class SessionUpdate:
     steps: list[int]
     started: bool  # the session had no live state before this batch
     tokens: int  # tokens this batch applied to the session
+    model: str | None = None  # the model namespace it is written under (None: the current)
 
     @property
     def predictions(self) -> list[Prediction]:
@@ -135,37 +149,44 @@ class _Loaded:
     ended: np.ndarray  # bool
     partial: np.ndarray  # bool
     h: np.ndarray  # (S, L, H) float32; zeros where there is no live state
+    last_label: np.ndarray  # int64: the last label emitted, -1 for none
+    first: np.ndarray  # (S, C) int64: tokens seen when each label was first predicted, 0: not yet
     corrupt: dict[int, str]
 
 
 def decode_states(raws: Sequence[bytes | None], layers: int, hidden: int,
                   num_labels: int) -> _Loaded:
-    """Decode every loaded value at once: values of one length are joined and viewed as one
-    structured array. Invalid ones are left to ``decode_state`` for the reason."""
+    """Decode every loaded value at once: values of one length and format are joined and
+    viewed as one structured array. Invalid ones are left to ``decode_state`` for the reason."""
     S = len(raws)
     out = _Loaded(np.zeros(S, bool), np.zeros(S, np.int64), np.zeros(S, bool),
                   np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, bool),
-                  np.zeros(S, bool), np.zeros((S, layers, hidden), np.float32), {})
-    by_len: dict[int, list[int]] = {}
+                  np.zeros(S, bool), np.zeros((S, layers, hidden), np.float32),
+                  np.full(S, -1, np.int64), np.zeros((S, num_labels), np.int64), {})
+    by_len: dict[tuple[int, bool], list[int]] = {}
     for i, raw in enumerate(raws):
         if raw is not None:
-            by_len.setdefault(len(raw), []).append(i)
+            by_len.setdefault((len(raw), raw[:4] == MAGIC_V2), []).append(i)
     entry = 8 * 3 + 1 + 8 + 4 * num_labels
-    for length, idx in by_len.items():
-        if length < HEADER.size:
+    for (length, v2), idx in by_len.items():
+        hdr_dtype = HEADER_V2_DTYPE if v2 else HEADER_DTYPE
+        hsize = hdr_dtype.itemsize
+        if length < hsize:
             for i in idx:
                 out.corrupt[i] = _reason(raws[i], layers, hidden, num_labels)
             continue
         buf = np.frombuffer(b"".join(raws[i] for i in idx), np.uint8).reshape(len(idx), length)
-        hdr = np.ascontiguousarray(buf[:, :HEADER.size]).view(HEADER_DTYPE).reshape(-1)
+        hdr = np.ascontiguousarray(buf[:, :hsize]).view(hdr_dtype).reshape(-1)
         flags = hdr["flags"].astype(np.int64)
         ended = (flags & ENDED) != 0
         f16 = (flags & F16) != 0
         l, hd = hdr["layers"].astype(np.int64), hdr["hidden"].astype(np.int64)
         width = np.where(f16, 2, 4)
-        ok = ((hdr["magic"] == MAGIC) & (hdr["labels"] == num_labels)
+        first_bytes = np.where(ended | v2, 0, 4 * num_labels)
+        ok = ((hdr["magic"] == (MAGIC_V2 if v2 else MAGIC)) & (hdr["labels"] == num_labels)
               & np.where(ended, (l == 0) & (hd == 0), (l == layers) & (hd == hidden))
-              & (HEADER.size + l * hd * width + hdr["n_out"].astype(np.int64) * entry == length))
+              & (hsize + l * hd * width + first_bytes + hdr["n_out"].astype(np.int64) * entry
+                 == length))
         rows = np.asarray(idx)
         for i in rows[~ok]:
             out.corrupt[int(i)] = _reason(raws[i], layers, hidden, num_labels)
@@ -177,11 +198,18 @@ def decode_states(raws: Sequence[bytes | None], layers: int, hidden: int,
         out.messages[good] = hdr["messages"][ok]
         out.ended[good] = ended[ok]
         out.partial[good] = (flags[ok] & PARTIAL) != 0
+        if not v2:
+            lab = hdr["last_label"][ok].astype(np.int64)
+            out.last_label[good] = np.where(lab == NO_LABEL, -1, lab)
         for w, dtype in ((4, "<f4"), (2, "<f2")):
             sel = ok & ~ended & (width == w)
             if sel.any():
-                hb = np.ascontiguousarray(buf[sel, HEADER.size:HEADER.size + layers * hidden * w])
+                end = hsize + layers * hidden * w
+                hb = np.ascontiguousarray(buf[sel, hsize:end])
                 out.h[rows[sel]] = hb.view(dtype).reshape(-1, layers, hidden)
+                if not v2:
+                    fb = np.ascontiguousarray(buf[sel, end:end + 4 * num_labels])
+                    out.first[rows[sel]] = fb.view("<u4").reshape(-1, num_labels)
     return out
 
 
@@ -196,8 +224,10 @@ def _reason(raw: bytes, layers: int, hidden: int, num_labels: int) -> str:
 class Engine:
     def __init__(self, model: GRUClassifier, device: str = "cpu", state_dtype: str = "float32",
                  ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000,
-                 compute_dtype: str = "float32", cuda_graphs: bool = True) -> None:
+                 compute_dtype: str = "float32", cuda_graphs: bool = True,
+                 output: OutputPolicy = OutputPolicy(), model_id: str = "") -> None:
         self.stepper = Stepper(model, device, compute_dtype, cuda_graphs=cuda_graphs)
+        self.output, self.model_id = output, model_id
         self.device = self.stepper.device
         self._pinned: torch.Tensor | None = None
         self.state_f16 = state_dtype == "float16"
@@ -263,10 +293,11 @@ class Engine:
                             f"with a new session_id, or number it after {last_pos}"), sid))
                         continue
                     result.duplicates.append(m)
-                    if entry is not None:
+                    if entry is not None and not entry.suppressed:
                         result.replayed.append(Prediction(
                             sid, entry.seq, entry.probs, entry.tokens_seen, entry.final,
-                            m.record, replayed=True, partial=c_partial[k]))
+                            m.record, replayed=True, partial=c_partial[k],
+                            model_id=self.model_id))
                     continue
                 reset = not live
                 if reset:
@@ -360,6 +391,29 @@ class Engine:
         h_out = h.transpose(0, 1).cpu().numpy()  # (P, L, H)
         result.step_seconds = time.perf_counter() - t0
 
+        # Output decisions and label statistics, per *segment*: a run of steps sharing one
+        # session state (a row, split where an ended session's id begins a new conversation).
+        label = probs.argmax(axis=1)
+        confidence = probs[np.arange(n_steps), label]
+        seg_start = resets.copy()
+        seg_start[starts] = True
+        segment = np.cumsum(seg_start) - 1
+        first_step = np.flatnonzero(seg_start)
+        continues = ~resets[first_step]  # the segment goes on from a stored live state
+        stored = rows_idx[step_row[first_step]]
+        init_label = np.where(continues, st.last_label[stored], -1)
+        decisions = decide(self.output, label, confidence, ends, segment, init_label)
+        # First-seen token counts per (segment, label); 0 (not yet) compares as never.
+        never = np.int64(2**62)
+        first = np.where(continues[:, None], st.first[stored], 0)
+        first = np.where(first == 0, never, first)
+        seen_arr = np.asarray(s_seen, np.int64)
+        np.minimum.at(first, (segment, label), seen_arr)
+        first_reached = np.where(ends, first[segment, label], 0)
+        row_seg = segment[starts + counts - 1]
+        row_first = np.where(first[row_seg] == never, 0, np.minimum(first[row_seg], SEEN_MAX))
+        row_label = decisions.last_label[row_seg]
+
         seq = np.asarray(s_seq, np.int64)
         seen = np.asarray(s_seen, np.int64)
         partial = np.asarray(s_partial, bool)
@@ -368,10 +422,11 @@ class Engine:
                                                          np.int64, n_steps))
         last = starts + counts - 1
         table = StepTable([m.session_id for m in msgs], [m.record for m in msgs], seq, seen,
-                          ends, partial, probs)
+                          ends, partial, probs, label, confidence, decisions.emit,
+                          decisions.confident, first_reached, self.model_id)
         values = self._encode(starts, counts, last, h_out, positions, seq, seen,
                               np.asarray(s_count, np.int64), ends, partial, digests, seq_given,
-                              probs)
+                              probs, decisions.emit, row_label, row_first)
         tokens = np.add.reduceat(lengths, starts).tolist()
         new_pos, ended = positions[last].tolist(), ends[last].tolist()
         exists, old_pos, was_ended = (st.exists[rows_idx].tolist(), st.last_pos[rows_idx].tolist(),
@@ -387,7 +442,7 @@ class Engine:
                 not exists[p] or was_ended[p], tokens[p]))
 
     def _encode(self, starts, counts, last, h_out, positions, seq, seen, count, ends, partial,
-                digests, seq_given, probs) -> list[bytes]:
+                digests, seq_given, probs, emit, row_label, row_first) -> list[bytes]:
         """The new state values, one structured array per layout (ended or not, outbox size)."""
         L, H, C = self.layers, self.hidden, self.num_labels
         ended = ends[last]
@@ -406,7 +461,9 @@ class Engine:
             if not is_ended:
                 hdr["layers"], hdr["hidden"] = L, H
                 arr["h"] = h_out[rows]
+                arr["first"] = row_first[rows]
             hdr["labels"] = C
+            hdr["last_label"] = np.where(row_label[rows] < 0, NO_LABEL, row_label[rows])
             hdr["n_out"] = n
             li = last[rows]
             hdr["last_pos"] = positions[li]
@@ -417,7 +474,8 @@ class Engine:
             out["position"] = positions[steps]
             out["seq"] = seq[steps]
             out["seen"] = seen[steps]
-            out["final"] = ends[steps]
+            out["marks"] = np.where(ends[steps], OUT_FINAL, 0) | np.where(
+                emit[steps], 0, OUT_SUPPRESSED)
             out["digest"] = digests[steps]
             out["probs"] = probs[steps]
             raw = arr.tobytes()

@@ -62,7 +62,6 @@ from .config import Settings
 from .engine import BatchResult, Engine, SessionUpdate
 from .errors import DependencyError, ShutdownRequested, UndecodableInput
 from .messages import (
-    PredictionEncoder,
     Rejection,
     TokenMessage,
     dead_letter_key,
@@ -72,6 +71,7 @@ from .messages import (
 )
 from .budget import BatchBudget
 from .metrics import OUTCOMES, Metrics
+from .models import ModelSet, ServedModel
 from .ports import (
     Outgoing,
     PartitionMark,
@@ -128,7 +128,7 @@ class _Written:
     behind: set[TopicPartition]  # Redis lost writes: rewound, replayed from what it holds
     held: dict[TopicPartition, int]  # rewound to this offset (a write that never landed)
     deferred: int = 0  # messages of held sessions, redelivered later
-    live: list = field(default_factory=list)  # (update, rows it produces), set after the write
+    live: list = field(default_factory=list)  # (update, its live rows), set after the write
 
     @property
     def skipped(self) -> set[TopicPartition]:
@@ -155,11 +155,15 @@ class Worker:
     def __init__(self, settings: Settings, engine: Engine, store: StateStore, source: Source,
                  sink: Sink, metrics: Metrics, labels: Sequence[str], model_id: str,
                  encode_tokens: Callable, vocab_size: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 previous: ServedModel | None = None, vocab_key: object = None) -> None:
         self.s = settings
         self.engine, self.store, self.source, self.sink = engine, store, source, sink
         self.metrics = metrics
-        self.encoder = PredictionEncoder(labels, model_id)
+        # The current model, and during a rollout the previous one (worker/models.py).
+        self.models = ModelSet(ServedModel(model_id, engine, tuple(labels), encode_tokens,
+                                           vocab_size, vocab_key), previous, settings.limits,
+                               metrics)
         self.encode_tokens, self.vocab_size = encode_tokens, vocab_size
         self.clock = clock
         self.owned: set[TopicPartition] = set()  # assigned to us by the group
@@ -257,9 +261,10 @@ class Worker:
         t0 = time.perf_counter()
         messages, rejections = self._decode(records)
         t1 = time.perf_counter()
+        self.models.between_batches()  # unload a drained previous model
         states = self._load(messages)                                   # 1. load states
         t2 = time.perf_counter()
-        result = self.engine.apply(messages, states)                    # 2. step
+        result = self.models.apply(messages, states)                    # 2. step
         t3 = time.perf_counter()
         self.settle()                          # 4'-5' the previous batch: acks, then commit
         t3b = time.perf_counter()
@@ -374,13 +379,17 @@ class Worker:
 
     # 1. load -------------------------------------------------------------------------------
 
-    def _load(self, messages: Sequence[TokenMessage]) -> dict[str, bytes | None]:
+    def _load(self, messages: Sequence[TokenMessage]) -> dict[str, tuple[bytes | None, ...]]:
+        """Each session's value under each model namespace served (one round trip)."""
         first: dict[str, TopicPartition] = {}
         for m in messages:
             first.setdefault(m.session_id, (m.record.topic, m.record.partition))
         sids, parts = list(first), list(first.values())
-        values = self._retry(lambda: self.store.load(sids, parts))
-        return dict(zip(sids, values))
+        models = self.models.namespaces
+        values = self._retry(lambda: self.store.load(sids, parts, models))
+        n = len(sids)
+        return {sid: tuple(values[k * n + i] for k in range(len(models)))
+                for i, sid in enumerate(sids)}
 
     # 3. write ------------------------------------------------------------------------------
 
@@ -408,7 +417,7 @@ class Worker:
             skip = fenced | set(behind)
             again_msgs = [m for m in messages if m.session_id in sids
                           and (m.record.topic, m.record.partition) not in skip]
-            again = self.engine.apply(again_msgs, refused)
+            again = self.models.reapply(again_msgs, refused)
             result = result.without_sessions(sids)
             result.merge(again)
             parts = {(m.record.topic, m.record.partition) for m in again_msgs}
@@ -466,24 +475,28 @@ class Worker:
     def _store(self, marks: dict[TopicPartition, PartitionMark],
                updates: Sequence[SessionUpdate]) -> StoreResult:
         writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
-                             u.ttl_ms) for u in updates]
+                             u.ttl_ms, u.model) for u in updates]
         res = self._retry(lambda: self.store.store(marks, writes))
         self._note_recorded(marks, res)
         return res
 
     def _refused(self, updates: Sequence[SessionUpdate],
-                 res: StoreResult) -> dict[str, bytes | None]:
-        """Sessions whose write did not land, with their current stored values. A refusal can
-        be our own write: the first attempt ran, its reply was lost (Redis restarted or timed
-        out) and the retry found the position already moved. The stored value is then
-        byte-for-byte ours, so it counts as written."""
+                 res: StoreResult) -> dict[str, tuple[str | None, bytes | None]]:
+        """Sessions whose write did not land, with the model namespace they were written
+        under and their value there now. A refusal can be our own write: the first attempt
+        ran, its reply was lost (Redis restarted or timed out) and the retry found the
+        position already moved. The stored value is then byte-for-byte ours, so it counts
+        as written."""
         bad = [u for u, st in zip(updates, res.statuses)
                if st in (WriteStatus.STALE, WriteStatus.CORRUPT)]
-        if not bad:
-            return {}
-        current = self._retry(lambda: self.store.load([u.session_id for u in bad],
-                                                      [u.partition for u in bad]))
-        return {u.session_id: value for u, value in zip(bad, current) if value != u.value}
+        out: dict[str, tuple[str | None, bytes | None]] = {}
+        for model in {u.model for u in bad}:
+            these = [u for u in bad if u.model == model]
+            current = self._retry(lambda: self.store.load(
+                [u.session_id for u in these], [u.partition for u in these], (model,)))
+            out.update({u.session_id: (model, value) for u, value in zip(these, current)
+                        if value != u.value})
+        return out
 
     # 4. produce ----------------------------------------------------------------------------
 
@@ -497,8 +510,9 @@ class Worker:
         return (record.topic, record.partition) not in w.skipped and not self._suppressed(record)
 
     def _live_rows(self, w: _Written) -> list[tuple[SessionUpdate, list[int]]]:
-        """Per session update, the rows of its step table whose predictions this batch
-        produces (all of them unless a partition was skipped or is being rebuilt)."""
+        """Per session update, the rows of its step table that are live in this batch (all
+        of them unless a partition was skipped or is being rebuilt). The output policy then
+        picks which of them are produced (``table.emit``, worker/output.py)."""
         if not w.skipped and not self.rebuilds:
             return [(u, u.steps) for u in w.result.updates]
         return [(u, [i for i in u.steps if self._live(u.table.records[i], w)])
@@ -513,12 +527,16 @@ class Worker:
             if rows:
                 by_table.setdefault(id(u.table), (u.table, []))[1].extend(rows)
         for table, rows in by_table.values():
+            emit = table.emit
+            rows = [i for i in rows if emit[i]]
             keys = [table.session_ids[i].encode() for i in rows]
+            encoder = self.models.encoder(table.model_id)
             out += [Outgoing(topic, key, value)
-                    for key, value in zip(keys, self.encoder.encode_rows(table, rows))]
+                    for key, value in zip(keys, encoder.encode_rows(table, rows))]
         for p in w.result.replayed:
             if self._live(p.record, w):
-                out.append(Outgoing(topic, p.session_id.encode(), self.encoder.encode(p)))
+                out.append(Outgoing(topic, p.session_id.encode(),
+                                    self.models.encoder(p.model_id).encode(p)))
         dead_letters: dict[int, Rejection] = {}
         for rej in [*rejections, *w.result.rejections]:
             rec = rej.record
@@ -605,19 +623,26 @@ class Worker:
                 counts["rebuilt"] += 1
                 self.rebuilds[tp].messages += 1
         counts["deferred"] += w.deferred
-        produced = 0
+        produced = applied = 0
         stamps: list[int] = []
+        by_table: dict[int, tuple[object, list[int]]] = {}
         for u, rows in w.live:
             if not rows:
                 continue
-            produced += len(rows)
-            stamps += [u.table.records[i].timestamp_ms for i in rows]
+            applied += len(rows)
+            by_table.setdefault(id(u.table), (u.table, []))[1].extend(rows)
+            emit = u.table.emit
+            emitted = [i for i in rows if emit[i]]
+            produced += len(emitted)
+            stamps += [u.table.records[i].timestamp_ms for i in emitted]
             m.sessions_started.inc(u.started)
             m.sessions_ended.inc(bool(u.table.final[u.steps[-1]]))
+        for table, rows in by_table.values():
+            m.observe_predictions(table, rows)
         if stamps:
             ts = np.array([t for t in stamps if t is not None], np.float64)
             m.e2e_latency.observe_many(np.maximum(0.0, now - ts / 1000))
-        counts["ok"] = produced
+        counts["ok"] = applied
         counts["dead_lettered"] = sum(1 for x in [*rejections, *result.rejections]
                                       if self._live(x.record, w))
         counts["duplicate"] = sum(1 for d in result.duplicates if self._live(d.record, w))
@@ -640,7 +665,10 @@ class Worker:
         m.step_seconds.observe(result.step_seconds)
         m.batch_size.observe(len(records))
         m.batch_seconds.observe(f.t_sent - t_batch + f.settle_s)  # its own time, not the overlap
-        m.saw_sessions(u.session_id for u in result.updates)
+        by_model: dict[str, list[str]] = {}
+        for u in result.updates:
+            by_model.setdefault(u.table.model_id, []).append(u.session_id)
+        m.saw_sessions([u.session_id for u in result.updates], models=by_model)
         s.messages += len(records)
         s.batches += 1
         s.predictions += produced

@@ -156,6 +156,7 @@ class Prediction:
     record: Record
     replayed: bool = False  # re-emitted from the state's outbox after a replay
     partial: bool = False  # the session's first messages were never applied to its state
+    model_id: str = ""  # the model that produced it ("" in tools and tests: the encoder's)
 
 
 class _PredictionOut(msgspec.Struct):

@@ -33,46 +33,78 @@ LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .02, .03, .05, .075, .1,
 STAGE_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 OUTCOMES = ("ok", "dead_lettered", "duplicate", "fenced", "replayed", "rebuilt", "deferred")
+SUPPRESSED_REASONS = ("policy", "min_confidence")
+CONFIDENCE_BUCKETS = (.2, .3, .4, .5, .6, .7, .8, .85, .9, .95, .98, .99, 1.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 
 
 class BatchHistogram:
     """A histogram fed a whole batch of observations at once (numpy), where
     ``prometheus_client.Histogram`` takes one per call: the worker observes a latency per
     prediction, thousands per batch. Exposed in the same text format (buckets, ``_sum``,
-    ``_count``), from a collector registered in the injected registry."""
+    ``_count``), from a collector registered in the injected registry. With ``labelnames``,
+    ``labels(*values)`` gives the child to observe, as with prometheus_client."""
 
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, labelnames: tuple[str, ...] = ()) -> None:
         self.name, self.documentation = name, documentation
+        self.labelnames = labelnames
         self.bounds = np.array([*buckets, float("inf")])
-        self.counts = np.zeros(len(self.bounds), np.int64)
-        self.total = 0.0
+        self._children: dict[tuple[str, ...], list] = {}  # values -> [counts, total]
         self._lock = threading.Lock()
+        if not labelnames:
+            self._children[()] = [np.zeros(len(self.bounds), np.int64), 0.0]
         registry.register(self)
 
-    def observe_many(self, values) -> None:
+    def labels(self, *values: str) -> "_Child":
+        with self._lock:
+            self._children.setdefault(tuple(values),
+                                      [np.zeros(len(self.bounds), np.int64), 0.0])
+        return _Child(self, tuple(values))
+
+    def remove(self, *values: str) -> None:
+        with self._lock:
+            self._children.pop(tuple(values), None)
+
+    def observe_many(self, values, key: tuple[str, ...] = ()) -> None:
         v = np.asarray(values, np.float64)
         if not v.size:
             return
         counts = np.bincount(np.searchsorted(self.bounds, v, side="left"),
                              minlength=len(self.bounds))
         with self._lock:
-            self.counts += counts
-            self.total += float(v.sum())
+            child = self._children[key]
+            child[0] += counts
+            child[1] += float(v.sum())
 
     def observe(self, value: float) -> None:
         self.observe_many([value])
 
+    @property
+    def counts(self) -> np.ndarray:
+        return self._children[()][0]
+
     def collect(self):
         with self._lock:
-            cumulative = np.cumsum(self.counts).tolist()
-            total = self.total
+            children = [(k, np.cumsum(c).tolist(), t) for k, (c, t) in self._children.items()]
         le = [_le(b) for b in self.bounds]
-        yield HistogramMetricFamily(self.name, self.documentation,
-                                    buckets=list(zip(le, cumulative)), sum_value=total)
+        family = HistogramMetricFamily(self.name, self.documentation,
+                                       labels=list(self.labelnames))
+        for key, cumulative, total in children:
+            family.add_metric(list(key), list(zip(le, cumulative)), total)
+        yield family
 
     def describe(self):
-        return [HistogramMetricFamily(self.name, self.documentation)]
+        return [HistogramMetricFamily(self.name, self.documentation,
+                                      labels=list(self.labelnames))]
+
+
+class _Child:
+    def __init__(self, parent: BatchHistogram, key: tuple[str, ...]) -> None:
+        self.parent, self.key = parent, key
+
+    def observe_many(self, values) -> None:
+        self.parent.observe_many(values, self.key)
 
 
 def _le(bound: float) -> str:
@@ -168,29 +200,129 @@ class Metrics:
         self.gc_pauses = Histogram(
             "gru_gc_pause_seconds", "Python garbage-collector pauses in the worker, by generation",
             ["generation"], buckets=STAGE_BUCKETS, registry=r)
-        self.model_info = Gauge("gru_model_info", "The loaded model", ["model_id", "device"],
-                                registry=r)
+        self.model_info = Gauge("gru_model_info", "The loaded models: role current (new "
+                                "sessions) or previous (draining)",
+                                ["model_id", "device", "role"], registry=r)
+        # Output control (worker/output.py).
+        self.suppressed = Counter(
+            "gru_predictions_suppressed_total", "Predictions not emitted: the emit policy did "
+            "not select them (policy) or their confidence was too low (min_confidence)",
+            ["reason"], registry=r)
+        for reason in SUPPRESSED_REASONS:
+            self.suppressed.labels(reason)
+        # Model quality: every prediction the model made for a live message (emitted or not;
+        # not rebuilds, not replays).
+        self.model_predictions = Counter(
+            "gru_model_predictions_total", "Predictions made, by model, top label and whether "
+            "it is a session's final one", ["model_id", "label", "final"], registry=r)
+        self.confidence = BatchHistogram(
+            "gru_prediction_confidence", "Top probability of each prediction",
+            CONFIDENCE_BUCKETS, r, ("model_id",))
+        self.tokens_to_final = BatchHistogram(
+            "gru_tokens_to_final_label", "At end: tokens read when the session's final label "
+            "was first the top label", TOKEN_BUCKETS, r, ("model_id",))
+        self.session_length = BatchHistogram(
+            "gru_session_length_tokens", "At end: tokens the session read", TOKEN_BUCKETS, r,
+            ("model_id",))
+        self.label_prior = Gauge(
+            "gru_model_label_prior", "Share of each label in the model's training split (absent "
+            "for artifacts that do not record it)", ["model_id", "label"], registry=r)
+        # Rollout (worker/models.py): sessions per model, and the previous model's drain.
+        self.model_active_sessions = Gauge(
+            "gru_model_active_sessions", f"Sessions with a message in the last "
+            f"{active_window_s:g}s, by the model serving them (this worker)", ["model_id"],
+            registry=r)
+        self.model_stored_sessions = Gauge(
+            "gru_model_stored_sessions", "Sessions stored under each model's namespace in the "
+            "state store while a previous model drains (live: a hidden state; ended: a "
+            "tombstone), counted by a periodic scan; the same for every worker of the group",
+            ["model_id", "state"], registry=r)
+        self.drain_progress = Gauge(
+            "gru_model_drain_progress", "Share of the previous model's sessions that have ended "
+            "or expired since this worker started draining it (1: drained, then unloaded)",
+            ["model_id"], registry=r)
+        self.models_unloaded = Counter(
+            "gru_models_unloaded_total", "Previous models unloaded once no session was left "
+            "under them", registry=r)
+        self._labels: dict[str, tuple[str, ...]] = {}
+        self._seen_by_model: dict[str, OrderedDict[str, float]] = {}
         self._window = active_window_s
         self._seen: OrderedDict[str, float] = OrderedDict()  # least recently seen first
 
 
-    def saw_sessions(self, session_ids, now: float | None = None) -> None:
-        """Prunes from the least recently seen end, a few entries per call: a pass over every
-        session (100k of them) would be a pause of tens of milliseconds."""
+    def add_model(self, model_id: str, labels, prior: dict[str, float] | None, device: str,
+                  role: str) -> None:
+        """A model is served: its info, its label names and its training prior."""
+        self._labels[model_id] = tuple(labels)
+        self.model_info.labels(model_id, device, role).set(1)
+        for label, share in (prior or {}).items():
+            self.label_prior.labels(model_id, label).set(share)
+
+    def drop_model(self, model_id: str, device: str, role: str) -> None:
+        """A model is unloaded: its series go (counters and histograms stay, as counters do)."""
+        for gauge, values in ((self.model_info, (model_id, device, role)),):
+            try:
+                gauge.remove(*values)
+            except KeyError:
+                pass
+        for label in self._labels.get(model_id, ()):
+            try:
+                self.label_prior.remove(model_id, label)
+            except KeyError:
+                pass
+
+    def observe_predictions(self, table, rows: list[int]) -> None:
+        """One step table's live rows (worker.engine.StepTable): suppressed outputs, and the
+        model-quality series, a handful of calls per batch, not one per prediction."""
+        r = np.asarray(rows)
+        held, confident = ~table.emit[r], table.confident[r]
+        if held.any():
+            self.suppressed.labels("min_confidence").inc(int((held & ~confident).sum()))
+            self.suppressed.labels("policy").inc(int((held & confident).sum()))
+        mid = table.model_id
+        names = self._labels.get(mid)
+        label, final = table.label[r], table.final[r]
+        combos, counts = np.unique(label * 2 + final, return_counts=True)
+        for combo, n in zip(combos.tolist(), counts.tolist()):
+            name = names[combo // 2] if names else str(combo // 2)
+            self.model_predictions.labels(mid, name, "true" if combo % 2 else "false").inc(n)
+        self.confidence.labels(mid).observe_many(table.confidence[r])
+        ends = r[final]
+        if len(ends):
+            self.tokens_to_final.labels(mid).observe_many(table.first_reached[ends])
+            self.session_length.labels(mid).observe_many(table.tokens_seen[ends])
+
+    def saw_sessions(self, session_ids, now: float | None = None,
+                     models: dict[str, list[str]] | None = None) -> None:
+        """Sessions that had a message now; ``models``: the same, by the model serving them.
+        Prunes from the least recently seen end, a bounded number of entries per call: a pass
+        over every session (100k of them) was a pause of tens of milliseconds."""
         now = time.monotonic() if now is None else now
-        seen = self._seen
-        for sid in session_ids:
-            seen[sid] = now
-            seen.move_to_end(sid)
         cutoff = now - self._window
-        for _ in range(self.PRUNE_PER_CALL):  # bounded: the gauge catches up over a few calls
-            if not seen:
-                break
-            sid, t = next(iter(seen.items()))
-            if t >= cutoff:
-                break
-            del seen[sid]
-        self.active_sessions.set(len(seen))
+        _touch(self._seen, session_ids, now, cutoff, self.PRUNE_PER_CALL)
+        for mid, sids in (models or {}).items():
+            _touch(self._seen_by_model.setdefault(mid, OrderedDict()), sids, now, cutoff,
+                   self.PRUNE_PER_CALL)
+        for mid, seen in self._seen_by_model.items():
+            if mid not in (models or {}):
+                _touch(seen, (), now, cutoff, self.PRUNE_PER_CALL)
+            self.model_active_sessions.labels(mid).set(len(seen))
+        self.active_sessions.set(len(self._seen))
+
+
+def _touch(seen: OrderedDict, session_ids, now: float, cutoff: float, limit: int) -> None:
+    """Mark ``session_ids`` seen at ``now`` (least recently seen first); forget at most
+    ``limit`` entries older than ``cutoff`` (the gauge catches up over a few calls)."""
+    for sid in session_ids:
+        seen[sid] = now
+        seen.move_to_end(sid)
+    for _ in range(limit):
+        if not seen:
+            break
+        sid, t = next(iter(seen.items()))
+        if t >= cutoff:
+            break
+        del seen[sid]
 
 
 def watch_gc(metrics: Metrics) -> Callable[[], None]:

@@ -98,6 +98,7 @@ class StateWrite:
     new_pos: int
     value: bytes
     ttl_ms: int
+    model: str | None = None  # the model namespace (None: the store's current model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +127,13 @@ class StoreResult:
 class StateStore(Protocol):
     def claim(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Claim]:
         """Take a new, never reused fencing token per partition: any older owner is fenced."""
-    def load(self, session_ids: Sequence[str],
-             partitions: Sequence[TopicPartition]) -> list[bytes | None]: ...
+    def load(self, session_ids: Sequence[str], partitions: Sequence[TopicPartition],
+             models: Sequence[str | None] = (None,)) -> list[bytes | None]:
+        """Each session's value under each model namespace (None: the current model), in
+        one round trip, model-major: ``len(models) * len(session_ids)`` values."""
     def store(self, marks: Mapping[TopicPartition, PartitionMark],
               writes: Sequence[StateWrite]) -> StoreResult: ...
+    def count_sessions(self, models: Sequence[str | None]) -> dict[str | None, tuple[int, int]]:
+        """Per model namespace: (live, ended) sessions stored. A scan: for the drain check
+        of a previous model, not the hot path."""
     def ping(self) -> bool: ...

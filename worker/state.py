@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 
 import redis.exceptions as rex
 
-from .codec import HEADER, LAST_POS_OFFSET, MAGIC, mark_status, write_status
+from .codec import (
+    ENDED,
+    LAST_POS_OFFSET,
+    MAGIC,
+    MAGIC_V2,
+    MIN_HEADER,
+    mark_status,
+    write_status,
+)
 from .errors import DependencyError
 from .ports import (
     Claim,
@@ -62,8 +70,24 @@ class Keys:
             raise ValueError("on a Redis Cluster a key needs its topic partition")
         return f"{{{partition[0]}|{partition[1]}}}:"
 
-    def session(self, session_id: str, partition: TopicPartition | None = None) -> str:
-        return f"{self.prefix}:{self.tag(partition)}{self.model_id}:{self.namespace}:s:{session_id}"
+    def session(self, session_id: str, partition: TopicPartition | None = None,
+                model_id: str | None = None) -> str:
+        """A session's state key under ``model_id`` (None: this worker's current model)."""
+        model = self.model_id if model_id is None else model_id
+        return f"{self.prefix}:{self.tag(partition)}{model}:{self.namespace}:s:{session_id}"
+
+    def session_pattern(self) -> str:
+        """A SCAN pattern matching every session key of the namespace, whatever the model."""
+        tag = "{*}:" if self.cluster else ""
+        return f"{_glob(self.prefix)}:{tag}*:{_glob(self.namespace)}:s:*"
+
+    def model_of(self, key: str) -> str | None:
+        """The model id in a key that ``session_pattern`` matched (None: not a session key)."""
+        rest = key[len(self.prefix) + 1:]
+        if self.cluster:
+            rest = rest.split("}:", 1)[-1]
+        model, _, tail = rest.partition(":")
+        return model if tail.startswith(f"{self.namespace}:s:") else None
 
     def mark(self, topic: str, partition: int) -> str:
         return f"{self.prefix}:{self.tag((topic, partition))}p:{self.namespace}:{topic}:{partition}"
@@ -117,7 +141,8 @@ for k = np + 1, #KEYS do
     local cur = redis.call('GET', KEYS[k])
     if not cur then
       status = (expected == '-') and 0 or 1
-    elseif #cur < %(header)d or string.sub(cur, 1, 4) ~= '%(magic)s' then
+    elseif #cur < %(header)d or (string.sub(cur, 1, 4) ~= '%(magic)s'
+                                 and string.sub(cur, 1, 4) ~= '%(magic_v2)s') then
       status = 3
     else
       local curpos = struct.unpack('<i8', cur, %(pos)d)
@@ -146,7 +171,8 @@ for i = 1, np do
   end
 end
 return out
-""" % {"header": HEADER.size, "magic": MAGIC.decode(), "pos": LAST_POS_OFFSET + 1}
+""" % {"header": MIN_HEADER, "magic": MAGIC.decode(), "magic_v2": MAGIC_V2.decode(),
+       "pos": LAST_POS_OFFSET + 1}
 
 
 def _transient(fn):
@@ -159,6 +185,11 @@ def _transient(fn):
                 rex.ReadOnlyError, rex.ClusterDownError) as e:
             raise DependencyError("redis", f"{fn.__name__} failed: {e!r}") from e
     return wrapper
+
+
+def _glob(text: str) -> str:
+    """``text`` with Redis glob metacharacters escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def new_nonce() -> str:
@@ -190,11 +221,12 @@ class RedisStateStore:
         return out
 
     @_transient
-    def load(self, session_ids: Sequence[str],
-             partitions: Sequence[TopicPartition]) -> list[bytes | None]:
+    def load(self, session_ids: Sequence[str], partitions: Sequence[TopicPartition],
+             models: Sequence[str | None] = (None,)) -> list[bytes | None]:
         if not session_ids:
             return []
-        keys = [self.keys.session(s, tp) for s, tp in zip(session_ids, partitions)]
+        keys = [self.keys.session(s, tp, m) for m in models
+                for s, tp in zip(session_ids, partitions)]
         if self.keys.cluster:
             return self.client.mget_nonatomic(keys)
         return self.client.mget(keys)
@@ -223,7 +255,7 @@ class RedisStateStore:
                writes: Sequence[StateWrite]) -> StoreResult:
         index = {tp: i + 1 for i, tp in enumerate(parts)}
         keys = [self.keys.mark(*tp) for tp in parts] + [
-            self.keys.session(w.session_id, w.partition) for w in writes]
+            self.keys.session(w.session_id, w.partition, w.model) for w in writes]
         args: list = [len(parts)]
         for tp in parts:
             m = marks[tp]
@@ -239,6 +271,33 @@ class RedisStateStore:
             frozenset(tp for tp, (st, _) in by_part.items() if st == WriteStatus.FENCED),
             {tp: nxt for tp, (st, nxt) in by_part.items() if st == WriteStatus.BEHIND},
             frozenset(tp for tp, (st, _) in by_part.items() if st == 0))
+
+    @_transient
+    def count_sessions(self, models: Sequence[str | None]) -> dict[str | None, tuple[int, int]]:
+        """SCAN the namespace's session keys (every node of a cluster), and read each one's
+        flags byte (ended or not), a page of keys per pipelined round trip."""
+        ids = {self.keys.model_id if m is None else m: m for m in models}
+        counts = {m: [0, 0] for m in models}
+        page: list[tuple[str | None, bytes]] = []
+
+        def flush() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for _, key in page:
+                pipe.getrange(key, 4, 4)
+            for (m, _), flags in zip(page, pipe.execute()):
+                if flags:  # gone since the scan saw it: nothing to count
+                    counts[m][1 if flags[0] & ENDED else 0] += 1
+            page.clear()
+
+        for key in self.client.scan_iter(match=self.keys.session_pattern(), count=1000):
+            model = self.keys.model_of(_text(key))
+            if model in ids:
+                page.append((ids[model], key))
+                if len(page) >= 1000:
+                    flush()
+        if page:
+            flush()
+        return {m: (c[0], c[1]) for m, c in counts.items()}
 
     @_transient
     def ping(self) -> bool:
@@ -265,7 +324,9 @@ def _text(v) -> str:
 @dataclass
 class MemoryStateStore:
     """The same contract in process memory, for tests and the Redis-less demo. Expiry is
-    checked on read, with an injectable clock; the write rule is ``codec.write_status``."""
+    checked on read, with an injectable clock; the write rule is ``codec.write_status``.
+    A value is keyed by its session id under the current model, by ``(model, session id)``
+    under another (``StateWrite.model``)."""
 
     clock: Callable[[], float] = time.monotonic
     _data: dict[str, tuple[bytes, float]] = field(default_factory=dict)
@@ -282,7 +343,11 @@ class MemoryStateStore:
                 out[tp] = Claim(str(mark["epoch"]), mark.get("next_offset"))  # type: ignore[arg-type]
             return out
 
-    def _get(self, sid: str) -> bytes | None:
+    @staticmethod
+    def _key(sid: str, model: str | None):
+        return sid if model is None else (model, sid)
+
+    def _get(self, sid) -> bytes | None:
         item = self._data.get(sid)
         if item is None:
             return None
@@ -292,9 +357,21 @@ class MemoryStateStore:
         return item[0]
 
     def load(self, session_ids: Sequence[str],
-             partitions: Sequence[TopicPartition] | None = None) -> list[bytes | None]:
+             partitions: Sequence[TopicPartition] | None = None,
+             models: Sequence[str | None] = (None,)) -> list[bytes | None]:
         with self._lock:
-            return [self._get(s) for s in session_ids]
+            return [self._get(self._key(s, m)) for m in models for s in session_ids]
+
+    def count_sessions(self, models: Sequence[str | None]) -> dict[str | None, tuple[int, int]]:
+        with self._lock:
+            out = {}
+            for m in models:
+                values = [v for k in list(self._data)
+                          if (k[0] == m if isinstance(k, tuple) else m is None)
+                          and (v := self._get(k)) is not None]
+                ended = sum(1 for v in values if len(v) > 4 and v[4] & ENDED)
+                out[m] = (len(values) - ended, ended)
+            return out
 
     def store(self, marks: Mapping[TopicPartition, PartitionMark],
               writes: Sequence[StateWrite]) -> StoreResult:
@@ -310,9 +387,10 @@ class MemoryStateStore:
             for w in writes:
                 status = pstatus[w.partition]
                 if status == WriteStatus.OK:
-                    status = write_status(self._get(w.session_id), w.expected_pos, w.new_pos)
+                    key = self._key(w.session_id, w.model)
+                    status = write_status(self._get(key), w.expected_pos, w.new_pos)
                     if status == WriteStatus.OK:
-                        self._data[w.session_id] = (w.value, self.clock() + w.ttl_ms / 1000)
+                        self._data[key] = (w.value, self.clock() + w.ttl_ms / 1000)
                     else:
                         clean.discard(w.partition)
                 out.append(status)

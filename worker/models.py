@@ -1,0 +1,225 @@
+"""The models a worker serves: one *current* model for new sessions and, during a rollout, the
+*previous* one for the sessions that still have live state under it.
+
+State keys carry the model id, so a rollout keeps two namespaces side by side. Each batch
+loads every session's value under both in one round trip (``StateStore.load`` with two
+models) and routes each session by what is stored:
+
+1. a value under the current model: the current model;
+2. else a live state under the previous model: the previous model, until the session ends
+   or expires (its later messages, duplicates and outbox re-emits stay with it);
+3. else an ended session's tombstone under the previous model: its replayed positions (at
+   or before the tombstone's) go to the previous model, which deduplicates them and re-emits
+   its outbox; new positions (a reused session id) start afresh under the current model;
+4. else (nothing stored): the current model.
+
+A background scan (``check_drain``, every ``GRU_MODEL__DRAIN_CHECK_S``) counts the sessions
+left under each namespace; once none is left under the previous model (live or tombstone) it
+is unloaded between two batches. Each prediction says which model made it (``model_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from .codec import ENDED, MAGICS, MIN_HEADER, stored_position
+from .config import LimitSettings
+from .engine import BatchResult, Engine
+from .messages import PredictionEncoder, Rejection, TokenMessage, decode
+from .metrics import Metrics
+from .ports import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One loaded model and what serving it needs: its engine, its prediction encoder, and
+    its tokenizer (input is tokenized by the model that serves its session)."""
+
+    model_id: str
+    engine: Engine
+    labels: tuple[str, ...]
+    encode_tokens: Callable
+    vocab_size: int
+    vocab_key: object = None  # equal for models that tokenize alike (their vocab)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.encoder = PredictionEncoder(self.labels, self.model_id)
+
+
+class ModelSet:
+    def __init__(self, current: ServedModel, previous: ServedModel | None,
+                 limits: LimitSettings, metrics: Metrics) -> None:
+        if previous is not None and previous.model_id == current.model_id:
+            log.warning("the previous model is the current one (%s): nothing to drain",
+                        current.model_id)
+            previous = None
+        self.current, self.previous = current, previous
+        self.limits, self.metrics = limits, metrics
+        self._drained = False
+        self._drain_start: int | None = None
+        self._lock = threading.Lock()
+
+    # --- what a batch loads -----------------------------------------------------------------
+
+    @property
+    def namespaces(self) -> tuple[str | None, ...]:
+        """The model namespaces a batch loads: the current one (None), then the previous."""
+        return (None,) if self.previous is None else (None, self.previous.model_id)
+
+    def encoder(self, model_id: str) -> PredictionEncoder:
+        prev = self.previous
+        if prev is not None and model_id == prev.model_id:
+            return prev.encoder
+        return self.current.encoder
+
+    # --- one batch -----------------------------------------------------------------------
+
+    def apply(self, messages: Sequence[TokenMessage],
+              loaded: Mapping[str, tuple[bytes | None, ...]]) -> BatchResult:
+        """Route each session (module docstring) and apply each model's share of the batch.
+        ``loaded``: per session, its value under each of ``namespaces``."""
+        prev = self.previous
+        if prev is None:
+            return self.current.engine.apply(messages, {s: v[0] for s, v in loaded.items()})
+        to_cur: list[TokenMessage] = []
+        to_prev: list[TokenMessage] = []
+        cur_values: dict[str, bytes | None] = {}
+        prev_values: dict[str, bytes | None] = {}
+        routes: dict[str, tuple[str, int | None]] = {}
+        for sid, (cur, old) in loaded.items():
+            routes[sid] = _route(cur, old)
+            cur_values[sid] = cur
+            prev_values[sid] = old
+        for m in messages:
+            where, upto = routes[m.session_id]
+            if where == "prev" or (where == "split" and m.position <= upto):
+                to_prev.append(m)
+            else:
+                to_cur.append(m)
+        return self._run(to_cur, cur_values, to_prev, prev_values)
+
+    def reapply(self, messages: Sequence[TokenMessage],
+                refused: Mapping[str, tuple[str | None, bytes | None]]) -> BatchResult:
+        """Step sessions again under the model they were written under (a STALE write):
+        ``refused`` maps each to (model namespace, its value now)."""
+        prev = self.previous
+        prev_id = prev.model_id if prev is not None else None
+        to_prev = [m for m in messages if refused[m.session_id][0] is not None
+                   and refused[m.session_id][0] == prev_id]
+        in_prev = {m.session_id for m in to_prev}
+        to_cur = [m for m in messages if m.session_id not in in_prev]
+        values = {s: v for s, (_, v) in refused.items()}
+        return self._run(to_cur, {s: values[s] for s in {m.session_id for m in to_cur}},
+                         to_prev, {s: values[s] for s in in_prev})
+
+    def _run(self, to_cur, cur_values, to_prev, prev_values) -> BatchResult:
+        result = self.current.engine.apply(to_cur, cur_values) if to_cur else BatchResult()
+        prev = self.previous
+        if to_prev and prev is not None:
+            msgs, rejections = self._retokenize(to_prev, prev)
+            old = prev.engine.apply(msgs, prev_values)
+            for u in old.updates:
+                u.model = prev.model_id
+            old.rejections += rejections
+            result.merge(old)
+        return result
+
+    def _retokenize(self, messages: Sequence[TokenMessage], model: ServedModel
+                    ) -> tuple[list[TokenMessage], list[Rejection]]:
+        """Input was decoded with the current model's tokenizer: decode it again with the
+        previous model's, unless both tokenize alike."""
+        if model.vocab_key is not None and model.vocab_key == self.current.vocab_key:
+            return list(messages), []
+        out, rejections = [], []
+        for m in messages:
+            again = decode(m.record, model.vocab_size, model.encode_tokens, self.limits)
+            if isinstance(again, TokenMessage):
+                out.append(again)
+            else:
+                rejections.append(replace(again, session_id=m.session_id))
+        return out, rejections
+
+    # --- draining the previous model ---------------------------------------------------------
+
+    def check_drain(self, store: StateStore) -> None:
+        """Count the sessions stored under each namespace (a scan); publish the counts and the
+        drain's progress; mark the previous model drained when nothing is left under it.
+        Safe to call from a background thread: the unload itself happens in ``between_batches``."""
+        prev = self.previous
+        if prev is None or self._drained:
+            return
+        counts = store.count_sessions([None, prev.model_id])
+        m = self.metrics
+        for model, (live, ended) in ((self.current.model_id, counts[None]),
+                                     (prev.model_id, counts[prev.model_id])):
+            m.model_stored_sessions.labels(model, "live").set(live)
+            m.model_stored_sessions.labels(model, "ended").set(ended)
+        left = sum(counts[prev.model_id])
+        with self._lock:
+            if self._drain_start is None:
+                self._drain_start = left
+            start = max(self._drain_start, left)
+        m.drain_progress.labels(prev.model_id).set(1.0 if not start else 1 - left / start)
+        if left == 0:
+            self._drained = True
+            log.info("no session is left under the previous model %s", prev.model_id)
+
+    def between_batches(self) -> None:
+        """Unload the previous model once the drain check found nothing left under it."""
+        prev = self.previous
+        if prev is None or not self._drained:
+            return
+        self.previous = None
+        m = self.metrics
+        m.drop_model(prev.model_id, prev.device, "previous")
+        m.drain_progress.labels(prev.model_id).set(1.0)
+        for state in ("live", "ended"):
+            for model in (prev.model_id, self.current.model_id):
+                try:
+                    m.model_stored_sessions.remove(model, state)
+                except KeyError:
+                    pass
+        m.models_unloaded.inc()
+        log.warning("previous model %s unloaded: every session under it has ended or expired; "
+                    "model %s serves all sessions", prev.model_id, self.current.model_id)
+
+
+class DrainWatcher:
+    """Runs ``ModelSet.check_drain`` every ``interval_s`` in a daemon thread while a previous
+    model is loaded (a scan of the state store must not stall batches)."""
+
+    def __init__(self, models: ModelSet, store: StateStore, interval_s: float) -> None:
+        self.models, self.store, self.interval_s = models, store, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drain-check", daemon=True)
+
+    def start(self) -> "DrainWatcher":
+        if self.models.previous is not None:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.models.previous is not None:
+            try:
+                self.models.check_drain(self.store)
+            except Exception as e:  # a dependency outage: the loop reports it; try later
+                log.warning("drain check of the previous model failed: %r", e)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _route(cur: bytes | None, old: bytes | None) -> tuple[str, int | None]:
+    """("cur" | "prev" | "split", the tombstone's position for "split")."""
+    if cur is not None or old is None:
+        return "cur", None
+    if len(old) < MIN_HEADER or old[:4] not in MAGICS or not old[4] & ENDED:
+        return "prev", None  # live (or unreadable: the previous model reports it corrupt)
+    return "split", stored_position(old)
