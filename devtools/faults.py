@@ -48,11 +48,15 @@ class CrashAfterWrite:
     def claim(self, partitions: Sequence[TopicPartition]):
         return self.inner.claim(partitions)
 
-    def load(self, session_ids: Sequence[str], partitions: Sequence[TopicPartition]):
+    def load(self, session_ids: Sequence[str], partitions: Sequence[TopicPartition],
+             models: Sequence[str | None] = (None,)):
         self.loads += 1
         if self.loads == self.at_load:
             _die(f"as load {self.loads} begins, with the batch before it in flight")
-        return self.inner.load(session_ids, partitions)
+        return self.inner.load(session_ids, partitions, models)
+
+    def count_sessions(self, models: Sequence[str | None]):
+        return self.inner.count_sessions(models)
 
     def ping(self) -> bool:
         return self.inner.ping()

@@ -30,8 +30,10 @@ def clf(tiny_model_dir):
 
 def make_worker(clf, log, store, sink=None, source=None, **settings):
     """Batches take up to ``batch.max_records`` unless a test turns the latency budget on
-    (its limits follow measured times, so batch boundaries would depend on the machine)."""
+    (its limits follow measured times, so batch boundaries would depend on the machine), and
+    every batch is committed once settled unless a test sets a commit interval."""
     settings["batch"] = {"target_latency_ms": 0, **settings.get("batch", {})}
+    settings["kafka"] = {"commit_interval_ms": 0, **settings.get("kafka", {})}
     s = Settings(idle_exit_s=0.05, **settings)
     engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
                     end_ttl_ms=s.state.end_ttl_seconds * 1000,
@@ -763,4 +765,29 @@ def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
     assert reg.get_sample_value("gru_batch_limit_records", {"reason": "budget"}) == n
     assert reg.get_sample_value("gru_batch_cost_seconds", {"term": "per_message"}) == \
         pytest.approx(0.001, rel=0.1)
+    assert_matches_offline(clf, sessions, predictions(log))
+
+
+def test_commits_are_coalesced_but_never_ahead_of_acknowledgements(clf):
+    """With a commit interval, settled batches are committed together; every commit covers
+    only acknowledged outputs, and stopping commits everything that was acknowledged."""
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(6, seed=44)
+    publish(log, interleave(sessions, seed=44))
+    sink = FakeSink(log)
+    w = make_worker(clf, log, store, sink=sink, batch={"max_records": 4},
+                    kafka={"commit_interval_ms": 60_000})
+    commits = []
+    commit = w.source.commit
+
+    def checked(offsets):
+        acked = len(log.values(OUT))  # predictions acknowledged so far, one per message here
+        assert all(o <= acked for o in offsets.values()), "committed past the acknowledged"
+        commits.append(dict(offsets))
+        return commit(offsets)
+    w.source.commit = checked
+    w.run()
+    total = len(log.records[(IN, 0)])
+    assert w.summary.batches > 3 and len(commits) == 1  # one commit, when input paused
+    assert commits[-1] == {(IN, 0): total}
     assert_matches_offline(clf, sessions, predictions(log))

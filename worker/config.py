@@ -47,6 +47,10 @@ class KafkaSettings(BaseModel):
     # into few requests, as the main thread hands them over faster than the sender drains.
     linger_ms: int = Field(2, ge=0)
     producer_batch_bytes: int = Field(262_144, ge=1024)
+    commit_interval_ms: int = Field(100, ge=0, description="commit acknowledged offsets at "
+                                    "most this often (0: after every batch), and always at a "
+                                    "rebalance, when input pauses and at shutdown; a crash "
+                                    "redelivers at most this much input, deduplicated")
     fetch_max_wait_ms: int = Field(20, ge=0, description="broker-side wait for a fetch to fill; "
                                    "bounds the latency an idle partition adds")
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(

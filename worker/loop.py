@@ -42,8 +42,11 @@ loaded and stepped, and always before batch N+1 writes anything.
    *Crash here:* as in 3; consumers may see a prediction twice.
 5. **Commit** the next offset of every partition in the batch that was not fenced, once all of
    the batch's outputs are acknowledged (2' of the next batch, or when the poll comes back
-   empty, or at shutdown).
-   *Crash after 5:* nothing is redelivered.
+   empty, or at shutdown). Settled batches are committed together, at most every
+   ``kafka.commit_interval_ms`` (100 ms), and always before a claim, when the poll comes back
+   empty and at shutdown: a commit costs a broker round trip, as much as a small batch.
+   *Crash after 5:* nothing is redelivered. *Crash between two commits:* the batches settled
+   since the last commit are redelivered; their messages are duplicates.
 
 So the effect on state is exactly-once, and predictions are at-least-once: consumers
 dedupe by ``(session_id, seq)``.
@@ -177,6 +180,8 @@ class Worker:
         self._poll_backoff = settings.retry.initial_backoff_s
         self._inflight: _InFlight | None = None
         self._taken = 0  # input messages claimed into batches (for max_messages)
+        self._pending: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
+        self._last_commit = time.monotonic()
         self.budget = BatchBudget(settings.batch.target_latency_ms / 1000,
                                   settings.batch.max_records)
         self._waiting: int | None = None  # consumer lag after the last poll
@@ -237,6 +242,7 @@ class Worker:
             self.epochs.pop(tp, None)
             self.recorded.pop(tp, None)
             self.rebuilds.pop(tp, None)
+            self._pending.pop(tp, None)  # redelivered to the next owner, deduplicated
             try:
                 self.metrics.lag.remove(tp[0], str(tp[1]))
             except KeyError:
@@ -266,7 +272,7 @@ class Worker:
         t2 = time.perf_counter()
         result = self.models.apply(messages, states)                    # 2. step
         t3 = time.perf_counter()
-        self.settle()                          # 4'-5' the previous batch: acks, then commit
+        self.settle(commit_now=False)          # 4'-5' the previous batch: acks, then commit
         t3b = time.perf_counter()
         written = self._write(records, messages, result)                # 3. write states
         written.live = self._live_rows(written)
@@ -284,21 +290,24 @@ class Worker:
         self._inflight = _InFlight(records, written, rejections, outgoing, dead_letters, sending,
                                    t_batch, t6)
 
-    def settle(self) -> None:
-        """Finish the batch in flight: wait for every acknowledgement (4), commit (5)."""
+    def settle(self, commit_now: bool = True) -> None:
+        """Finish the batch in flight: wait for every acknowledgement (4), then commit (5)
+        what is acknowledged: at once when ``commit_now``, else once
+        ``kafka.commit_interval_ms`` has passed since the last commit."""
         f, self._inflight = self._inflight, None
-        if f is None:
-            return
-        t0 = time.perf_counter()
-        self._await(f)
-        t1 = time.perf_counter()
-        committed = self._commit(f.records, f.written)                  # 5. commit
-        m = self.metrics
-        m.produce_seconds.observe(t1 - t0)
-        m.commit_seconds.observe(time.perf_counter() - t1)
-        f.settle_s = time.perf_counter() - t0
-        self._account(f)
-        self._finish_rebuilds(committed)
+        if f is not None:
+            t0 = time.perf_counter()
+            self._await(f)
+            self.metrics.produce_seconds.observe(time.perf_counter() - t0)
+            done = self._acknowledged(f.records, f.written)
+            f.settle_s = time.perf_counter() - t0
+            self._account(f)
+            self._finish_rebuilds(done)
+        if self._pending and (commit_now or time.monotonic() - self._last_commit
+                              >= self.s.kafka.commit_interval_ms / 1000):
+            t1 = time.perf_counter()
+            self._commit()                                              # 5. commit
+            self.metrics.commit_seconds.observe(time.perf_counter() - t1)
 
     # 0. claim ------------------------------------------------------------------------------
 
@@ -583,7 +592,8 @@ class Worker:
 
     # 5. commit -----------------------------------------------------------------------------
 
-    def _commit(self, records: Sequence[Record], w: _Written) -> dict[TopicPartition, int]:
+    def _acknowledged(self, records: Sequence[Record], w: _Written) -> dict[TopicPartition, int]:
+        """Note the next offsets of a settled batch as to be committed; returns them all."""
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = (r.topic, r.partition)
@@ -591,14 +601,20 @@ class Worker:
                 offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
         for tp, offset in w.held.items():
             offsets[tp] = offset
-        done = dict(offsets)
-        for tp, rb in self.rebuilds.items():  # a rebuild replays below the committed offset:
-            if tp in offsets and offsets[tp] <= rb.until:  # never move the group back
-                del offsets[tp]
+        for tp, offset in offsets.items():
+            rb = self.rebuilds.get(tp)  # a rebuild replays below the committed offset:
+            if rb is None or offset > rb.until:  # never move the group back
+                self._pending[tp] = offset
+        return offsets
+
+    def _commit(self) -> None:
+        """Commit the acknowledged offsets of the partitions we still hold."""
+        offsets = {tp: o for tp, o in self._pending.items() if tp in self.epochs}
+        self._pending.clear()
+        self._last_commit = time.monotonic()
         if offsets and not self.source.commit(offsets):
             log.warning("commit of %s failed (rebalance?): those records will be redelivered "
                         "and deduplicated", offsets)
-        return done
 
     def _finish_rebuilds(self, next_offsets: dict[TopicPartition, int]) -> None:
         for tp, nxt in next_offsets.items():
