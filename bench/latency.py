@@ -13,8 +13,8 @@ For each mode:
    90 % of the backlog, read from its own counters, is this run's max.
 3. **Rates.** For each fraction of that max, a feeder process (librdkafka) sends record ``i``
    at its scheduled time ``t0 + i / rate``, whatever the worker does: the feeder never waits
-   on it. A collector process (librdkafka, fetch wait 5 ms) stamps each prediction's
-   arrival. Latency = arrival - scheduled time, so a feeder that falls behind counts against
+   on it. A collector process (librdkafka, fetch wait 5 ms, polled without batching delay)
+   stamps each prediction's arrival. Latency = arrival - scheduled time, so a feeder that falls behind counts against
    the worker, never for it (no coordinated omission). The first ``--warmup`` seconds of each
    rate are left out. Per-stage p99s and GC pauses come from the worker's /metrics, scraped
    around each rate.
@@ -98,9 +98,13 @@ def collect(args) -> int:
     c.consume(1, 0.5)
     print("ready", flush=True)
     while not stop:
-        msgs = c.consume(2000, 0.05)
+        # consume(n, timeout) waits for n messages or the timeout: it would hold arrivals up
+        # to the timeout. poll() returns at the first message; then take what is queued.
+        first = c.poll(0.05)
         t = time.time()
-        for m in msgs:
+        if first is None:
+            continue
+        for m in [first, *c.consume(5000, 0)]:
             if m.error() is None:
                 arrivals.append(t)
                 values.append(m.value())
@@ -139,6 +143,7 @@ class Rig:
             env={"GRU_KAFKA__DLQ_TOPIC": n["dlq"], **env}, cpus=worker_cpus,
             log_path=workdir / f"{tag}-worker.log").start()
         self.worker.wait_ready(90)
+        bench.cpu.pids.update(worker=self.worker.pid, collector=self.collector.pid)
         self.phases: list[dict] = []
 
     def ok(self) -> float:
@@ -156,6 +161,8 @@ class Rig:
              "--sessions", str(self.args.sessions), "--tokens", str(self.args.tokens),
              "--seed", str(seed), "--prefix", f"{self.tag}-{name}-", "--out", str(out)],
             cwd=common.ROOT)
+        self.bench.cpu.pids["feeder"] = feeder.pid
+        cpu0, t_cpu0 = self.bench.cpu.snapshot(), time.time()
         progress = []  # (time, applied) while the worker drains: the max rate comes from it
         deadline = None
         while True:
@@ -172,6 +179,7 @@ class Rig:
                           f"{self.args.drain_s:g} s of the feeder's end: not sustained", flush=True)
                     break
             time.sleep(0.25)
+        cpu1, t_cpu1 = self.bench.cpu.snapshot(), time.time()
         feeder.wait(120)
         sustained = done >= count
         time.sleep(1.0)  # the last predictions reach the collector
@@ -182,6 +190,8 @@ class Rig:
             "process_cpu_seconds_total", 0), 2) for k in ("worker_cpu_s",)}
         phase = {"name": name, "rate": rate, "count": count, "fed": str(out), "sustained": sustained,
                  "gauges_after": gauges, **cpu,
+                 "cores": {k: v["cores"] for k, v in common.Cpu.usage(
+                     cpu0, cpu1, t_cpu1 - t_cpu0, count).items()},
                  "stages": common.stage_report(common.stages_from_text(before),
                                                common.stages_from_text(after)),
                  "progress": progress}
@@ -292,6 +302,7 @@ def print_mode(res: dict) -> None:
                   f"{lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  {lat['samples']:>6} {lat['missing']:>4}  "
                   f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, {p('redis_write')}, "
                   f"{p('produce')}, {p('commit')}, {p('gc_gen2')}")
+            print(f"{'':>6} cores: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.get("cores", {}).items()))
 
 
 def main(argv=None) -> int:
