@@ -8,9 +8,11 @@ For each mode:
 1. **Services.** tansu and a private redis-server. ``pinned``: this process, and so the
    broker, Redis, the feeder and the collector it starts, run on CPU 1; the worker runs alone
    on CPU 0 (``sched_setaffinity``, as ``taskset`` does). ``unpinned``: no affinity.
-2. **Max.** The worker (a real ``python -m worker run`` process, default settings) drains a
-   backlog that a librdkafka producer writes as fast as it can. Its rate between 10 % and
-   90 % of the backlog, read from its own counters, is this run's max.
+2. **Max.** A feeder offers more than the worker can take (``--overload``, 25k msg/s) for
+   ``--max-seconds``; the rate at which the worker (a real ``python -m worker run`` process,
+   default settings) applies messages meanwhile, read from its own counters, is this run's
+   max. The broker ingests while the worker consumes, as at every rate after it (a backlog
+   produced beforehand would spare the broker that work and overstate the max).
 3. **Rates.** For each fraction of that max, a feeder process (librdkafka) sends record ``i``
    at its scheduled time ``t0 + i / rate``, whatever the worker does: the feeder never waits
    on it. A collector process (librdkafka, fetch wait 5 ms, polled without batching delay)
@@ -149,8 +151,9 @@ class Rig:
     def ok(self) -> float:
         return self.worker.outcome("ok")
 
-    def run_phase(self, name: str, rate: float, count: int, seed: int) -> dict:
-        """Feed ``count`` records at ``rate`` (0: at once); wait until the worker applied them."""
+    def run_phase(self, name: str, rate: float, count: int, seed: int, drain: bool = True) -> dict:
+        """Feed ``count`` records at ``rate`` (0: at once); wait until the worker applied them
+        (``drain``), or only until the feeder is done."""
         from devtools.launcher import parse_metrics
         out = self.workdir / f"{self.tag}-{name}-fed.npz"
         start_ok = self.ok()
@@ -168,7 +171,7 @@ class Rig:
         while True:
             done = self.ok() - start_ok
             progress.append((time.time(), done))
-            if done >= count:
+            if done >= count or (not drain and feeder.poll() is not None):
                 break
             if feeder.poll() is not None:
                 if feeder.returncode:
@@ -205,12 +208,14 @@ class Rig:
         return dict(np.load(self.collector_out))
 
 
-def max_rate(progress: list[tuple[float, float]], count: int) -> float:
-    """Messages per second between 10 % and 90 % of ``count`` applied (interpolated)."""
+def sustained_rate(progress: list[tuple[float, float]], seconds: float) -> float:
+    """Messages per second applied over the last 70 % of the overload (the first 30 %: the
+    group join's backlog and warm-up)."""
     t = np.array([p[0] for p in progress])
     d = np.array([p[1] for p in progress])
-    lo, hi = np.interp([0.1 * count, 0.9 * count], d, t)
-    return 0.8 * count / (hi - lo)
+    t0 = t[0] + 0.3 * seconds
+    keep = t >= t0
+    return float((d[keep][-1] - np.interp(t0, t, d)) / (t[keep][-1] - t0))
 
 
 def latencies(phase: dict, collected: dict[str, np.ndarray], warmup_s: float) -> dict:
@@ -262,11 +267,17 @@ def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
                 rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}", env, worker_cpus, workdir)
                 try:
                     if peak is None:
-                        ph = rig.run_phase("max", 0, args.max_messages, 100)
-                        peak = max_rate(ph["progress"], args.max_messages)
+                        ph = rig.run_phase("max", args.overload, int(args.overload * args.max_seconds),
+                                           100, drain=False)
+                        peak = sustained_rate(ph["progress"], args.max_seconds)
                         out["max_msgs_per_s"] = round(peak, 1)
                         out["max_stages"] = ph["stages"]
-                        bench.log(f"[{mode}] max {peak:.0f} msg/s")
+                        out["max_cores"] = ph.get("cores")
+                        bench.log(f"[{mode}] max {peak:.0f} msg/s (sustained under an offered "
+                                  f"{args.overload:g} msg/s)")
+                        rig.close()
+                        rig.phases.clear()
+                        rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}", env, worker_cpus, workdir)
                     for ri, frac in enumerate(args.rates):
                         rate = frac * peak
                         count = int(rate * args.seconds)
@@ -325,7 +336,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds left out at each rate's start")
     ap.add_argument("--drain-s", type=float, default=30.0,
                     help="after the feeder ends, wait this long for the worker to catch up")
-    ap.add_argument("--max-messages", type=int, default=40000, help="backlog for the max")
+    ap.add_argument("--overload", type=float, default=25000,
+                    help="offered msg/s for the max: the worker's applied rate under it, with "
+                         "the broker ingesting at the same time, is this run's max")
+    ap.add_argument("--max-seconds", type=float, default=10.0, help="length of the overload")
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=4, help="tokens per message")
     ap.add_argument("--partitions", type=int, default=4)
