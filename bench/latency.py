@@ -44,7 +44,9 @@ import numpy as np
 from bench import common
 from bench.common import Bench
 
-COLLECTOR_FETCH_WAIT_MS = 5
+COLLECTOR_FETCH_WAIT_MS = 100
+FEEDER_LINGER_MS = 5  # librdkafka's default; at 1 ms each record was its own request, and the
+                      # broker (on the same two cores) spent most of a core on them
 
 
 # --- the feeder and the collector (child processes) ---------------------------------------
@@ -54,7 +56,7 @@ def feed(args) -> int:
     import confluent_kafka
     n = args.count
     pairs = common.stream(args.sessions, args.tokens, n, args.seed, args.prefix)
-    p = confluent_kafka.Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 1,
+    p = confluent_kafka.Producer({"bootstrap.servers": args.bootstrap, "linger.ms": FEEDER_LINGER_MS,
                                   "acks": "all", "queue.buffering.max.messages": 2_000_000,
                                   "queue.buffering.max.kbytes": 2_000_000})
     sent = np.zeros(n)
@@ -263,35 +265,38 @@ def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
         with Bench(args.partitions) as bench:
             bench.log(f"[{mode}] tansu {bench.kafka.bootstrap}, redis {bench.redis.url}")
             peak = None
-            for vi, (vname, env) in enumerate([("default", {})] + [parse_variant(v) for v in args.variant]):
-                rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}", env, worker_cpus, workdir)
-                try:
-                    if peak is None:
+            for vname, env in [("default", {})] + [parse_variant(v) for v in args.variant]:
+                if peak is None:
+                    rig = Rig(bench, model_dir, args, f"{mode[:3]}-max", {}, worker_cpus, workdir)
+                    try:
                         ph = rig.run_phase("max", args.overload, int(args.overload * args.max_seconds),
                                            100, drain=False)
-                        peak = sustained_rate(ph["progress"], args.max_seconds)
-                        out["max_msgs_per_s"] = round(peak, 1)
-                        out["max_stages"] = ph["stages"]
-                        out["max_cores"] = ph.get("cores")
-                        bench.log(f"[{mode}] max {peak:.0f} msg/s (sustained under an offered "
-                                  f"{args.overload:g} msg/s)")
+                    finally:
                         rig.close()
-                        rig.phases.clear()
-                        rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}", env, worker_cpus, workdir)
-                    for ri, frac in enumerate(args.rates):
+                    peak = sustained_rate(ph["progress"], args.max_seconds)
+                    out["max_msgs_per_s"] = round(peak, 1)
+                    out["max_stages"] = ph["stages"]
+                    out["max_cores"] = ph.get("cores")
+                    bench.log(f"[{mode}] max {peak:.0f} msg/s (sustained under an offered "
+                              f"{args.overload:g} msg/s)")
+                rows = []
+                for ri, frac in enumerate(args.rates):
+                    # Fresh topics per rate: tansu's in-memory log gets slower to fetch from as
+                    # a topic grows, so one rate's backlog would tax the next.
+                    rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}-{ri}", env, worker_cpus,
+                              workdir)
+                    try:
                         rate = frac * peak
                         count = int(rate * args.seconds)
                         bench.log(f"[{mode}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for {args.seconds:g} s")
                         rig.run_phase(f"r{frac:g}", rate, count, 200 + ri)
-                finally:
-                    collected = rig.close()
-                rows = []
-                for ph in rig.phases:
-                    ph.pop("progress", None)
-                    if ph["rate"] > 0:
+                    finally:
+                        collected = rig.close()
+                    for ph in rig.phases:
+                        ph.pop("progress", None)
                         ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
                         ph["latency"] = latencies(ph, collected, args.warmup)
-                    rows.append(ph)
+                        rows.append(ph)
                 out["variants"][vname] = {"env": env, "phases": rows}
     finally:
         os.sched_setaffinity(0, set(cpus))

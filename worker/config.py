@@ -146,6 +146,10 @@ class BatchSettings(BaseModel):
                                      "processing time: a batch stops growing where its predicted "
                                      "time passes it (0: off, batches take up to max_records)",
                                      json_schema_extra=flag("--target-latency-ms"))
+    switch_interval_ms: float = Field(0.5, gt=0, description="the interpreter's thread switch "
+                                      "interval (sys.setswitchinterval; Python's default is 5): "
+                                      "how long the main loop may wait for the GIL while a Kafka "
+                                      "client thread holds it")
     gc_freeze: bool = Field(True, description="after start-up, move every object into the "
                             "garbage collector's permanent generation (no full collection walks "
                             "the model and the clients again)")
