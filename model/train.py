@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from . import artifact, data
+from . import artifact, data, embeddings
 from .evaluate import evaluate
 from .gru import GRUClassifier, ModelConfig
 from .tokenizer import UNK_ID, Vocab, tokenize
@@ -59,6 +59,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss_ramp: int = 0  # weight of position t is min(1, (t + 1) / loss_ramp); 0: uniform
     init: str = "default"  # default | orthogonal (GRU recurrent weights)
+    embed_init: str = "random"  # random | ppmi_svd (word vectors from the training texts)
+    embed_window: int = 5  # ppmi_svd: co-occurrence window
+    update_bias: float = 0.0  # added to the GRU update gate's bias: > 0 remembers longer at start
     ema: float = 0.99  # > 0: validate and keep an exponential moving average of the weights
     device: str = "cpu"
     threads: int | None = None
@@ -155,6 +158,20 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
                 nn.init.xavier_uniform_(p.data)
             elif name.startswith("bias"):
                 nn.init.zeros_(p.data)
+    init_seconds = 0.0
+    if cfg.embed_init == "ppmi_svd":
+        t_init = time.time()
+        with torch.no_grad():
+            model.embed.weight.copy_(embeddings.ppmi_svd(tr_x, len(vocab), cfg.embed_dim,
+                                                         window=cfg.embed_window, seed=cfg.seed))
+        init_seconds = time.time() - t_init
+    elif cfg.embed_init != "random":
+        raise ValueError(f"unknown embed_init {cfg.embed_init!r}")
+    if cfg.update_bias:
+        H = cfg.hidden_size
+        with torch.no_grad():
+            for layer in range(cfg.num_layers):
+                getattr(model.gru, f"bias_hh_l{layer}")[H:2 * H] += cfg.update_bias
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = math.ceil(len(tr_x) / cfg.batch_size)
     total_steps = cfg.epochs * n_batches
@@ -172,7 +189,8 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
     log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"train: {len(split.train)} docs, val {len(split.val)}, test {len(split.test)}, "
-        f"vocab {len(vocab)}, labels {labels}, device {cfg.device}")
+        f"vocab {len(vocab)}, labels {labels}, device {cfg.device}, "
+        f"embedding init {cfg.embed_init} ({init_seconds:.1f}s)")
 
     params = [p for p in model.parameters()]
     # The average needs a few time constants (1 / (1 - ema) steps) to forget the initial
