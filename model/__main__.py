@@ -20,10 +20,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name in ("dataset", "quiet"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if str(f.type) == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f"(default: {f.default})")
-            continue
         kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
         p.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
     p.add_argument("--quiet", action="store_true")

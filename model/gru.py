@@ -11,12 +11,6 @@ One set of weights serves two entry points:
 A GRU has no cell state: a session's whole memory is ``h``, one vector per layer. Folding
 ``step`` over any chunking of a text gives the same ``h`` and probabilities as ``forward``
 over the whole text (see tests/test_gru.py).
-
-With ``bag_dim`` > 0 the top layer's state vector also carries a bag of words: its last
-``bag_dim`` entries are the running sum of each token's bag vector (a second, narrow
-embedding table), and the head reads the GRU output beside that sum scaled to unit length.
-The GRU recalls what it read lately, the bag everything read so far, and the state is still
-one vector of ``hidden_size`` per layer (GRU units + bag), updated at O(1) cost per token.
 """
 
 from __future__ import annotations
@@ -47,11 +41,6 @@ class ModelConfig:
     dropout: float = 0.2  # on embeddings and between layers; inactive in eval mode
     head_hidden: int = 0  # > 0: a Dense layer of this width (then head_activation) before the head
     head_activation: str = "relu"
-    bag_dim: int = 0  # > 0: the state's last bag_dim entries are a running bag of words
-
-    @property
-    def gru_units(self) -> int:
-        return self.hidden_size - self.bag_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,17 +50,11 @@ class GRUClassifier(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        if not 0 <= config.bag_dim < config.hidden_size:
-            raise ValueError(f"bag_dim {config.bag_dim} must be >= 0 and below hidden_size "
-                             f"{config.hidden_size} (the state holds the GRU units and the bag)")
-        if config.bag_dim and config.num_layers != 1:
-            raise ValueError(f"bag_dim > 0 needs num_layers 1, not {config.num_layers}")
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
-        self.bag = nn.Embedding(config.vocab_size, config.bag_dim, padding_idx=0) if config.bag_dim else None
         self.drop = nn.Dropout(config.dropout)
         self.gru = nn.GRU(
             config.embed_dim,
-            config.gru_units,
+            config.hidden_size,
             num_layers=config.num_layers,
             batch_first=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
@@ -83,10 +66,7 @@ class GRUClassifier(nn.Module):
         self.head = nn.Linear(config.head_hidden or config.hidden_size, config.num_labels)
 
     def classify_hidden(self, out: torch.Tensor) -> torch.Tensor:
-        """Logits from top-layer states, (..., H) -> (..., C); the bag part is read at unit length."""
-        if self.bag is not None:
-            units = self.config.gru_units
-            out = torch.cat([out[..., :units], F.normalize(out[..., units:], dim=-1, eps=1e-6)], -1)
+        """Logits from top-layer GRU outputs, (..., H) -> (..., C)."""
         x = self.drop(out)
         if self.pre_head is not None:
             x = _ACTIVATIONS[self.config.head_activation](self.pre_head(x))
@@ -106,20 +86,13 @@ class GRUClassifier(nn.Module):
         positions ``>= lengths`` themselves.
         """
         x = self.drop(self.embed(token_ids))  # (B, T, E)
-        if self.bag is None:
-            out, _ = self.gru(x, h0)  # (B, T, H)
-            return self.classify_hidden(out)  # (B, T, C)
-        units = self.config.gru_units
-        out, _ = self.gru(x, None if h0 is None else h0[..., :units].contiguous())  # (B, T, H_gru)
-        bag = self.bag(token_ids).cumsum(1)  # (B, T, bag_dim); padding adds zeros
-        if h0 is not None:
-            bag = bag + h0[-1, :, None, units:]
-        return self.classify_hidden(torch.cat([out, bag], -1))  # (B, T, C)
+        out, _ = self.gru(x, h0)  # (B, T, H)
+        return self.classify_hidden(out)  # (B, T, C)
 
     def _input_bias(self, layer: int) -> torch.Tensor:
         """b_ih with the r and z parts of b_hh folded in: those two add up before the sigmoid,
         so the step adds them once per token instead of once per token and layer and gate."""
-        g, H = self.gru, self.config.gru_units
+        g, H = self.gru, self.config.hidden_size
         b_hh = getattr(g, f"bias_hh_l{layer}")
         return getattr(g, f"bias_ih_l{layer}") + torch.cat([b_hh[: 2 * H], b_hh.new_zeros(H)])
 
@@ -129,7 +102,7 @@ class GRUClassifier(nn.Module):
         The streaming step then looks up a token's gate inputs instead of multiplying for
         them. It snapshots the current weights: call it again after changing them.
         """
-        table_bytes = self.config.vocab_size * 3 * self.config.gru_units * 4
+        table_bytes = self.config.vocab_size * 3 * self.config.hidden_size * 4
         if table_bytes > max_table_bytes:
             self._input_table = None
             return
@@ -146,26 +119,12 @@ class GRUClassifier(nn.Module):
         lengths: (B,) real tokens per row, >= 0. Returns (new h (L, B, H), probs (B, C)).
         A row with length 0 keeps its state.
         """
-        h_gru = h if self.bag is None else h[..., : self.config.gru_units]
         if token_ids.shape[1] <= UNROLL_MAX_TOKENS:
-            h_new = self._step_unrolled(h_gru, token_ids, lengths)
+            h_new = self._step_unrolled(h, token_ids, lengths)
         else:
-            h_new = self._step_fused(h_gru, token_ids, lengths)
-        h_new = self._with_bag(h_new, h, token_ids, lengths)
+            h_new = self._step_fused(h, token_ids, lengths)
         probs = torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)  # (B, C)
         return h_new, probs
-
-    def _with_bag(self, h_gru: torch.Tensor, h: torch.Tensor, token_ids: torch.Tensor,
-                  lengths: torch.Tensor) -> torch.Tensor:
-        """The new state: the GRU part, then (with a bag) the old bag plus this message's tokens."""
-        if self.bag is None:
-            return h_gru
-        K = token_ids.shape[1]
-        real = (torch.arange(K, device=token_ids.device)[None, :]
-                < lengths.to(token_ids.device)[:, None])  # (B, K)
-        added = (self.bag(token_ids) * real[..., None]).sum(1)  # (B, bag_dim)
-        bag = h[:, :, self.config.gru_units:] + added  # (1, B, bag_dim)
-        return torch.cat([h_gru, bag.to(h_gru.dtype)], -1)
 
     def _step_fused(self, h: torch.Tensor, token_ids: torch.Tensor,
                     lengths: torch.Tensor) -> torch.Tensor:
@@ -186,9 +145,7 @@ class GRUClassifier(nn.Module):
                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``step`` with no data-dependent branch or host sync, for CUDA graph capture:
         always the unrolled, masked path. Same results as ``step``."""
-        h_gru = h if self.bag is None else h[..., : self.config.gru_units]
-        h_new = self._with_bag(self._step_unrolled(h_gru, token_ids, lengths, masked=True),
-                               h, token_ids, lengths)
+        h_new = self._step_unrolled(h, token_ids, lengths, masked=True)
         return h_new, torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)
 
     def _step_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor,
@@ -200,7 +157,7 @@ class GRUClassifier(nn.Module):
         Layer 0's input side comes from the precomputed table if any.
         """
         B, K = token_ids.shape
-        g, H = self.gru, self.config.gru_units
+        g, H = self.gru, self.config.hidden_size
         table = getattr(self, "_input_table", None)
         if table is not None and not self.training:
             gi0 = table[token_ids]  # (B, K, 3H)
