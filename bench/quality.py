@@ -1,0 +1,124 @@
+"""Model quality: the default GRU recipe on several seeds beside a TF-IDF linear baseline.
+
+For each seed: train the default recipe (``model.train.TrainConfig()``, only the seed
+changed) on that seed's split, score its test split after 10 %, 25 % and 100 % of each
+text's tokens, and fit the baseline — TF-IDF over 1–2-grams with sublinear tf and a
+LinearSVC, trained on the same split's train + validation documents — scored on the very
+same prefixes (the model tokenizer's first tokens, rejoined). Writes
+bench/results/quality-<date>.json with the machine and the load it ran under.
+
+    python -m bench.quality                 # seeds 0 1 2
+    python -m bench.quality --seeds 0 --epochs 4   # a quick look (not the recipe)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.common import machine, write_result
+from model import data
+from model.evaluate import confusion_matrix, macro_f1, prefix_index
+from model.tokenizer import tokenize
+from model.train import TrainConfig, evaluate_artifact, train
+
+FRACTIONS = {"full": 1.0, "p25": 0.25, "p10": 0.1}
+
+
+def baseline(split: data.Split) -> dict:
+    """TF-IDF (1–2-grams, sublinear tf) + LinearSVC on train + val, scored on test prefixes."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.svm import LinearSVC
+    fit_docs = split.train + split.val
+    t0, c0 = time.perf_counter(), time.process_time()
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, tokenizer=tokenize,
+                          lowercase=False, token_pattern=None)
+    clf = LinearSVC().fit(vec.fit_transform([d.text for d in fit_docs]),
+                          [d.label for d in fit_docs])
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    labels = list(clf.classes_)
+    y = [d.label for d in split.test]
+    tokens = [tokenize(d.text) for d in split.test]
+    out: dict = {}
+    for name, f in FRACTIONS.items():
+        texts = [" ".join(t[: prefix_index(len(t), f) + 1]) for t in tokens]
+        pred = list(clf.predict(vec.transform(texts)))
+        out[name] = sum(p == t for p, t in zip(pred, y)) / len(y)
+        if name == "full":
+            idx = {l: i for i, l in enumerate(labels)}
+            out["macro_f1"] = macro_f1(confusion_matrix([idx[t] for t in y], [idx[p] for p in pred],
+                                                        len(labels)))
+    return {**out, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+            "n_fit": len(fit_docs), "n_test": len(y)}
+
+
+def gru(seed: int, out_dir: Path, **overrides) -> dict:
+    cfg = TrainConfig(seed=seed, quiet=True, **overrides)
+    load0, t0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
+    summary = train(cfg, out_dir)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    load1 = os.getloadavg()
+    report = evaluate_artifact(out_dir)
+    acc = report["accuracy_at_prefix"]
+    return {"full": acc["1"], "p25": acc["0.25"], "p10": acc["0.1"], "macro_f1": report["macro_f1"],
+            "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "loadavg_1m": [load0[0], load1[0]], "model_id": report["model_id"],
+            "best_epoch": summary["best_epoch"], "n_test": report["n"],
+            "accuracy_at_prefix": acc}
+
+
+def _spread(rows: list[dict], key: str) -> dict:
+    vals = [r[key] for r in rows]
+    return {"mean": round(statistics.mean(vals), 4),
+            "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
+            "min": round(min(vals), 4), "max": round(max(vals), 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, help="override the recipe's epochs (exploration only)")
+    ap.add_argument("--keep", help="keep the artifacts under this directory (seed-N/)")
+    ap.add_argument("--out", help="result file (default bench/results/quality-<date>.json)")
+    args = ap.parse_args(argv)
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+
+    res: dict = {"kind": "quality", "date": dt.datetime.now().isoformat(timespec="seconds"),
+                 "machine": machine(), "recipe": {**asdict(TrainConfig()), **overrides},
+                 "baseline_spec": "TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, "
+                                  "tokenizer=model.tokenizer.tokenize) + LinearSVC(), fit on "
+                                  "train + val", "seeds": []}
+    docs = data.load_dataset(data.BBC)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        for seed in args.seeds:
+            split = data.split(docs, seed=seed)
+            base = baseline(split)
+            model = gru(seed, root / f"seed-{seed}", **overrides)
+            beats = {k: model[k] >= base[k] for k in FRACTIONS}
+            res["seeds"].append({"seed": seed, "gru": model, "baseline": base, "gru_ge_baseline": beats})
+            print(f"seed {seed}: gru full {model['full']:.3f} 25% {model['p25']:.3f} "
+                  f"10% {model['p10']:.3f} F1 {model['macro_f1']:.3f} {model['seconds']:.0f}s "
+                  f"(cpu {model['cpu_seconds']:.0f}s, load {model['loadavg_1m'][0]:.1f}"
+                  f"->{model['loadavg_1m'][1]:.1f}) | baseline full {base['full']:.3f} "
+                  f"25% {base['p25']:.3f} 10% {base['p10']:.3f} F1 {base['macro_f1']:.3f} "
+                  f"{base['seconds']:.1f}s | gru >= baseline: {beats}", flush=True)
+    rows = res["seeds"]
+    res["summary"] = {who: {k: _spread([r[who] for r in rows], k)
+                            for k in (*FRACTIONS, "macro_f1", "seconds")}
+                      for who in ("gru", "baseline")}
+    res["all_seeds_ge_baseline"] = all(all(r["gru_ge_baseline"].values()) for r in rows)
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    write_result("quality", res, args.out)
+    return 0 if res["all_seeds_ge_baseline"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
