@@ -356,8 +356,10 @@ def main(argv=None) -> int:
 
     model_dir = common.resolve_model(args.model)
     cfg = json.loads((model_dir / "config.json").read_text())
-    res = {"argv": sys.argv, "machine": common.machine(), "model": {"dir": str(model_dir), **{
-        k: cfg.get(k) for k in ("model_id", "embed_dim", "hidden_size", "num_layers")}},
+    arch = cfg.get("architecture", {})
+    res = {"argv": sys.argv, "machine": common.machine(), "model": {
+        "dir": str(model_dir), "model_id": cfg.get("model_id"),
+        **{k: arch.get(k) for k in ("embed_dim", "hidden_size", "num_layers")}},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
         "collector_fetch_wait_ms": COLLECTOR_FETCH_WAIT_MS, "modes": []}
     import tempfile

@@ -155,10 +155,10 @@ def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, m
 
     from worker.app import build_worker
 
-    if target_latency_ms is not None:
-        settings["batch"] = {**settings.get("batch", {}), "target_latency_ms": target_latency_ms}
     s = common.worker_settings(bench, model_dir, names, batch, max_wait_ms, threads,
                                max_messages=n, **settings)
+    if target_latency_ms is not None:
+        s.batch.target_latency_ms = target_latency_ms
     app = build_worker(s, CollectorRegistry())
     w, reg = app.worker, app.registry
     mark: dict = {}
