@@ -191,10 +191,8 @@ class Rig:
         after = parse_metrics(self.worker.get("/metrics")[1])
         gauges = {k: v for k, v in after.items()
                   if k.startswith(("gru_batch_limit_records", "gru_batch_cost_seconds"))}
-        cpu = {k: round(after.get(f"process_cpu_seconds_total", 0) - before.get(
-            "process_cpu_seconds_total", 0), 2) for k in ("worker_cpu_s",)}
         phase = {"name": name, "rate": rate, "count": count, "fed": str(out), "sustained": sustained,
-                 "gauges_after": gauges, **cpu,
+                 "gauges_after": gauges,
                  "cores": {k: v["cores"] for k, v in common.Cpu.usage(
                      cpu0, cpu1, t_cpu1 - t_cpu0, count).items()},
                  "stages": common.stage_report(common.stages_from_text(before),
