@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HEADER_BYTES, OUTBOX_FIXED_BYTES = 36, 33  # worker.codec: HEADER, OUTBOX_ENTRY (+ f32 x labels)
+from worker.codec import HEADER, OUTBOX_ENTRY
+
+HEADER_BYTES, OUTBOX_FIXED_BYTES = HEADER.size, OUTBOX_ENTRY.size  # (+ f32 x labels per entry)
 TOMBSTONE_OUTBOX = 1  # an ended session keeps its header and the final prediction
 
 
@@ -36,10 +38,13 @@ def sds_bytes(length: int) -> int:
 
 
 def state_value_bytes(layers: int, hidden: int, labels: int, dtype: str = "float32",
-                      outbox: float = 1) -> float:
-    """A state value (worker.codec): header, h, and ``outbox`` entries of 33 + 4 x labels."""
+                      outbox: float = 1, ended: bool = False) -> float:
+    """A state value (worker.codec): header, h, the tokens at which each label was first
+    predicted (a live state only: u32 x labels), and ``outbox`` entries of
+    ``OUTBOX_ENTRY`` + 4 x labels."""
     width = 2 if dtype == "float16" else 4
-    return HEADER_BYTES + layers * hidden * width + outbox * (OUTBOX_FIXED_BYTES + 4 * labels)
+    live = 0 if ended else layers * hidden * width + 4 * labels
+    return HEADER_BYTES + live + outbox * (OUTBOX_FIXED_BYTES + 4 * labels)
 
 
 def state_key_bytes(session_id_len: int, cluster: bool, prefix: str = "gru",
@@ -310,7 +315,7 @@ def redis_used_bytes(p: Profile, m: Measured, shards: int, partitions: int = 64)
 
 
 def tombstone_bytes(p: Profile, m: Measured) -> float:
-    value = state_value_bytes(0, 0, m.labels, outbox=TOMBSTONE_OUTBOX)
+    value = state_value_bytes(0, 0, m.labels, outbox=TOMBSTONE_OUTBOX, ended=True)
     key = state_key_bytes(p.session_id_len, p.cluster, p.key_prefix, p.namespace, p.topic)
     return allocated_bytes(value, key) + (m.cluster_key_overhead if p.cluster
                                           else m.redis_key_overhead)

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .budget import BatchBudget
 from .config import Settings
 from .engine import BatchResult, Engine, SessionUpdate
 from .errors import DependencyError, ShutdownRequested, UndecodableInput
@@ -72,7 +73,6 @@ from .messages import (
     encode_dead_letter,
     minimal_dead_letter,
 )
-from .budget import BatchBudget
 from .metrics import OUTCOMES, Metrics
 from .models import ModelSet, ServedModel
 from .ports import (
