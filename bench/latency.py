@@ -94,7 +94,7 @@ def collect(args) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     c = confluent_kafka.Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"lat-{os.getpid()}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": COLLECTOR_FETCH_WAIT_MS,
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": args.wait_ms,
                                   "fetch.min.bytes": 1, "auto.offset.reset": "earliest"})
     c.assign([confluent_kafka.TopicPartition(args.topic, p, confluent_kafka.OFFSET_BEGINNING)
               for p in range(args.partitions)])
@@ -136,7 +136,8 @@ class Rig:
         self.collector_out = workdir / f"{tag}-collected.npz"
         self.collector = subprocess.Popen(
             [sys.executable, "-m", "bench.latency", "_collect", "--bootstrap", bench.kafka.bootstrap,
-             "--topic", n["out"], "--partitions", str(args.partitions), "--out", str(self.collector_out)],
+             "--topic", n["out"], "--partitions", str(args.partitions), "--out", str(self.collector_out),
+             "--wait-ms", str(args.collector_wait_ms)],
             cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
         assert self.collector.stdout.readline().strip() == "ready"
         self.worker = WorkerProcess(
@@ -327,6 +328,7 @@ def main(argv=None) -> int:
             ap.add_argument(a)
         for a in ("--count", "--sessions", "--tokens", "--seed", "--partitions"):
             ap.add_argument(a, type=int, default=0)
+        ap.add_argument("--wait-ms", type=int, default=COLLECTOR_FETCH_WAIT_MS)
         ap.add_argument("--rate", type=float, default=0)
         a = ap.parse_args(argv[1:])
         return feed(a) if argv[0] == "_feed" else collect(a)
@@ -343,6 +345,8 @@ def main(argv=None) -> int:
                     help="offered msg/s for the max: the worker's applied rate under it, with "
                          "the broker ingesting at the same time, is this run's max")
     ap.add_argument("--max-seconds", type=float, default=10.0, help="length of the overload")
+    ap.add_argument("--collector-wait-ms", type=int, default=COLLECTOR_FETCH_WAIT_MS,
+                    help="the collector's fetch.wait.max.ms")
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=4, help="tokens per message")
     ap.add_argument("--partitions", type=int, default=4)
@@ -359,7 +363,7 @@ def main(argv=None) -> int:
         "dir": str(model_dir), "model_id": cfg.get("model_id"),
         **{k: arch.get(k) for k in ("embed_dim", "hidden_size", "num_layers")}},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "collector_fetch_wait_ms": COLLECTOR_FETCH_WAIT_MS, "modes": []}
+        "collector_fetch_wait_ms": args.collector_wait_ms, "modes": []}
     import tempfile
     workdir = Path(tempfile.mkdtemp(prefix="gru-latency-"))
     with contextlib.suppress(KeyboardInterrupt):
