@@ -64,6 +64,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_free_ports() -> int:
+    """A port P with P and P+1 both free a moment ago (``--processes 2`` serves metrics on the
+    port it is given and the next one)."""
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two adjacent free ports")
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate()`` until it returns a truthy value (returned) or ``timeout`` s pass."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,6 @@ the guide's throughput figures are not checked here (see docs/capacity.md).
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 import model
 from bench import sizing
 from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess, http_get, parse_metrics
-from devtools.services import free_port
+from devtools.services import two_free_ports
 from devtools.streams import even_sessions, pairs
 
 from .test_cluster import redis_cluster  # noqa: F401
@@ -28,18 +27,6 @@ from .test_e2e import broker, names, publish  # noqa: F401
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 SESSIONS, PARTITIONS = 6000, 4
-
-
-def _two_free_ports() -> int:
-    for _ in range(50):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise AssertionError("no two adjacent free ports")
 
 
 def _used_memory(cluster) -> int:
@@ -71,7 +58,7 @@ def test_redis_memory_per_session_on_a_cluster_is_what_the_guide_predicts(
     sessions = even_sessions(SESSIONS, 4, 1, seed=41, prefix="cap-")  # one message: outbox 1
     publish(broker, names["in"], pairs(sessions, 41))
     before = _used_memory(redis_cluster)
-    port = _two_free_ports()
+    port = two_free_ports()
     sup = WorkerProcess(
         ["--processes", "2", "--bootstrap", broker.bootstrap, "--group", names["group"],
          "--redis-url", redis_cluster.url, "--model-dir", str(tiny_model_dir),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -19,25 +18,12 @@ import pytest
 
 import model
 from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess, http_get, parse_metrics
-from devtools.services import free_port
+from devtools.services import two_free_ports
 
 from .streams import assert_exact, bbc_sessions, interleave
 from .test_e2e import broker, names, publish, read_topic  # noqa: F401
 
 pytestmark = pytest.mark.services
-
-
-def _two_free_ports() -> int:
-    """A port P with P and P+1 both free a moment ago."""
-    for _ in range(50):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise AssertionError("no two adjacent free ports")
 
 
 def _children(pid: int) -> list[int]:
@@ -66,7 +52,7 @@ def test_two_processes_share_the_partitions_and_stop_on_sigterm(broker, names, t
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
     sessions = bbc_sessions(16, seed=31, max_chunk=20, max_tokens=100)
     pairs = interleave(sessions, seed=31)
-    port = _two_free_ports()
+    port = two_free_ports()
     log = Path(tempfile.mkdtemp()) / "supervisor.log"
     sup = WorkerProcess(
         ["--processes", "2", "--bootstrap", broker.bootstrap, "--group", names["group"],
