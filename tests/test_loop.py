@@ -763,6 +763,7 @@ def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
     reg = w.metrics.registry
     assert reg.get_sample_value("gru_batch_budget_seconds") == 0.012
     assert reg.get_sample_value("gru_batch_limit_records", {"reason": "budget"}) == n
+    assert reg.get_sample_value("gru_batch_limit_records", {"reason": "backlog"}) is None  # stale
     assert reg.get_sample_value("gru_batch_cost_seconds", {"term": "per_message"}) == \
         pytest.approx(0.001, rel=0.1)
     assert_matches_offline(clf, sessions, predictions(log))

@@ -185,6 +185,7 @@ class Worker:
         self.budget = BatchBudget(settings.batch.target_latency_ms / 1000,
                                   settings.batch.max_records)
         self._waiting: int | None = None  # consumer lag after the last poll
+        self._limit_reason: str | None = None  # the reason label gru_batch_limit_records has
         metrics.batch_budget.set(settings.batch.target_latency_ms / 1000)
         source.bind(self.on_assigned, self.on_revoked)
 
@@ -282,6 +283,8 @@ class Worker:
         sending = self._retry(lambda: self.sink.send(outgoing))        # 4. produce (no wait)
         t6 = time.perf_counter()
         self.budget.observe(len(records), len(result.updates), t6 - t_batch)
+        m.batch_cost.labels("fixed").set(self.budget.fixed_s)
+        m.batch_cost.labels("per_message").set(self.budget.per_message_s)
         m.decode_seconds.observe(t1 - t0)
         m.load_seconds.observe(t2 - t1)
         m.engine_seconds.observe(t3 - t2)
@@ -695,9 +698,11 @@ class Worker:
     def _poll(self) -> list[Record]:
         limit = self.budget.limit(self._waiting)
         m = self.metrics
+        if limit.reason != self._limit_reason:  # one series: the current limit and its reason
+            if self._limit_reason is not None:
+                m.batch_limit.remove(self._limit_reason)
+            self._limit_reason = limit.reason
         m.batch_limit.labels(limit.reason).set(limit.records)
-        m.batch_cost.labels("fixed").set(self.budget.fixed_s)
-        m.batch_cost.labels("per_message").set(self.budget.per_message_s)
         t0 = time.perf_counter()
         try:
             records = self.source.poll(limit.records, self.s.batch.max_wait_ms)
