@@ -20,7 +20,11 @@ For each mode:
    the worker, never for it (no coordinated omission). The first ``--warmup`` seconds of each
    rate are left out. Per-stage p99s and GC pauses come from the worker's /metrics, scraped
    around each rate.
-4. **Variants** (optional): the rates again with a worker started with other settings
+4. **Floor** (``--floor``, on by default): the same rates through a kafka-python pass-through
+   in the worker's place (its consumer and producer settings, on its CPU when pinned): consume,
+   send each value unchanged, wait for the acknowledgements, commit. What it measures is the
+   broker and the two client hops alone, the least any worker on this broker can show.
+5. **Variants** (optional): the rates again with a worker started with other settings
    (``--variant nofreeze:GRU_BATCH__GC_FREEZE=false``), each on fresh topics, all at
    fractions of the same max.
 
@@ -122,6 +126,41 @@ def collect(args) -> int:
     return 0
 
 
+def passthrough(args) -> int:
+    """The floor: consume -> produce unchanged -> wait for acks -> commit, with the worker's
+    client settings (worker.config defaults), until SIGTERM; counts what it forwarded."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.structs import OffsetAndMetadata
+    from worker.config import KafkaSettings
+    k = KafkaSettings(bootstrap_servers=args.bootstrap, input_topic=args.topic, output_topic="-",
+                      group_id=args.prefix)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    c = KafkaConsumer(args.topic, bootstrap_servers=[args.bootstrap], group_id=args.prefix,
+                      enable_auto_commit=False, auto_offset_reset="earliest",
+                      session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                      fetch_max_wait_ms=k.fetch_max_wait_ms)
+    p = KafkaProducer(bootstrap_servers=[args.bootstrap], acks="all", linger_ms=k.linger_ms,
+                      batch_size=k.producer_batch_bytes, enable_idempotence=False,
+                      compression_type=None if k.compression_type == "none" else k.compression_type)
+    print("ready", flush=True)
+    done = 0
+    while not stop:
+        polled = c.poll(timeout_ms=200, max_records=512)
+        if not polled:
+            continue
+        futures = [p.send(args.out, key=r.key, value=r.value) for recs in polled.values() for r in recs]
+        p.flush()
+        for f in futures:
+            f.get(0)
+        c.commit({tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1) for tp, recs in polled.items()})
+        done += len(futures)
+    c.close(autocommit=False)
+    p.close()
+    print(done, flush=True)
+    return 0
+
+
 # --- one worker on fresh topics, and its phases ---------------------------------------------
 
 class Rig:
@@ -206,6 +245,59 @@ class Rig:
         self.worker.terminate(30)
         self.collector.send_signal(signal.SIGTERM)
         self.collector.wait(60)
+        return dict(np.load(self.collector_out))
+
+
+class FloorRig:
+    """``Rig``'s interface with the kafka-python pass-through (``passthrough``) in the worker's
+    place: the same broker, feeder, collector and CPUs, none of the worker's work."""
+
+    def __init__(self, bench: Bench, args, tag: str, worker_cpus: set[int] | None,
+                 workdir: Path) -> None:
+        self.bench, self.args, self.workdir, self.tag = bench, args, workdir, tag
+        self.names = n = bench.fresh(tag)
+        self.collector_out = workdir / f"{tag}-collected.npz"
+        self.collector = subprocess.Popen(
+            [sys.executable, "-m", "bench.latency", "_collect", "--bootstrap", bench.kafka.bootstrap,
+             "--topic", n["out"], "--partitions", str(args.partitions), "--out", str(self.collector_out),
+             "--wait-ms", str(args.collector_wait_ms)],
+            cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.collector.stdout.readline().strip() == "ready"
+        self.forwarder = subprocess.Popen(
+            [sys.executable, "-m", "bench.latency", "_passthrough", "--bootstrap", bench.kafka.bootstrap,
+             "--topic", n["in"], "--out", n["out"], "--prefix", n["group"]],
+            cwd=common.ROOT, stdout=subprocess.PIPE, text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, worker_cpus)) if worker_cpus else None)
+        assert self.forwarder.stdout.readline().strip() == "ready"
+        bench.cpu.pids.update(worker=self.forwarder.pid, collector=self.collector.pid)
+        self.phases: list[dict] = []
+
+    def run_phase(self, name: str, rate: float, count: int, seed: int) -> dict:
+        out = self.workdir / f"{self.tag}-{name}-fed.npz"
+        feeder = subprocess.Popen(
+            [sys.executable, "-m", "bench.latency", "_feed", "--bootstrap", self.bench.kafka.bootstrap,
+             "--topic", self.names["in"], "--rate", str(rate), "--count", str(count),
+             "--sessions", str(self.args.sessions), "--tokens", str(self.args.tokens),
+             "--seed", str(seed), "--prefix", f"{self.tag}-{name}-", "--out", str(out)],
+            cwd=common.ROOT)
+        self.bench.cpu.pids["feeder"] = feeder.pid
+        cpu0, t0 = self.bench.cpu.snapshot(), time.time()
+        if feeder.wait(self.args.seconds * 4 + 120):
+            raise RuntimeError(f"feeder failed ({feeder.returncode})")
+        cpu1, t1 = self.bench.cpu.snapshot(), time.time()
+        time.sleep(3.0)  # the last records through the pass-through and to the collector
+        phase = {"name": name, "rate": rate, "count": count, "fed": str(out), "stages": {},
+                 "cores": {k: v["cores"] for k, v in common.Cpu.usage(cpu0, cpu1, t1 - t0, count).items()}}
+        self.phases.append(phase)
+        return phase
+
+    def close(self) -> dict[str, np.ndarray]:
+        for proc in (self.forwarder, self.collector):
+            proc.send_signal(signal.SIGTERM)
+        forwarded = self.forwarder.communicate(timeout=60)[0].split()
+        self.collector.wait(60)
+        for ph in self.phases:
+            ph["forwarded"] = int(forwarded[-1]) if forwarded else None
         return dict(np.load(self.collector_out))
 
 
@@ -297,6 +389,22 @@ def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
                         ph["latency"] = latencies(ph, collected, args.warmup)
                         rows.append(ph)
                 out["variants"][vname] = {"env": env, "phases": rows}
+            if args.floor:
+                rows = []
+                for ri, frac in enumerate(args.rates):
+                    rig = FloorRig(bench, args, f"{mode[:3]}-floor-{ri}", worker_cpus, workdir)
+                    try:
+                        rate = frac * peak
+                        bench.log(f"[{mode}/floor] {frac:.0%} of max: {rate:.0f} msg/s through the "
+                                  f"pass-through")
+                        rig.run_phase(f"r{frac:g}", rate, int(rate * args.seconds), 200 + ri)
+                    finally:
+                        collected = rig.close()
+                    for ph in rig.phases:
+                        ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
+                        ph["latency"] = latencies(ph, collected, args.warmup)
+                        rows.append(ph)
+                out["floor"] = {"phases": rows}
     finally:
         os.sched_setaffinity(0, set(cpus))
     return out
@@ -304,7 +412,8 @@ def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
 
 def print_mode(res: dict) -> None:
     print(f"\n== {res['mode']} (worker on CPUs {res['worker_cpus']}), max {res['max_msgs_per_s']:.0f} msg/s")
-    for vname, v in res["variants"].items():
+    floor = {"floor (kafka-python pass-through)": {"env": {}, **res["floor"]}} if "floor" in res else {}
+    for vname, v in {**res["variants"], **floor}.items():
         print(f"-- variant {vname} {v['env'] or ''}")
         print(f"{'load':>6} {'msg/s':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}  "
               f"{'n':>6} {'miss':>4}  per-stage p99 ms (batch, poll, load, engine, store, produce, commit, gc2)")
@@ -312,7 +421,7 @@ def print_mode(res: dict) -> None:
             if "latency" not in ph:
                 continue
             lat, st = ph["latency"], ph["stages"]
-            p = lambda k: f"{st[k]['p99_ms']:.1f}" if k in st else "-"
+            p = lambda k: f"{st[k]['p99_ms']:.1f}" if k in st else "-"  # noqa: E731
             print(f"{ph['fraction_of_max']:>6.0%} {ph['rate']:>7.0f} {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f} "
                   f"{lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  {lat['samples']:>6} {lat['missing']:>4}  "
                   f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, {p('redis_write')}, "
@@ -322,7 +431,7 @@ def print_mode(res: dict) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_feed", "_collect"):
+    if argv and argv[0] in ("_feed", "_collect", "_passthrough"):
         ap = argparse.ArgumentParser()
         for a in ("--bootstrap", "--topic", "--out", "--prefix"):
             ap.add_argument(a)
@@ -331,7 +440,7 @@ def main(argv=None) -> int:
         ap.add_argument("--wait-ms", type=int, default=COLLECTOR_FETCH_WAIT_MS)
         ap.add_argument("--rate", type=float, default=0)
         a = ap.parse_args(argv[1:])
-        return feed(a) if argv[0] == "_feed" else collect(a)
+        return {"_feed": feed, "_collect": collect, "_passthrough": passthrough}[argv[0]](a)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["pinned", "unpinned"], choices=["pinned", "unpinned"])
@@ -352,6 +461,8 @@ def main(argv=None) -> int:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:ENV=VALUE,... a worker with other settings, at the same rates")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the kafka-python pass-through at the same rates")
     ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

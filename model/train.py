@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from . import artifact, data, embeddings
+from . import artifact, bag, data, embeddings
 from .evaluate import evaluate
 from .gru import GRUClassifier, ModelConfig
 from .tokenizer import UNK_ID, Vocab, tokenize
@@ -62,6 +62,11 @@ class TrainConfig:
     init: str = "default"  # default | orthogonal (GRU recurrent weights)
     embed_init: str = "ppmi_svd"  # ppmi_svd (word vectors from the training texts) | random
     embed_window: int = 5  # ppmi_svd: co-occurrence window
+    bag_units: int = 0  # of hidden_size, tied to running averages of token vectors (model/bag.py)
+    bag_min_tokens: float = 8.0  # the bag units' averaging windows, geometric between these
+    bag_max_tokens: float = 400.0
+    bag_clock: bool = False  # the bag units' windows grow with a learned clock (model/bag.py)
+    fit_val: bool = False  # train on train + validation, keep the last epoch (no selection)
     ema: float = 0.99  # > 0: validate and keep an exponential moving average of the weights
     device: str = "cpu"
     threads: int | None = 1  # one thread: the same model_id on any machine, and no spinning under load
@@ -138,10 +143,11 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     labels = data.labels_of(docs)
     label_id = {l: i for i, l in enumerate(labels)}
 
-    train_tokens = [tokenize(d.text) for d in split.train]
+    fit_docs = split.train + split.val if cfg.fit_val else split.train
+    train_tokens = [tokenize(d.text) for d in fit_docs]
     vocab = Vocab.build(train_tokens, min_freq=cfg.min_freq, max_size=cfg.max_vocab)
     tr_x = [vocab.encode(t) for t in train_tokens]
-    tr_y = [label_id[d.label] for d in split.train]
+    tr_y = [label_id[d.label] for d in fit_docs]
     va_x = [vocab.encode(tokenize(d.text)) for d in split.val]
     va_y = [label_id[d.label] for d in split.val]
 
@@ -158,6 +164,10 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
                 nn.init.xavier_uniform_(p.data)
             elif name.startswith("bias"):
                 nn.init.zeros_(p.data)
+    if cfg.bag_units:
+        if cfg.weight_decay:
+            raise ValueError("bag units need weight_decay 0: decay would move their tied weights")
+        bag.tie(model.gru, cfg.bag_units, cfg.bag_min_tokens, cfg.bag_max_tokens, cfg.bag_clock)
     init_seconds = 0.0
     if cfg.embed_init == "ppmi_svd":
         t_init = time.time()
@@ -244,7 +254,7 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
         log(f"epoch {epoch:2d}: loss {total_loss / count:.4f}  train acc {correct / count:.3f}  "
             f"val acc {acc['1']:.3f} (10% {acc['0.1']:.3f}, 25% {acc['0.25']:.3f})  "
             f"{time.time() - t0:.0f}s")
-        if score > best_score:
+        if score > best_score or cfg.fit_val:
             best_score, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if ema_params is not None:
