@@ -131,6 +131,7 @@ def passthrough(args) -> int:
     client settings (worker.config defaults), until SIGTERM; counts what it forwarded."""
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.structs import OffsetAndMetadata
+
     from worker.config import KafkaSettings
     k = KafkaSettings(bootstrap_servers=args.bootstrap, input_topic=args.topic, output_topic="-",
                       group_id=args.prefix)
@@ -266,8 +267,9 @@ class FloorRig:
         self.forwarder = subprocess.Popen(
             [sys.executable, "-m", "bench.latency", "_passthrough", "--bootstrap", bench.kafka.bootstrap,
              "--topic", n["in"], "--out", n["out"], "--prefix", n["group"]],
-            cwd=common.ROOT, stdout=subprocess.PIPE, text=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, worker_cpus)) if worker_cpus else None)
+            cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+        if worker_cpus:
+            os.sched_setaffinity(self.forwarder.pid, worker_cpus)  # before it has threads
         assert self.forwarder.stdout.readline().strip() == "ready"
         bench.cpu.pids.update(worker=self.forwarder.pid, collector=self.collector.pid)
         self.phases: list[dict] = []
@@ -421,7 +423,7 @@ def print_mode(res: dict) -> None:
             if "latency" not in ph:
                 continue
             lat, st = ph["latency"], ph["stages"]
-            p = lambda k: f"{st[k]['p99_ms']:.1f}" if k in st else "-"  # noqa: E731
+            p = lambda k, st=st: f"{st[k]['p99_ms']:.1f}" if k in st else "-"  # noqa: E731
             print(f"{ph['fraction_of_max']:>6.0%} {ph['rate']:>7.0f} {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f} "
                   f"{lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  {lat['samples']:>6} {lat['missing']:>4}  "
                   f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, {p('redis_write')}, "

@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
-    log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)
     log(f"train: {len(split.train)} docs, val {len(split.val)}, test {len(split.test)}, "
         f"vocab {len(vocab)}, labels {labels}, device {cfg.device}, "
         f"embedding init {cfg.embed_init} ({init_seconds:.1f}s)")

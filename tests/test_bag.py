@@ -1,6 +1,8 @@
 """Bag units (model/bag.py): GRU units tied to running averages stay tied through training,
 compute the average they claim, and keep the streaming invariant."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ def train_a_little(m: GRUClassifier, steps: int = 8) -> None:
 def test_time_scales_are_geometric_between_the_bounds():
     ts = bag.time_scales(5, 4.0, 64.0)
     assert ts[0] == pytest.approx(4.0) and ts[-1] == pytest.approx(64.0)
-    assert all(b / a == pytest.approx(2.0) for a, b in zip(ts, ts[1:]))
+    assert all(b / a == pytest.approx(2.0) for a, b in pairwise(ts))
 
 
 @pytest.mark.parametrize("clock", [False, True])
