@@ -423,7 +423,7 @@ def print_mode(res: dict) -> None:
             if "latency" not in ph:
                 continue
             lat, st = ph["latency"], ph["stages"]
-            p = lambda k, st=st: f"{st[k]['p99_ms']:.1f}" if k in st else "-"  # noqa: E731
+            p = lambda k, st=st: f"{st[k]['p99_ms']:.1f}" if k in st else "-"
             print(f"{ph['fraction_of_max']:>6.0%} {ph['rate']:>7.0f} {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f} "
                   f"{lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  {lat['samples']:>6} {lat['missing']:>4}  "
                   f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, {p('redis_write')}, "
