@@ -8,12 +8,14 @@ same prefixes (the model tokenizer's first tokens, rejoined). Writes
 bench/results/quality-<date>.json with the machine and the load it ran under.
 
     python -m bench.quality                 # seeds 0 1 2
+    python -m bench.quality --jobs 2        # two seeds at a time (2 cores)
     python -m bench.quality --seeds 0 --epochs 4   # a quick look (not the recipe)
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import os
 import statistics
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs (exploration only)")
     ap.add_argument("--keep", help="keep the artifacts under this directory (seed-N/)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds trained at once (training uses one thread; 2 on a 2-core box "
+                         "halves the wall time, and each seed's seconds then include the sharing)")
     ap.add_argument("--out", help="result file (default bench/results/quality-<date>.json)")
     args = ap.parse_args(argv)
     overrides = {"epochs": args.epochs} if args.epochs else {}
@@ -98,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     docs = data.load_dataset(data.BBC)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
+        with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+            models = {seed: pool.submit(gru, seed, root / f"seed-{seed}", **overrides)
+                      for seed in args.seeds}
+            bases = {seed: baseline(data.split(docs, seed=seed)) for seed in args.seeds}
         for seed in args.seeds:
-            split = data.split(docs, seed=seed)
-            base = baseline(split)
-            model = gru(seed, root / f"seed-{seed}", **overrides)
+            base, model = bases[seed], models[seed].result()
             beats = {k: model[k] >= base[k] for k in FRACTIONS}
             res["seeds"].append({"seed": seed, "gru": model, "baseline": base, "gru_ge_baseline": beats})
             print(f"seed {seed}: gru full {model['full']:.3f} 25% {model['p25']:.3f} "

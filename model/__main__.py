@@ -12,6 +12,14 @@ from .keras_import import KerasImportError, import_keras, read_labels
 from .train import TrainConfig, evaluate_artifact, train
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=data.BBC,
                    help="'bbc-news' or a PATH.csv / PATH.jsonl of your own")
@@ -20,7 +28,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name in ("dataset", "quiet"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "str": str, "int | None": int,
+                "bool": _boolean}.get(str(f.type), str)
         p.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
     p.add_argument("--quiet", action="store_true")
 

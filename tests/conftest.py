@@ -9,7 +9,7 @@ import pytest
 
 from model.train import TrainConfig, train
 
-TINY = dict(limit=60, min_freq=2, embed_dim=32, hidden_size=32, num_layers=1, dropout=0.1,
+TINY = dict(limit=60, min_freq=2, embed_dim=32, hidden_size=32, bag_units=9, num_layers=1, dropout=0.1,
             epochs=8, patience=8, batch_size=16, lr=1e-2, max_train_tokens=120, threads=1, quiet=True)
 
 

@@ -86,3 +86,13 @@ def test_streaming_step_equals_forward_with_bag_units(clock):
         k = min(5, 37 - a)
         h, probs = m.step(h, ids[:, a:a + k], torch.full((3,), k))
     assert torch.allclose(probs, full, atol=1e-5)
+
+
+def test_the_training_cli_reads_booleans_strictly():
+    """``--bag-clock false`` must turn the clock off (a plain ``str`` would be truthy)."""
+    import argparse
+
+    from model.__main__ import _boolean
+    assert _boolean("false") is False and _boolean("True") is True and _boolean("0") is False
+    with pytest.raises(argparse.ArgumentTypeError):
+        _boolean("maybe")
