@@ -165,6 +165,30 @@ def passthrough(args) -> int:
     return 0
 
 
+def start_collector(bench: Bench, args, topic: str, out: Path) -> subprocess.Popen:
+    """The collector process on ``topic``, once it is assigned and reading."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.latency", "_collect", "--bootstrap", bench.kafka.bootstrap,
+         "--topic", topic, "--partitions", str(args.partitions), "--out", str(out),
+         "--wait-ms", str(args.collector_wait_ms)],
+        cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def start_feeder(bench: Bench, args, topic: str, rate: float, count: int, seed: int,
+                 prefix: str, out: Path) -> subprocess.Popen:
+    """The feeder process: ``count`` records to ``topic`` on the schedule of ``rate``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.latency", "_feed", "--bootstrap", bench.kafka.bootstrap,
+         "--topic", topic, "--rate", str(rate), "--count", str(count),
+         "--sessions", str(args.sessions), "--tokens", str(args.tokens),
+         "--seed", str(seed), "--prefix", prefix, "--out", str(out)],
+        cwd=common.ROOT)
+    bench.cpu.pids["feeder"] = proc.pid
+    return proc
+
+
 # --- one worker on fresh topics, and its phases ---------------------------------------------
 
 class Rig:
@@ -177,12 +201,7 @@ class Rig:
         self.names = bench.fresh(tag)
         n = self.names
         self.collector_out = workdir / f"{tag}-collected.npz"
-        self.collector = subprocess.Popen(
-            [sys.executable, "-m", "bench.latency", "_collect", "--bootstrap", bench.kafka.bootstrap,
-             "--topic", n["out"], "--partitions", str(args.partitions), "--out", str(self.collector_out),
-             "--wait-ms", str(args.collector_wait_ms)],
-            cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
-        assert self.collector.stdout.readline().strip() == "ready"
+        self.collector = start_collector(bench, args, n["out"], self.collector_out)
         self.worker = WorkerProcess(
             ["--bootstrap", bench.kafka.bootstrap, "--input-topic", n["in"], "--output-topic", n["out"],
              "--group", n["group"], "--redis-url", bench.redis.url, "--redis-prefix", n["prefix"],
@@ -204,13 +223,8 @@ class Rig:
         out = self.workdir / f"{self.tag}-{name}-fed.npz"
         start_ok = self.ok()
         before = parse_metrics(self.worker.get("/metrics")[1])
-        feeder = subprocess.Popen(
-            [sys.executable, "-m", "bench.latency", "_feed", "--bootstrap", self.bench.kafka.bootstrap,
-             "--topic", self.names["in"], "--rate", str(rate), "--count", str(count),
-             "--sessions", str(self.args.sessions), "--tokens", str(self.args.tokens),
-             "--seed", str(seed), "--prefix", f"{self.tag}-{name}-", "--out", str(out)],
-            cwd=common.ROOT)
-        self.bench.cpu.pids["feeder"] = feeder.pid
+        feeder = start_feeder(self.bench, self.args, self.names["in"], rate, count, seed,
+                              f"{self.tag}-{name}-", out)
         cpu0, t_cpu0 = self.bench.cpu.snapshot(), time.time()
         progress = []  # (time, applied) while the worker drains: the max rate comes from it
         deadline = None
@@ -261,12 +275,7 @@ class FloorRig:
         self.bench, self.args, self.workdir, self.tag = bench, args, workdir, tag
         self.names = n = bench.fresh(tag)
         self.collector_out = workdir / f"{tag}-collected.npz"
-        self.collector = subprocess.Popen(
-            [sys.executable, "-m", "bench.latency", "_collect", "--bootstrap", bench.kafka.bootstrap,
-             "--topic", n["out"], "--partitions", str(args.partitions), "--out", str(self.collector_out),
-             "--wait-ms", str(args.collector_wait_ms)],
-            cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
-        assert self.collector.stdout.readline().strip() == "ready"
+        self.collector = start_collector(bench, args, n["out"], self.collector_out)
         self.forwarder = subprocess.Popen(
             [sys.executable, "-m", "bench.latency", "_passthrough", "--bootstrap", bench.kafka.bootstrap,
              "--topic", n["in"], "--out", n["out"], "--prefix", n["group"]],
@@ -279,13 +288,8 @@ class FloorRig:
 
     def run_phase(self, name: str, rate: float, count: int, seed: int) -> dict:
         out = self.workdir / f"{self.tag}-{name}-fed.npz"
-        feeder = subprocess.Popen(
-            [sys.executable, "-m", "bench.latency", "_feed", "--bootstrap", self.bench.kafka.bootstrap,
-             "--topic", self.names["in"], "--rate", str(rate), "--count", str(count),
-             "--sessions", str(self.args.sessions), "--tokens", str(self.args.tokens),
-             "--seed", str(seed), "--prefix", f"{self.tag}-{name}-", "--out", str(out)],
-            cwd=common.ROOT)
-        self.bench.cpu.pids["feeder"] = feeder.pid
+        feeder = start_feeder(self.bench, self.args, self.names["in"], rate, count, seed,
+                              f"{self.tag}-{name}-", out)
         cpu0, t0 = self.bench.cpu.snapshot(), time.time()
         if feeder.wait(self.args.seconds * 4 + 120):
             raise RuntimeError(f"feeder failed ({feeder.returncode})")
