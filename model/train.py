@@ -64,6 +64,7 @@ class TrainConfig:
     init: str = "default"  # default | orthogonal (GRU recurrent weights)
     embed_init: str = "ppmi_svd"  # ppmi_svd (word vectors from the training texts) | random
     embed_window: int = 5  # ppmi_svd: co-occurrence window
+    head_hidden: int = 0  # > 0: a ReLU layer of this width before the output layer
     bag_units: int = 33  # of hidden_size, tied to running averages of token vectors (model/bag.py)
     bag_min_tokens: float = 8.0  # the bag units' averaging windows, geometric between these
     bag_max_tokens: float = 400.0
@@ -152,7 +153,7 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
     va_y = [label_id[d.label] for d in split.val]
 
     mconf = ModelConfig(len(vocab), len(labels), cfg.embed_dim, cfg.hidden_size, cfg.num_layers,
-                        cfg.dropout)
+                        cfg.dropout, head_hidden=cfg.head_hidden)
     model = GRUClassifier(mconf).to(cfg.device)
     if cfg.init == "orthogonal":
         H = cfg.hidden_size
