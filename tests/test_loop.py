@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -752,12 +753,22 @@ def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
     w.budget = budget
     n = budget.limit(0).records
     assert 8 <= n <= 10
-    asked = []
+    asked, intervals = [], []
     poll = w.source.poll
-    w.source.poll = lambda n, wait: asked.append(n) or poll(n, wait)
-    w.run()
+    w.source.poll = lambda n, wait: (asked.append(n), intervals.append(sys.getswitchinterval()),
+                                     poll(n, wait))[-1]
+    before = sys.getswitchinterval()
+    try:
+        w.run()
+    finally:
+        sys.setswitchinterval(before)
     # the first poll knows no lag yet; then a backlog while more than 20 wait, then the budget
     assert asked[0] == n and 64 in asked and asked[-1] == n
+    # long GIL turns while the backlog lifts the budget, short ones otherwise
+    s = w.s.batch
+    assert s.backlog_switch_interval_ms > s.switch_interval_ms
+    assert intervals == [pytest.approx((s.backlog_switch_interval_ms if k == 64
+                                        else s.switch_interval_ms) / 1000) for k in asked]
     backlog_polls = [i for i, n in enumerate(asked) if n == 64]
     assert backlog_polls == list(range(1, len(backlog_polls) + 1))
     reg = w.metrics.registry

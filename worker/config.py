@@ -150,6 +150,10 @@ class BatchSettings(BaseModel):
                                       "interval (sys.setswitchinterval; Python's default is 5): "
                                       "how long the main loop may wait for the GIL while a Kafka "
                                       "client thread holds it")
+    backlog_switch_interval_ms: float = Field(5.0, ge=0, description="the switch interval while "
+                                              "the budget is lifted for a backlog: fewer GIL "
+                                              "hand-offs, more throughput (0: keep "
+                                              "switch_interval_ms)")
     gc_freeze: bool = Field(True, description="after start-up, move every object into the "
                             "garbage collector's permanent generation (no full collection walks "
                             "the model and the clients again)")

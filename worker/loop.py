@@ -55,6 +55,7 @@ dedupe by ``(session_id, seq)``.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -702,6 +703,7 @@ class Worker:
             if self._limit_reason is not None:
                 m.batch_limit.remove(self._limit_reason)
             self._limit_reason = limit.reason
+            self._set_switch_interval(limit.reason)
         m.batch_limit.labels(limit.reason).set(limit.records)
         t0 = time.perf_counter()
         try:
@@ -723,6 +725,16 @@ class Worker:
         self.last_poll_ok = time.monotonic()
         self._update_lag()
         return records
+
+    def _set_switch_interval(self, reason: str) -> None:
+        """Short GIL turns while records are few (latency: the loop must not wait on
+        kafka-python's network thread), long ones while a backlog lifts the budget
+        (throughput: each hand-off costs CPU). The process-wide interval is the loop's to set
+        (worker/app.py sets the first)."""
+        b = self.s.batch
+        ms = b.backlog_switch_interval_ms if reason == "backlog" and b.backlog_switch_interval_ms \
+            else b.switch_interval_ms
+        sys.setswitchinterval(ms / 1000)
 
     def _update_lag(self) -> None:
         try:
