@@ -130,11 +130,11 @@ def produce_all(bootstrap: str, topic: str, pairs) -> float:
     return len(pairs) / (time.perf_counter() - t0)
 
 
-def consumer_for(bootstrap: str, topic: str, group: str, **kw):
+def consumer_for(bootstrap: str, topic: str, group: str, fetch_max_wait_ms: int = 20, **kw):
     from kafka import KafkaConsumer
     c = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False,
                       auto_offset_reset="earliest", session_timeout_ms=SESSION_TIMEOUT_MS,
-                      heartbeat_interval_ms=HEARTBEAT_MS, fetch_max_wait_ms=20, **kw)
+                      heartbeat_interval_ms=HEARTBEAT_MS, fetch_max_wait_ms=fetch_max_wait_ms, **kw)
     c.subscribe([topic])
     return c
 

@@ -132,21 +132,15 @@ def collect(args) -> int:
 def passthrough(args) -> int:
     """The floor: consume -> produce unchanged -> wait for acks -> commit, with the worker's
     client settings (worker.config defaults), until SIGTERM; counts what it forwarded."""
-    from kafka import KafkaConsumer, KafkaProducer
-    from kafka.structs import OffsetAndMetadata
-
     from worker.config import KafkaSettings
-    k = KafkaSettings(bootstrap_servers=args.bootstrap, input_topic=args.topic, output_topic="-",
-                      group_id=args.prefix)
+    from worker.kafka_io import compression
+    k = KafkaSettings()
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    c = KafkaConsumer(args.topic, bootstrap_servers=[args.bootstrap], group_id=args.prefix,
-                      enable_auto_commit=False, auto_offset_reset="earliest",
-                      session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                      fetch_max_wait_ms=k.fetch_max_wait_ms)
-    p = KafkaProducer(bootstrap_servers=[args.bootstrap], acks="all", linger_ms=k.linger_ms,
-                      batch_size=k.producer_batch_bytes, enable_idempotence=False,
-                      compression_type=None if k.compression_type == "none" else k.compression_type)
+    c = common.consumer_for(args.bootstrap, args.topic, args.prefix,
+                            fetch_max_wait_ms=k.fetch_max_wait_ms)
+    p = common.producer_for(args.bootstrap, k.linger_ms, batch_size=k.producer_batch_bytes,
+                            compression_type=compression(k))
     print("ready", flush=True)
     done = 0
     while not stop:
@@ -157,7 +151,7 @@ def passthrough(args) -> int:
         p.flush()
         for f in futures:
             f.get(0)
-        c.commit({tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1) for tp, recs in polled.items()})
+        common.commit_batch(c, polled)
         done += len(futures)
     c.close(autocommit=False)
     p.close()

@@ -11,9 +11,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 from worker.codec import HEADER, OUTBOX_ENTRY
 
+RESULTS = Path(__file__).resolve().parent / "results"
 HEADER_BYTES, OUTBOX_FIXED_BYTES = HEADER.size, OUTBOX_ENTRY.size  # (+ f32 x labels per entry)
 TOMBSTONE_OUTBOX = 1  # an ended session keeps its header and the final prediction
 

@@ -275,11 +275,12 @@ def main(argv=None) -> int:
             bench.log(f"  {R['passthrough']['msgs_per_s']:.0f} msg/s")
             bench.log("(a') pass-through with the worker's producer settings ...")
             from worker.config import KafkaSettings
+            from worker.kafka_io import compression
             k = KafkaSettings()
             R["passthrough_worker_producer"] = run_passthrough(
                 bench, backlog("ptw", args.passthrough_messages, 1), args.passthrough_messages,
                 max(args.batch), k.linger_ms, k.producer_batch_bytes,
-                None if k.compression_type == "none" else k.compression_type)
+                compression(k))
             bench.log(f"  {R['passthrough_worker_producer']['msgs_per_s']:.0f} msg/s")
         if "b" in args.only:
             bench.log("(b) naive per-message loop ...")

@@ -6,7 +6,6 @@ Everything here is construction; the behaviour lives in ``loop``, ``engine`` and
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,8 +149,4 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     unwatch = watch_gc(metrics)
     if settings.batch.gc_freeze:
         quiet_gc()
-    # kafka-python runs its network I/O on its own thread: every poll, send and commit hands
-    # over to it and back, and at Python's 5 ms switch interval the loop could wait that long
-    # for the GIL after each (measured in docs/latency.md).
-    sys.setswitchinterval(settings.batch.switch_interval_ms / 1000)
     return App(worker, health, registry, drain, unwatch)

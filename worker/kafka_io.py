@@ -265,6 +265,11 @@ class Sending:
     done_at: list[float] = field(default_factory=list)  # when the last send was answered
 
 
+def compression(settings: KafkaSettings) -> str | None:
+    """``compression_type`` as kafka-python takes it (None for none)."""
+    return None if settings.compression_type == "none" else settings.compression_type
+
+
 class KeyHashPartitioner(DefaultPartitioner):
     """kafka-python's default partitioner — murmur2 of the key, as the Java client, so a
     session's predictions land where any Kafka producer would put that key — with each key's
@@ -303,13 +308,12 @@ class KafkaSink:
         # One deliver() waits this long for its acknowledgements; what is still unacknowledged
         # is retried by the loop, after a backoff, or given up when it is stopping.
         self.flush_s = min(timeout_s, settings.request_timeout_ms / 1000)
-        compression = None if settings.compression_type == "none" else settings.compression_type
         try:
             # Idempotence off: the loop retries unacknowledged sends itself (predictions are
             # at-least-once anyway), and an idempotent producer can wedge after a timeout.
             self.producer = KafkaProducer(acks="all", linger_ms=settings.linger_ms,
                                           batch_size=settings.producer_batch_bytes,
-                                          compression_type=compression,
+                                          compression_type=compression(settings),
                                           retries=5, enable_idempotence=False,
                                           partitioner=KeyHashPartitioner(),
                                           request_timeout_ms=int(timeout_s * 1000),

@@ -727,10 +727,11 @@ class Worker:
         return records
 
     def _set_switch_interval(self, reason: str) -> None:
-        """Short GIL turns while records are few (latency: the loop must not wait on
-        kafka-python's network thread), long ones while a backlog lifts the budget
-        (throughput: each hand-off costs CPU). The process-wide interval is the loop's to set
-        (worker/app.py sets the first)."""
+        """Short GIL turns while records are few, long ones while a backlog lifts the budget.
+        kafka-python runs its network I/O on its own thread: every poll, send and commit hands
+        over to it and back, and at Python's 5 ms switch interval the loop could wait that
+        long for the GIL after each (docs/latency.md); under a backlog each hand-off costs CPU
+        instead. The process-wide interval is the loop's alone to set: the first poll sets it."""
         b = self.s.batch
         ms = b.backlog_switch_interval_ms if reason == "backlog" and b.backlog_switch_interval_ms \
             else b.switch_interval_ms
