@@ -71,7 +71,9 @@ class TrainConfig:
     bag_clock: bool = True  # the bag units' windows grow with a learned clock (model/bag.py)
     ema: float = 0.99  # > 0: validate and keep an exponential moving average of the weights
     device: str = "cpu"
-    threads: int | None = 1  # one thread: the same model_id on any machine, and no spinning under load
+    # One thread: a rerun on the same machine gives the same model_id (not across CPUs: their
+    # kernels round differently), and no spinning under load.
+    threads: int | None = 1
     limit: int | None = None  # keep only N documents per label before splitting (quick runs)
     quiet: bool = False
 
