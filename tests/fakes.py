@@ -46,6 +46,8 @@ class FakeSource:
         self.assigned = False
         self.rejoins = 0
         self.closed = False
+        self._answers: list = []  # asynchronous commits not yet answered
+        self.fail_async = 0  # the next N asynchronous commits fail
 
     def bind(self, on_assigned, on_revoked) -> None:
         self.on_assigned, self.on_revoked = on_assigned, on_revoked
@@ -58,6 +60,7 @@ class FakeSource:
         self.on_assigned(tps)
 
     def poll(self, max_records: int, max_wait_ms: int) -> list[Record]:
+        self._answer()
         if not self.assigned:
             self._assign()
         out: list[Record] = []
@@ -84,11 +87,29 @@ class FakeSource:
         return {tp: 0 for tp in partitions}
 
     def commit(self, offsets) -> bool:
+        self._answer()
+        return self._apply(offsets)
+
+    def _apply(self, offsets) -> bool:
         committed = self.log.committed[self.group]
         for tp, off in offsets.items():
             assert off >= committed.get(tp, 0), f"commit of {tp} went backwards"
             committed[tp] = off
         return True
+
+    def commit_async(self, offsets, done) -> None:
+        """Answered at the next poll, as kafka-python answers (``fail_async``: that many
+        answers are failures, the commit not applied)."""
+        self._answers.append((dict(offsets), done))
+
+    def _answer(self) -> None:
+        answers, self._answers = self._answers, []
+        for offsets, done in answers:
+            if self.fail_async > 0:
+                self.fail_async -= 1
+                done(offsets, False)
+            else:
+                done(offsets, self._apply(offsets))
 
     def lag(self):
         return {tp: len(self.log.records[tp]) - pos for tp, pos in self.positions.items()}

@@ -259,6 +259,32 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
     assert read_topic(broker, names["out"]) == []
 
 
+def test_an_asynchronous_commit_lands_without_a_waiting_one(broker, names, tiny_model_dir):
+    """kafka-python's commit_async through KafkaSource: the answer arrives during later polls,
+    and the group's committed offset has moved before any commit that waits."""
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
+    sessions = bbc_sessions(3, seed=15, max_tokens=60)
+    publish(broker, names["in"], interleave(sessions, seed=15))
+    settings = settings_for(broker, names, tiny_model_dir, kafka={"async_commits": True})
+    with stepped_worker(settings) as app:
+        w = app.worker
+        records = join_and_poll(w)
+        w.process([])  # claims partition 0
+        w.process(records)
+        w.settle(wait=False)  # acknowledgements awaited, the commit only sent
+        assert w._unconfirmed == {(names["in"], 0): records[-1].offset + 1}
+        deadline = time.monotonic() + 10
+        while w._unconfirmed and time.monotonic() < deadline:
+            w.source.poll(10, 100)  # delivers the answer
+        assert not w._unconfirmed and not w._commit_failed
+        c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=names["group"],
+                          enable_auto_commit=False)
+        try:
+            assert c.committed(TopicPartition(names["in"], 0)) == records[-1].offset + 1
+        finally:
+            c.close()
+
+
 def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broker, names,
                                                                            tiny_model_dir):
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)

@@ -790,16 +790,87 @@ def test_commits_are_coalesced_but_never_ahead_of_acknowledgements(clf):
     w = make_worker(clf, log, store, sink=sink, batch={"max_records": 4},
                     kafka={"commit_interval_ms": 60_000})
     commits = []
-    commit = w.source.commit
+    commit, commit_async = w.source.commit, w.source.commit_async
 
-    def checked(offsets):
+    def check(offsets):
         acked = len(log.values(OUT))  # predictions acknowledged so far, one per message here
         assert all(o <= acked for o in offsets.values()), "committed past the acknowledged"
         commits.append(dict(offsets))
+
+    def checked(offsets):
+        check(offsets)
         return commit(offsets)
-    w.source.commit = checked
+
+    def checked_async(offsets, done):
+        check(offsets)
+        return commit_async(offsets, done)
+    w.source.commit, w.source.commit_async = checked, checked_async
     w.run()
     total = len(log.records[(IN, 0)])
     assert w.summary.batches > 3 and len(commits) == 1  # one commit, when input paused
     assert commits[-1] == {(IN, 0): total}
     assert_matches_offline(clf, sessions, predictions(log))
+
+
+def test_a_failed_asynchronous_commit_is_carried_into_the_next(clf):
+    """With async_commits the loop sends commits without waiting for the coordinator. A failed one
+    (here every one) is sent again with the next; stopping commits synchronously, so all
+    that was acknowledged ends up committed, and no commit moves back (FakeSource asserts)."""
+    log, store = FakeLog(partitions=2), MemoryStateStore()
+    sessions = bbc_sessions(6, seed=45)
+    publish(log, interleave(sessions, seed=45))
+    w = make_worker(clf, log, store, batch={"max_records": 4}, kafka={"async_commits": True})
+    w.source.fail_async = 10**6
+    sent = []
+    commit_async = w.source.commit_async
+
+    def recorded(offsets, done):
+        sent.append(dict(offsets))
+        commit_async(offsets, done)
+    w.source.commit_async = recorded
+    w.run()
+    assert len(sent) > 3 and not log.committed["g"].keys() - {(IN, 0), (IN, 1)}
+    for earlier, later in zip(sent, sent[1:]):  # nothing confirmed, so nothing dropped
+        assert all(later.get(tp, -1) >= o for tp, o in earlier.items())
+    assert log.committed["g"] == {(IN, p): len(log.records[(IN, p)]) for p in range(2)}
+    assert_matches_offline(clf, sessions, predictions(log), store)
+
+
+class CrashBeforeCommitAnswer(FakeSource):
+    """Dies at the poll that would deliver the answer to its ``after``-th asynchronous commit."""
+
+    def __init__(self, *args, after: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after, self.sent = after, 0
+
+    def commit_async(self, offsets, done) -> None:
+        self.sent += 1
+        super().commit_async(offsets, done)
+
+    def poll(self, max_records, max_wait_ms):
+        if self.sent >= self.after and self._answers:
+            raise SystemExit("crash with a commit in flight")
+        return super().poll(max_records, max_wait_ms)
+
+
+def test_a_crash_with_an_asynchronous_commit_in_flight_loses_nothing(clf):
+    """The commit was sent, not answered: it counts as not made. The restart redelivers from
+    the last answered commit; those messages are duplicates, their state is not touched
+    again, their predictions come again (at least once), and every session ends as offline."""
+    log, store = FakeLog(partitions=1), MemoryStateStore()
+    sessions = bbc_sessions(6, seed=46)
+    pairs = interleave(sessions, seed=46)
+    publish(log, pairs)
+    first = make_worker(clf, log, store, batch={"max_records": 4}, kafka={"async_commits": True},
+                        source=CrashBeforeCommitAnswer(log, IN, after=3))
+    with pytest.raises(SystemExit):
+        first.run()
+    committed = log.committed["g"].get((IN, 0), 0)
+    written = first._taken  # every batch taken wrote its states before the crash
+    assert 0 < committed < written, "the crash should leave written but uncommitted messages"
+    again = make_worker(clf, log, store)
+    again.run()
+    assert again.summary.outcomes["duplicate"] == written - committed
+    assert {(p["session_id"], p["seq"]) for p in predictions(log)} == {
+        (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs}
+    assert_matches_offline(clf, sessions, predictions(log), store)

@@ -225,6 +225,23 @@ class KafkaSource:
                 log.warning("commit attempt %d failed: %r", attempt, e)
                 time.sleep(min(0.2 * attempt, max(0.0, deadline - time.monotonic())))
 
+    def commit_async(self, offsets: Mapping[TopicPartition, int],
+                     done: Callable[[dict[TopicPartition, int], bool], None]) -> None:
+        """kafka-python sends the request from its network thread and queues the answer;
+        ``done`` runs when the consumer next polls or commits (on this thread)."""
+        sent = dict(offsets)
+        payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in sent.items()}
+
+        def answered(_offsets, response) -> None:
+            if isinstance(response, Exception):
+                log.warning("asynchronous commit failed: %r", response)
+            done(sent, not isinstance(response, Exception))
+        try:
+            self.consumer.commit_async(payload, callback=answered)
+        except kerr.KafkaError as e:
+            log.warning("asynchronous commit not sent: %r", e)
+            done(sent, False)
+
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
         for tp in self.consumer.assignment():

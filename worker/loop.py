@@ -45,8 +45,13 @@ loaded and stepped, and always before batch N+1 writes anything.
    empty, or at shutdown). Settled batches are committed together, at most every
    ``kafka.commit_interval_ms`` (100 ms), and always before a claim, when the poll comes back
    empty and at shutdown: a commit costs a broker round trip, as much as a small batch.
-   *Crash after 5:* nothing is redelivered. *Crash between two commits:* the batches settled
-   since the last commit are redelivered; their messages are duplicates.
+   With ``kafka.async_commits`` (off by default) the loop's own commits are sent and not
+   waited for: the answer arrives during a later poll, and a failed one is sent again with
+   the next commit, as all offsets not yet confirmed are. The commits before a claim and at
+   shutdown always wait.
+   *Crash after 5 is answered:* nothing is redelivered. *Crash between two commits, or
+   with one sent and not answered:* the group resumes from the last commit that landed;
+   the batches settled since are redelivered and their messages are duplicates.
 
 So the effect on state is exactly-once, and predictions are at-least-once: consumers
 dedupe by ``(session_id, seq)``.
@@ -182,6 +187,9 @@ class Worker:
         self._inflight: _InFlight | None = None
         self._taken = 0  # input messages claimed into batches (for max_messages)
         self._pending: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
+        self._unconfirmed: dict[TopicPartition, int] = {}  # commits sent, not yet confirmed
+        self._commit_failed = False  # the last commit answered failed: send again when idle
+        self._sync_commits = not settings.kafka.async_commits
         self._last_commit = time.monotonic()
         self.budget = BatchBudget(settings.batch.target_latency_ms / 1000,
                                   settings.batch.max_records)
@@ -207,7 +215,7 @@ class Worker:
                 if records or self.unclaimed:
                     self.process(records)
                 else:
-                    self.settle()  # nothing new: finish the batch in flight now
+                    self.settle(wait=self._sync_commits)  # nothing new: finish the batch in flight
                     if self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
                         log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
                         break
@@ -245,6 +253,7 @@ class Worker:
             self.recorded.pop(tp, None)
             self.rebuilds.pop(tp, None)
             self._pending.pop(tp, None)  # redelivered to the next owner, deduplicated
+            self._unconfirmed.pop(tp, None)
             try:
                 self.metrics.lag.remove(tp[0], str(tp[1]))
             except KeyError:
@@ -274,7 +283,7 @@ class Worker:
         t2 = time.perf_counter()
         result = self.models.apply(messages, states)                    # 2. step
         t3 = time.perf_counter()
-        self.settle(commit_now=False)          # 4'-5' the previous batch: acks, then commit
+        self.settle(commit_now=False, wait=self._sync_commits)  # 4'-5' batch N-1: acks, commit
         t3b = time.perf_counter()
         written = self._write(records, messages, result)                # 3. write states
         written.live = self._live_rows(written)
@@ -294,10 +303,11 @@ class Worker:
         self._inflight = _InFlight(records, written, rejections, outgoing, dead_letters, sending,
                                    t_batch, t6)
 
-    def settle(self, commit_now: bool = True) -> None:
+    def settle(self, commit_now: bool = True, wait: bool = True) -> None:
         """Finish the batch in flight: wait for every acknowledgement (4), then commit (5)
         what is acknowledged: at once when ``commit_now``, else once
-        ``kafka.commit_interval_ms`` has passed since the last commit."""
+        ``kafka.commit_interval_ms`` has passed since the last commit. ``wait``: the commit
+        is confirmed before this returns; otherwise it is sent and confirmed later."""
         f, self._inflight = self._inflight, None
         if f is not None:
             t0 = time.perf_counter()
@@ -307,10 +317,11 @@ class Worker:
             f.settle_s = time.perf_counter() - t0
             self._account(f)
             self._finish_rebuilds(done)
-        if self._pending and (commit_now or time.monotonic() - self._last_commit
-                              >= self.s.kafka.commit_interval_ms / 1000):
+        if (self._pending or ((wait or self._commit_failed) and self._unconfirmed)) and (
+                commit_now or time.monotonic() - self._last_commit
+                >= self.s.kafka.commit_interval_ms / 1000):
             t1 = time.perf_counter()
-            self._commit()                                              # 5. commit
+            self._commit(wait)                                          # 5. commit
             self.metrics.commit_seconds.observe(time.perf_counter() - t1)
 
     # 0. claim ------------------------------------------------------------------------------
@@ -611,14 +622,35 @@ class Worker:
                 self._pending[tp] = offset
         return offsets
 
-    def _commit(self) -> None:
-        """Commit the acknowledged offsets of the partitions we still hold."""
-        offsets = {tp: o for tp, o in self._pending.items() if tp in self.epochs}
+    def _commit(self, wait: bool = True) -> None:
+        """Commit the acknowledged offsets of the partitions we still hold, with those of
+        earlier commits not yet confirmed (a failed one is so carried into the next).
+        ``wait``: block until the coordinator answers; else send, and note the answer when
+        the client delivers it (during a later poll or commit)."""
+        offsets = {tp: o for tp, o in self._unconfirmed.items() if tp in self.epochs}
+        for tp, o in self._pending.items():
+            if tp in self.epochs:
+                offsets[tp] = max(o, offsets.get(tp, -1))
         self._pending.clear()
         self._last_commit = time.monotonic()
-        if offsets and not self.source.commit(offsets):
-            log.warning("commit of %s failed (rebalance?): those records will be redelivered "
-                        "and deduplicated", offsets)
+        self._commit_failed = False
+        if not offsets:
+            return
+        self._unconfirmed.update(offsets)
+        if wait:
+            self._confirmed(offsets, self.source.commit(offsets))
+        else:
+            self.source.commit_async(offsets, self._confirmed)
+
+    def _confirmed(self, offsets: dict[TopicPartition, int], ok: bool) -> None:
+        if not ok:
+            self._commit_failed = True
+            log.warning("commit of %s failed (rebalance?): retried with the next commit; "
+                        "if none lands, those records are redelivered and deduplicated", offsets)
+            return
+        for tp, o in offsets.items():
+            if self._unconfirmed.get(tp, o + 1) <= o:
+                del self._unconfirmed[tp]
 
     def _finish_rebuilds(self, next_offsets: dict[TopicPartition, int]) -> None:
         for tp, nxt in next_offsets.items():
