@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -830,7 +831,7 @@ def test_a_failed_asynchronous_commit_is_carried_into_the_next(clf):
     w.source.commit_async = recorded
     w.run()
     assert len(sent) > 3 and not log.committed["g"].keys() - {(IN, 0), (IN, 1)}
-    for earlier, later in zip(sent, sent[1:]):  # nothing confirmed, so nothing dropped
+    for earlier, later in itertools.pairwise(sent):  # nothing confirmed, so nothing dropped
         assert all(later.get(tp, -1) >= o for tp, o in earlier.items())
     assert log.committed["g"] == {(IN, p): len(log.records[(IN, p)]) for p in range(2)}
     assert_matches_offline(clf, sessions, predictions(log), store)
