@@ -57,3 +57,26 @@ def test_eval_writes_report_and_plot(tiny_model_dir, tmp_path):
     assert sum(map(sum, saved["confusion_matrix"])) == len(saved["test_doc_ids"]) == 60
     assert 0 <= saved["macro_f1"] <= 1
     assert (d / "accuracy_vs_prefix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_average_from_keeps_the_mean_of_the_epochs_weights(tmp_path):
+    """With a schedule that does not depend on the run's length and no EMA, a 3-epoch run
+    passes through the weights a 2-epoch run ends with (the same seed draws the same batches),
+    so averaging from epoch 2 of 3 must give the mean of what the two runs end with."""
+    import torch
+
+    from model.train import TrainConfig, train
+
+    from .conftest import TINY
+    base = {**TINY, "limit": 12, "epochs": 3, "patience": 3, "schedule": "const", "ema": 0.0}
+    train(TrainConfig(**{**base, "epochs": 2, "average_from": 2}), tmp_path / "e2")
+    train(TrainConfig(**{**base, "average_from": 3}), tmp_path / "e3")
+    summary = train(TrainConfig(**{**base, "average_from": 2}), tmp_path / "mean")
+    w2, w3, mean = (model.load(tmp_path / d).model.state_dict() for d in ("e2", "e3", "mean"))
+    assert summary["best_epoch"] == 3
+    assert not torch.equal(w2["head.weight"], w3["head.weight"])  # the epochs differ
+    for name, value in mean.items():
+        assert torch.allclose(value, (w2[name] + w3[name]) / 2, atol=1e-6), name
+    best = train(TrainConfig(**{**base, "average_from": 0}), tmp_path / "best")
+    tr = json.loads((tmp_path / "best" / "config.json").read_text())["training"]
+    assert tr["kept"] == "best" and best["best_epoch"] == tr["best_epoch"]
