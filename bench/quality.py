@@ -10,6 +10,7 @@ bench/results/quality-<date>.json with the machine and the load it ran under.
     python -m bench.quality                 # seeds 0 1 2
     python -m bench.quality --jobs 2        # two seeds at a time (2 cores)
     python -m bench.quality --seeds 0 --epochs 4   # a quick look (not the recipe)
+    python -m bench.quality --per-epoch     # also the test counts after every epoch
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from bench.common import machine, write_result
 from model import data
-from model.evaluate import confusion_matrix, macro_f1, prefix_index
+from model.evaluate import confusion_matrix, evaluate, macro_f1, prefix_index
 from model.tokenizer import tokenize
 from model.train import TrainConfig, evaluate_artifact, train
 
@@ -60,19 +61,48 @@ def baseline(split: data.Split) -> dict:
             "n_fit": len(fit_docs), "n_test": len(y)}
 
 
-def gru(seed: int, out_dir: Path, **overrides) -> dict:
+class EpochScores:
+    """``train``'s per-epoch hook: the test split's counts right at 10 %, 25 % and 100 % after
+    each epoch (analysis only: the recipe never sees them), and the time spent scoring."""
+
+    def __init__(self, seed: int, cfg: TrainConfig) -> None:
+        docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
+        if cfg.limit:  # the split train() makes
+            docs = data.per_label(docs, cfg.limit, seed=seed)
+        self.labels = data.labels_of(docs)
+        self.test = data.split(docs, seed=seed).test
+        self.rows: list[dict] = []
+        self.seconds = 0.0
+
+    def __call__(self, epoch: int, model, vocab) -> None:
+        t0 = time.perf_counter()
+        xs = [vocab.encode(tokenize(d.text)) for d in self.test]
+        ys = [self.labels.index(d.label) for d in self.test]
+        acc = evaluate(model, xs, ys, self.labels)["accuracy_at_fraction"]
+        self.rows.append({"epoch": epoch, **{k: round(acc[f"{f:g}"] * len(ys))
+                                             for k, f in FRACTIONS.items()}})
+        self.seconds += time.perf_counter() - t0
+
+
+def gru(seed: int, out_dir: Path, per_epoch: bool = False, **overrides) -> dict:
     cfg = TrainConfig(seed=seed, quiet=True, **overrides)
+    hook = EpochScores(seed, cfg) if per_epoch else None
     load0, t0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
-    summary = train(cfg, out_dir)
+    summary = train(cfg, out_dir, on_epoch=hook)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if hook is not None:  # training time without the scoring
+        seconds, cpu = seconds - hook.seconds, cpu - hook.seconds
     load1 = os.getloadavg()
     report = evaluate_artifact(out_dir)
     acc = report["accuracy_at_prefix"]
-    return {"full": acc["1"], "p25": acc["0.25"], "p10": acc["0.1"], "macro_f1": report["macro_f1"],
-            "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-            "loadavg_1m": [load0[0], load1[0]], "model_id": report["model_id"],
-            "best_epoch": summary["best_epoch"], "n_test": report["n"],
-            "accuracy_at_prefix": acc}
+    out = {"full": acc["1"], "p25": acc["0.25"], "p10": acc["0.1"], "macro_f1": report["macro_f1"],
+           "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+           "loadavg_1m": [load0[0], load1[0]], "model_id": report["model_id"],
+           "best_epoch": summary["best_epoch"], "n_test": report["n"],
+           "accuracy_at_prefix": acc}
+    if hook is not None:
+        out["test_counts_per_epoch"] = hook.rows
+    return out
 
 
 def at_least(model: dict, base: dict) -> dict[str, bool]:
@@ -99,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds trained at once (training uses one thread; 2 on a 2-core box "
                          "halves the wall time, and each seed's seconds then include the sharing)")
+    ap.add_argument("--per-epoch", action="store_true",
+                    help="also score each seed's test split after every epoch (analysis only; "
+                         "its time is left out of the seconds)")
     ap.add_argument("--out", help="result file (default bench/results/quality-<date>.json)")
     args = ap.parse_args(argv)
     overrides = {"epochs": args.epochs} if args.epochs else {}
@@ -112,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-            models = {seed: pool.submit(gru, seed, root / f"seed-{seed}", **overrides)
+            models = {seed: pool.submit(gru, seed, root / f"seed-{seed}", args.per_epoch,
+                                        **overrides)
                       for seed in args.seeds}
             bases = {seed: baseline(data.split(docs, seed=seed)) for seed in args.seeds}
         for seed in args.seeds:

@@ -25,7 +25,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,8 +140,11 @@ def _val_score(report: dict) -> float:
     return (acc["0.1"] + acc["0.25"] + 2 * acc["1"]) / 4
 
 
-def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
-    """Train, save the best epoch as an artifact in ``out_dir`` and return its summary."""
+def train(cfg: TrainConfig, out_dir: str | Path,
+          on_epoch: Callable[[int, GRUClassifier, Vocab], None] | None = None) -> dict:
+    """Train, save the kept weights as an artifact in ``out_dir`` and return its summary.
+    ``on_epoch(epoch, model, vocab)``, if given, sees the weights validated at each epoch's
+    end (for analysis: ``bench/quality.py --per-epoch`` scores its test split there)."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -259,6 +262,8 @@ def train(cfg: TrainConfig, out_dir: str | Path) -> dict:
                 for p, e in zip(params, ema_params):
                     p.copy_(e)
         report = evaluate(model, va_x, va_y, labels, device=cfg.device)
+        if on_epoch is not None:
+            on_epoch(epoch, model, vocab)
         score = _val_score(report)
         acc = report["accuracy_at_fraction"]
         history.append({"epoch": epoch, "train_loss": total_loss / count,

@@ -11,3 +11,20 @@ def test_equal_counts_are_level_whatever_the_float_width():
     base = {"full": 435 / n, "p25": 436 / n, "p10": 434 / n, "n_test": n}
     assert gru["full"] < base["full"]  # the trap: float32 of 435/444 reads below float64's
     assert at_least(gru, base) == {"full": True, "p25": False, "p10": True}
+
+
+def test_per_epoch_scores_see_the_weights_that_are_kept(tmp_path):
+    """The per-epoch hook scores the weights train() validates; with the best epoch kept, the
+    saved artifact's test counts are that epoch's row."""
+    from bench.quality import gru
+
+    from .conftest import TINY
+    tiny = {k: v for k, v in TINY.items() if k not in ("seed", "quiet")}
+    res = gru(0, tmp_path / "m", per_epoch=True,
+              **{**tiny, "limit": 12, "epochs": 3, "patience": 3, "average_from": 0})
+    rows = res["test_counts_per_epoch"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    kept = rows[res["best_epoch"] - 1]
+    assert {k: kept[k] for k in ("full", "p25", "p10")} == {
+        k: round(res[k] * res["n_test"]) for k in ("full", "p25", "p10")}
+    assert res["seconds"] > 0

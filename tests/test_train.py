@@ -46,6 +46,7 @@ def test_split_is_stratified_seeded_and_disjoint():
 
 def test_eval_writes_report_and_plot(tiny_model_dir, tmp_path):
     import shutil
+
     from model.train import evaluate_artifact
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
