@@ -71,14 +71,15 @@ class EpochScores:
             docs = data.per_label(docs, cfg.limit, seed=seed)
         self.labels = data.labels_of(docs)
         self.test = data.split(docs, seed=seed).test
+        self.device = cfg.device
         self.rows: list[dict] = []
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall time; with one training thread about its CPU time too
 
     def __call__(self, epoch: int, model, vocab) -> None:
         t0 = time.perf_counter()
         xs = [vocab.encode(tokenize(d.text)) for d in self.test]
         ys = [self.labels.index(d.label) for d in self.test]
-        acc = evaluate(model, xs, ys, self.labels)["accuracy_at_fraction"]
+        acc = evaluate(model, xs, ys, self.labels, device=self.device)["accuracy_at_fraction"]
         self.rows.append({"epoch": epoch, **{k: round(acc[f"{f:g}"] * len(ys))
                                              for k, f in FRACTIONS.items()}})
         self.seconds += time.perf_counter() - t0
@@ -98,8 +99,8 @@ def gru(seed: int, out_dir: Path, per_epoch: bool = False, **overrides) -> dict:
     out = {"full": acc["1"], "p25": acc["0.25"], "p10": acc["0.1"], "macro_f1": report["macro_f1"],
            "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "loadavg_1m": [load0[0], load1[0]], "model_id": report["model_id"],
-           "best_epoch": summary["best_epoch"], "n_test": report["n"],
-           "accuracy_at_prefix": acc}
+           "best_epoch": summary["best_epoch"], "average_from": cfg.average_from,
+           "n_test": report["n"], "accuracy_at_prefix": acc}
     if hook is not None:
         out["test_counts_per_epoch"] = hook.rows
     return out

@@ -148,6 +148,8 @@ def train(cfg: TrainConfig, out_dir: str | Path,
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    if cfg.average_from < 0:
+        raise ValueError(f"average_from must be >= 0, got {cfg.average_from}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
@@ -280,8 +282,8 @@ def train(cfg: TrainConfig, out_dir: str | Path,
                 mean_state = {n: v.detach().clone() for n, v in model.state_dict().items()}
             else:
                 for n, v in model.state_dict().items():
-                    if v.is_floating_point():
-                        mean_state[n].mul_(k / (k + 1)).add_(v.detach(), alpha=1 / (k + 1))
+                    if v.is_floating_point():  # lerp: an entry equal in every epoch stays exact
+                        mean_state[n].lerp_(v.detach(), 1 / (k + 1))
                 averaged = epoch
         if ema_params is not None:
             with torch.no_grad():

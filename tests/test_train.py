@@ -81,3 +81,21 @@ def test_average_from_keeps_the_mean_of_the_epochs_weights(tmp_path):
     best = train(TrainConfig(**{**base, "average_from": 0}), tmp_path / "best")
     tr = json.loads((tmp_path / "best" / "config.json").read_text())["training"]
     assert tr["kept"] == "best" and best["best_epoch"] == tr["best_epoch"]
+
+
+def test_averaging_keeps_the_bag_units_fixed_entries_exact(tmp_path):
+    """A fixed entry (a bag unit's decay bias) is the same at every epoch's end, so the mean
+    must give it back bit for bit, not within a rounding step."""
+    import torch
+
+    from model import bag
+    from model.train import TrainConfig, train
+
+    from .conftest import TINY
+    cfg = {**TINY, "limit": 12, "epochs": 6, "patience": 6, "average_from": 1, "bag_clock": False}
+    train(TrainConfig(**cfg), tmp_path / "m")
+    gru = model.load(tmp_path / "m").model.gru
+    H, n = gru.hidden_size, cfg["bag_units"]
+    want = torch.logit(torch.tensor([1 - 1 / t for t in bag.time_scales(
+        n, cfg.get("bag_min_tokens", 8.0), cfg.get("bag_max_tokens", 400.0))])).float()
+    assert torch.equal(gru.bias_ih_l0.detach()[2 * H - n:2 * H], want)

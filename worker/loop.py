@@ -188,7 +188,7 @@ class Worker:
         self._taken = 0  # input messages claimed into batches (for max_messages)
         self._pending: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
         self._unconfirmed: dict[TopicPartition, int] = {}  # commits sent, not yet confirmed
-        self._commit_failed = False  # the last commit answered failed: send again when idle
+        self._commit_failed = False  # an asynchronous commit failed: send again when due
         self._sync_commits = not settings.kafka.async_commits
         self._last_commit = time.monotonic()
         self.budget = BatchBudget(settings.batch.target_latency_ms / 1000,
@@ -215,7 +215,8 @@ class Worker:
                 if records or self.unclaimed:
                     self.process(records)
                 else:
-                    self.settle(wait=self._sync_commits)  # nothing new: finish the batch in flight
+                    # nothing new: finish the batch in flight now
+                    self.settle(wait=self._sync_commits, everything=False)
                     if self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
                         log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
                         break
@@ -283,7 +284,8 @@ class Worker:
         t2 = time.perf_counter()
         result = self.models.apply(messages, states)                    # 2. step
         t3 = time.perf_counter()
-        self.settle(commit_now=False, wait=self._sync_commits)  # 4'-5' batch N-1: acks, commit
+        self.settle(commit_now=False, wait=self._sync_commits,  # 4'-5' batch N-1: acks,
+                    everything=False)                            # then commit
         t3b = time.perf_counter()
         written = self._write(records, messages, result)                # 3. write states
         written.live = self._live_rows(written)
@@ -303,11 +305,15 @@ class Worker:
         self._inflight = _InFlight(records, written, rejections, outgoing, dead_letters, sending,
                                    t_batch, t6)
 
-    def settle(self, commit_now: bool = True, wait: bool = True) -> None:
+    def settle(self, commit_now: bool = True, wait: bool = True,
+               everything: bool = True) -> None:
         """Finish the batch in flight: wait for every acknowledgement (4), then commit (5)
         what is acknowledged: at once when ``commit_now``, else once
         ``kafka.commit_interval_ms`` has passed since the last commit. ``wait``: the commit
-        is confirmed before this returns; otherwise it is sent and confirmed later."""
+        is confirmed before this returns; otherwise it is sent and confirmed later.
+        ``everything``: also commit now what earlier commits sent and did not confirm (before
+        a claim, at shutdown); inside the loop, an asynchronous commit that failed is sent
+        again at most every ``kafka.commit_interval_ms``."""
         f, self._inflight = self._inflight, None
         if f is not None:
             t0 = time.perf_counter()
@@ -317,9 +323,10 @@ class Worker:
             f.settle_s = time.perf_counter() - t0
             self._account(f)
             self._finish_rebuilds(done)
-        if (self._pending or ((wait or self._commit_failed) and self._unconfirmed)) and (
-                commit_now or time.monotonic() - self._last_commit
-                >= self.s.kafka.commit_interval_ms / 1000):
+        due = time.monotonic() - self._last_commit >= self.s.kafka.commit_interval_ms / 1000
+        unsettled = bool(self._unconfirmed) and (
+            everything or (not wait and self._commit_failed and due))
+        if (self._pending and (commit_now or due)) or unsettled:
             t1 = time.perf_counter()
             self._commit(wait)                                          # 5. commit
             self.metrics.commit_seconds.observe(time.perf_counter() - t1)
@@ -633,14 +640,18 @@ class Worker:
                 offsets[tp] = max(o, offsets.get(tp, -1))
         self._pending.clear()
         self._last_commit = time.monotonic()
-        self._commit_failed = False
         if not offsets:
             return
         self._unconfirmed.update(offsets)
+        # Either call may first deliver older answers; a failure among them is covered by
+        # this commit, which carries its offsets too: only this commit's own answer counts.
         if wait:
-            self._confirmed(offsets, self.source.commit(offsets))
+            ok = self.source.commit(offsets)
+            self._commit_failed = False
+            self._confirmed(offsets, ok)
         else:
             self.source.commit_async(offsets, self._confirmed)
+            self._commit_failed = False
 
     def _confirmed(self, offsets: dict[TopicPartition, int], ok: bool) -> None:
         if not ok:
