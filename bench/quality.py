@@ -29,7 +29,7 @@ from bench.common import machine, write_result
 from model import data
 from model.evaluate import confusion_matrix, evaluate, macro_f1, prefix_index
 from model.tokenizer import tokenize
-from model.train import TrainConfig, evaluate_artifact, train
+from model.train import TrainConfig, evaluate_artifact, split_of, train
 
 FRACTIONS = {"full": 1.0, "p25": 0.25, "p10": 0.1}
 
@@ -65,29 +65,29 @@ class EpochScores:
     """``train``'s per-epoch hook: the test split's counts right at 10 %, 25 % and 100 % after
     each epoch (analysis only: the recipe never sees them), and the time spent scoring."""
 
-    def __init__(self, seed: int, cfg: TrainConfig) -> None:
-        docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
-        if cfg.limit:  # the split train() makes
-            docs = data.per_label(docs, cfg.limit, seed=seed)
-        self.labels = data.labels_of(docs)
-        self.test = data.split(docs, seed=seed).test
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.labels, split = split_of(cfg)  # the split train() makes
+        self.tokens = [tokenize(d.text) for d in split.test]
+        self.ys = [self.labels.index(d.label) for d in split.test]
+        self.xs: list[list[int]] | None = None  # encoded once: a run's vocab does not change
         self.device = cfg.device
         self.rows: list[dict] = []
         self.seconds = 0.0  # wall time; with one training thread about its CPU time too
 
     def __call__(self, epoch: int, model, vocab) -> None:
         t0 = time.perf_counter()
-        xs = [vocab.encode(tokenize(d.text)) for d in self.test]
-        ys = [self.labels.index(d.label) for d in self.test]
-        acc = evaluate(model, xs, ys, self.labels, device=self.device)["accuracy_at_fraction"]
-        self.rows.append({"epoch": epoch, **{k: round(acc[f"{f:g}"] * len(ys))
+        if self.xs is None:
+            self.xs = [vocab.encode(t) for t in self.tokens]
+        acc = evaluate(model, self.xs, self.ys, self.labels,
+                       device=self.device)["accuracy_at_fraction"]
+        self.rows.append({"epoch": epoch, **{k: round(acc[f"{f:g}"] * len(self.ys))
                                              for k, f in FRACTIONS.items()}})
         self.seconds += time.perf_counter() - t0
 
 
 def gru(seed: int, out_dir: Path, per_epoch: bool = False, **overrides) -> dict:
     cfg = TrainConfig(seed=seed, quiet=True, **overrides)
-    hook = EpochScores(seed, cfg) if per_epoch else None
+    hook = EpochScores(cfg) if per_epoch else None
     load0, t0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
     summary = train(cfg, out_dir, on_epoch=hook)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

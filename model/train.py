@@ -140,6 +140,14 @@ def _val_score(report: dict) -> float:
     return (acc["0.1"] + acc["0.25"] + 2 * acc["1"]) / 4
 
 
+def split_of(cfg: TrainConfig) -> tuple[list[str], data.Split]:
+    """The labels and the train / validation / test split a run of ``cfg`` uses."""
+    docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
+    if cfg.limit:
+        docs = data.per_label(docs, cfg.limit, seed=cfg.seed)
+    return data.labels_of(docs), data.split(docs, seed=cfg.seed)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path,
           on_epoch: Callable[[int, GRUClassifier, Vocab], None] | None = None) -> dict:
     """Train, save the kept weights as an artifact in ``out_dir`` and return its summary.
@@ -152,11 +160,7 @@ def train(cfg: TrainConfig, out_dir: str | Path,
         raise ValueError(f"average_from must be >= 0, got {cfg.average_from}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    docs = data.load_dataset(cfg.dataset, cfg.text_field, cfg.label_field)
-    if cfg.limit:
-        docs = data.per_label(docs, cfg.limit, seed=cfg.seed)
-    split = data.split(docs, seed=cfg.seed)
-    labels = data.labels_of(docs)
+    labels, split = split_of(cfg)
     label_id = {l: i for i, l in enumerate(labels)}
 
     train_tokens = [tokenize(d.text) for d in split.train]
@@ -221,7 +225,6 @@ def train(cfg: TrainConfig, out_dir: str | Path,
     ema_params = [p.detach().clone() for p in params] if use_ema else None
     best_score, best_state, best_epoch, history, stale = -1.0, None, 0, [], 0
     mean_state: dict | None = None
-    averaged = cfg.average_from
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         batches = _batches(tr_x, tr_y, cfg.batch_size, rng)
@@ -284,7 +287,6 @@ def train(cfg: TrainConfig, out_dir: str | Path,
                 for n, v in model.state_dict().items():
                     if v.is_floating_point():  # lerp: an entry equal in every epoch stays exact
                         mean_state[n].lerp_(v.detach(), 1 / (k + 1))
-                averaged = epoch
         if ema_params is not None:
             with torch.no_grad():
                 for p, l in zip(params, live):
@@ -295,15 +297,15 @@ def train(cfg: TrainConfig, out_dir: str | Path,
                 log(f"early stop: no val improvement for {cfg.patience} epochs")
                 break
     assert best_state is not None
+    if mean_state is not None:  # every epoch from average_from to the last one run
+        best_state, best_epoch = mean_state, len(history)
+    model.load_state_dict(best_state)
     val = history[best_epoch - 1]["val"]
-    if mean_state is not None:  # None: the run stopped before average_from
-        best_state, best_epoch = mean_state, averaged
-        model.load_state_dict(best_state)
+    if mean_state is not None:  # the mean's own scores, not its last epoch's
         report = evaluate(model, va_x, va_y, labels, device=cfg.device)
         val, best_score = report["accuracy_at_fraction"], _val_score(report)
-        log(f"kept the mean of epochs {cfg.average_from}..{averaged}: val acc {val['1']:.3f} "
+        log(f"kept the mean of epochs {cfg.average_from}..{best_epoch}: val acc {val['1']:.3f} "
             f"(10% {val['0.1']:.3f}, 25% {val['0.25']:.3f})")
-    model.load_state_dict(best_state)
     model.cpu().eval()
     seconds = time.time() - t0
     training = {**asdict(cfg), "best_epoch": best_epoch, "best_val_score": best_score,
