@@ -226,7 +226,7 @@ def measure_worker(bench: Bench, model_dir: Path, clf, args, log) -> list[dict]:
     from bench.throughput import run_worker
     from worker.state import Keys
     cfg = clf.model.config
-    dims = (cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+    dims = (cfg.num_layers, cfg.state_size, cfg.num_labels)
     enc = clf.encode if args.ids else None
     client = bench.redis.client()
     big = args.live_sessions
@@ -289,7 +289,7 @@ def measure(args) -> int:
     model_dir = common.resolve_model(args.model)
     clf = model_pkg.load(model_dir)
     cfg = clf.model.config
-    dims = (cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+    dims = (cfg.num_layers, cfg.state_size, cfg.num_labels)
     res = {"argv": sys.argv, "machine": common.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "model": {"dir": str(model_dir), "model_id": clf.model_id, "embed": cfg.embed_dim,
                      "hidden": cfg.hidden_size, "layers": cfg.num_layers,

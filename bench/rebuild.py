@@ -110,12 +110,12 @@ def main(argv=None) -> dict:
         client.close()
     worst, mismatched = 0.0, 0
     for key, raw in before.items():
-        a = decode_state(raw, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+        a = decode_state(raw, cfg.num_layers, cfg.state_size, cfg.num_labels)
         got = after.get(key)
         if got is None:
             mismatched += 1
             continue
-        b = decode_state(got, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+        b = decode_state(got, cfg.num_layers, cfg.state_size, cfg.num_labels)
         mismatched += a.tokens_seen != b.tokens_seen or a.last_pos != b.last_pos
         worst = max(worst, float(np.abs(a.h - b.h).max()) if a.h.size else 0.0)
     normal_rate = first["messages"] / normal_s

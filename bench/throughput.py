@@ -86,7 +86,7 @@ def run_naive(bench: Bench, names: dict, clf, seconds: float, batch: int) -> dic
     from worker.ports import Record
 
     cfg = clf.model.config
-    L, H, C = cfg.num_layers, cfg.hidden_size, cfg.num_labels
+    L, H, C = cfg.num_layers, cfg.state_size, cfg.num_labels
     r = redis.Redis.from_url(bench.redis.url)
     prefix = f"naive-{uuid.uuid4().hex[:6]}"
     c = common.consumer_for(bench.kafka.bootstrap, names["in"], f"nv-{uuid.uuid4().hex[:6]}")

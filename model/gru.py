@@ -11,6 +11,15 @@ One set of weights serves two entry points:
 A GRU has no cell state: a session's whole memory is ``h``, one vector per layer. Folding
 ``step`` over any chunking of a text gives the same ``h`` and probabilities as ``forward``
 over the whole text (see tests/test_gru.py).
+
+Mean units (``mean_dim`` M > 0) sit beside the GRU: a table of M-wide token vectors whose
+exact running mean over every token so far the head reads beside the GRU's top layer — a
+streamed linear bag-of-words model, O(1) per token. A GRU unit can only hold a moving
+average of fixed windows (see model/bag.py); the mean units hold the mean itself. The state
+is then (L, B, H + M + 1): the top layer's row ends with the mean and the token count (float:
+exact to 2**24 tokens in float32, to 2,048 in a float16 state, where past 65,504 the count
+becomes inf and the mean stops moving — by then a token would move it by under 1/65,504);
+lower layers hold zeros there.
 """
 
 from __future__ import annotations
@@ -41,6 +50,12 @@ class ModelConfig:
     dropout: float = 0.2  # on embeddings and between layers; inactive in eval mode
     head_hidden: int = 0  # > 0: a Dense layer of this width (then head_activation) before the head
     head_activation: str = "relu"
+    mean_dim: int = 0  # > 0: mean units of this width beside the GRU (see the module's doc)
+
+    @property
+    def state_size(self) -> int:
+        """Floats per layer and session in the state: h, then the mean units and their count."""
+        return self.hidden_size + (self.mean_dim + 1 if self.mean_dim else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +77,13 @@ class GRUClassifier(nn.Module):
         if config.head_activation not in _ACTIVATIONS:
             raise ValueError(f"head_activation {config.head_activation!r} is not one of "
                              f"{sorted(_ACTIVATIONS)}")
-        self.pre_head = nn.Linear(config.hidden_size, config.head_hidden) if config.head_hidden else None
-        self.head = nn.Linear(config.head_hidden or config.hidden_size, config.num_labels)
+        self.mean_embed = (nn.Embedding(config.vocab_size, config.mean_dim, padding_idx=0)
+                           if config.mean_dim else None)
+        if self.mean_embed is not None:
+            nn.init.normal_(self.mean_embed.weight, std=0.1)
+        read = config.hidden_size + config.mean_dim
+        self.pre_head = nn.Linear(read, config.head_hidden) if config.head_hidden else None
+        self.head = nn.Linear(config.head_hidden or read, config.num_labels)
 
     def classify_hidden(self, out: torch.Tensor) -> torch.Tensor:
         """Logits from top-layer GRU outputs, (..., H) -> (..., C)."""
@@ -75,7 +95,7 @@ class GRUClassifier(nn.Module):
     def initial_state(self, batch: int, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
         c = self.config
-        return torch.zeros(c.num_layers, batch, c.hidden_size, device=device, dtype=dtype)
+        return torch.zeros(c.num_layers, batch, c.state_size, device=device, dtype=dtype)
 
     def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor | None = None,
                 h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,10 +103,18 @@ class GRUClassifier(nn.Module):
 
         The GRU reads left to right, so right padding never changes the outputs at real
         positions; ``lengths`` is accepted for symmetry with ``step`` and callers mask
-        positions ``>= lengths`` themselves.
+        positions ``>= lengths`` themselves. ``h0``: a state (L, B, state_size) to go on from.
         """
+        H = self.config.hidden_size
         x = self.drop(self.embed(token_ids))  # (B, T, E)
-        out, _ = self.gru(x, h0)  # (B, T, H)
+        out, _ = self.gru(x, None if h0 is None else h0[..., :H].contiguous())  # (B, T, H)
+        if self.mean_embed is not None:
+            v = self.mean_embed(token_ids).cumsum(1)  # (B, T, M): sums of the tokens so far
+            t = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)[None, :, None]
+            if h0 is not None:  # a mean over n0 tokens before these
+                m0, n0 = h0[-1, :, H:-1], h0[-1, :, -1:]
+                v, t = v + (m0 * n0)[:, None], t + n0[:, None]
+            out = torch.cat([out, v / t], -1)
         return self.classify_hidden(out)  # (B, T, C)
 
     def _input_bias(self, layer: int) -> torch.Tensor:
@@ -119,12 +147,40 @@ class GRUClassifier(nn.Module):
         lengths: (B,) real tokens per row, >= 0. Returns (new h (L, B, H), probs (B, C)).
         A row with length 0 keeps its state.
         """
+        H = self.config.hidden_size
         if token_ids.shape[1] <= UNROLL_MAX_TOKENS:
-            h_new = self._step_unrolled(h, token_ids, lengths)
+            h_new = self._step_unrolled(h[..., :H], token_ids, lengths)
         else:
-            h_new = self._step_fused(h, token_ids, lengths)
-        probs = torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)  # (B, C)
+            h_new = self._step_fused(h[..., :H], token_ids, lengths)
+        h_new = self._step_mean(h, h_new, token_ids, lengths)
+        probs = torch.softmax(self.classify_hidden(self._readout(h_new)), dim=-1)  # (B, C)
         return h_new, probs
+
+    def _readout(self, h: torch.Tensor) -> torch.Tensor:
+        """What the head reads of a state (L, B, S): the top layer, less the token count."""
+        return h[-1, :, : self.config.hidden_size + self.config.mean_dim]
+
+    def _step_mean(self, h: torch.Tensor, h_gru: torch.Tensor, token_ids: torch.Tensor,
+                   lengths: torch.Tensor) -> torch.Tensor:
+        """The full new state: the GRU's part ``h_gru`` (L, B, H) and, with mean units, the
+        top layer's running mean and token count advanced by each row's real tokens."""
+        if self.mean_embed is None:
+            return h_gru
+        H, M = self.config.hidden_size, self.config.mean_dim
+        K = token_ids.shape[1]
+        real = (torch.arange(K, device=token_ids.device)[None, :]
+                < lengths.to(token_ids.device)[:, None])  # (B, K)
+        sums = (self.mean_embed(token_ids) * real[..., None].to(h.dtype)).sum(1)  # (B, M)
+        m, n = h[-1, :, H:H + M], h[-1, :, H + M]
+        k = lengths.to(h.dtype)
+        total = n + k
+        # m + (message mean - m) * k / (n + k): a convex step, so the mean stays as well
+        # conditioned after a million tokens as after ten. Rows with no tokens keep theirs.
+        w = torch.where(k > 0, k / total.clamp(min=1), torch.zeros_like(k))[:, None]
+        m_new = torch.lerp(m, sums / k.clamp(min=1)[:, None], w)
+        tail = h.new_zeros(h.shape[0], h.shape[1], M + 1)
+        tail[-1, :, :M], tail[-1, :, M] = m_new, total
+        return torch.cat([h_gru, tail], -1)
 
     def _step_fused(self, h: torch.Tensor, token_ids: torch.Tensor,
                     lengths: torch.Tensor) -> torch.Tensor:
@@ -145,8 +201,10 @@ class GRUClassifier(nn.Module):
                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``step`` with no data-dependent branch or host sync, for CUDA graph capture:
         always the unrolled, masked path. Same results as ``step``."""
-        h_new = self._step_unrolled(h, token_ids, lengths, masked=True)
-        return h_new, torch.softmax(self.classify_hidden(h_new[-1]), dim=-1)
+        h_new = self._step_unrolled(h[..., : self.config.hidden_size], token_ids, lengths,
+                                    masked=True)
+        h_new = self._step_mean(h, h_new, token_ids, lengths)
+        return h_new, torch.softmax(self.classify_hidden(self._readout(h_new)), dim=-1)
 
     def _step_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor,
                        lengths: torch.Tensor, masked: bool | None = None) -> torch.Tensor:

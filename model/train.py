@@ -12,7 +12,9 @@ prefixes as well as the full text).
 The default recipe (BBC News, one CPU thread, 2-4 minutes by the machine): 256-wide embeddings
 initialised from the training texts' own co-occurrence statistics (model/embeddings.py), a
 GRU of 160 units of which 33 are bag units (model/bag.py: a learned clock and 32 running
-averages of token values, so the head sees the whole text's topic at any prefix), a
+averages of token values, so the head sees the whole text's topic at any prefix), 32 mean
+units beside it (model/gru.py: the exact running mean of learned token vectors, fitted first
+on their own as a streamed linear bag-of-words classifier, then fixed), a
 one-cycle learning rate over 12 epochs, 20% of training tokens replaced by ``<unk>``, an
 exponential moving average of the weights (validated at each epoch's end), and the mean of
 those averages over epochs 6-12 saved.
@@ -73,6 +75,12 @@ class TrainConfig:
     bag_min_tokens: float = 8.0  # the bag units' averaging windows, geometric between these
     bag_max_tokens: float = 400.0
     bag_clock: bool = True  # the bag units' windows grow with a learned clock (model/bag.py)
+    # > 0: mean units (model/gru.py), an exact running mean of learned token vectors of this
+    # width beside the GRU; fitted first with a head of their own (a streamed linear
+    # bag-of-words model) for ``mean_epochs``, then fixed while the GRU trains
+    mean_dim: int = 32
+    mean_epochs: int = 8
+    mean_lr: float = 1e-2
     ema: float = 0.99  # > 0: validate and keep an exponential moving average of the weights
     # > 0: keep the mean of the (EMA) weights at the end of every epoch from this one on
     # (weight averaging, as SWA), instead of the epoch the validation score picks
@@ -135,6 +143,42 @@ def _prefix_state(model: GRUClassifier, idx: list[int], seqs: Sequence[list[int]
     return h0
 
 
+def fit_mean_units(model: GRUClassifier, tr_x: Sequence[list[int]], tr_y: Sequence[int],
+                   cfg: TrainConfig, rng: random.Random) -> None:
+    """Fit the mean units with a head of their own, then fix them (no grad) and give the
+    model's head that head's weights: the GRU then trains beside a streamed linear
+    bag-of-words model instead of learning one from scratch.
+
+    Same batches, prefixes and word dropout as the GRU's training, loss at every position:
+    the running mean after t tokens is what the head reads after t tokens.
+    """
+    H, M = model.config.hidden_size, model.config.mean_dim
+    table = model.mean_embed.weight
+    head = nn.Linear(M, model.config.num_labels).to(table.device)
+    opt = torch.optim.Adam([table, *head.parameters()], lr=cfg.mean_lr)
+    for _ in range(cfg.mean_epochs):
+        for idx in _batches(tr_x, tr_y, cfg.batch_size, rng):
+            ids, lens, y = _collate(idx, tr_x, tr_y, cfg.max_train_tokens)
+            if cfg.word_dropout > 0:
+                ids = ids.masked_fill((torch.rand(ids.shape) < cfg.word_dropout) & (ids > 0), UNK_ID)
+            ids, lens, y = ids.to(table.device), lens.to(table.device), y.to(table.device)
+            T = ids.shape[1]
+            pos = torch.arange(T, device=ids.device)
+            means = model.mean_embed(ids).cumsum(1) / (pos + 1)[None, :, None]  # (B, T, M)
+            logits = head(means)
+            mask = (pos[None, :] < lens[:, None]).float()
+            per_pos = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                  y.repeat_interleave(T), reduction="none")
+            loss = (per_pos.view(len(idx), T) * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    table.requires_grad_(False)
+    with torch.no_grad():
+        model.head.weight[:, H:H + M] = head.weight
+        model.head.bias.copy_(head.bias)
+
+
 def _val_score(report: dict) -> float:
     acc = report["accuracy_at_fraction"]
     return (acc["0.1"] + acc["0.25"] + 2 * acc["1"]) / 4
@@ -158,6 +202,11 @@ def train(cfg: TrainConfig, out_dir: str | Path,
     rng = random.Random(cfg.seed)
     if cfg.average_from < 0:
         raise ValueError(f"average_from must be >= 0, got {cfg.average_from}")
+    if cfg.mean_dim < 0 or (cfg.mean_dim and cfg.mean_epochs < 1):
+        raise ValueError(f"mean units need mean_dim >= 0 and, if > 0, mean_epochs >= 1 "
+                         f"(got {cfg.mean_dim} and {cfg.mean_epochs})")
+    if cfg.mean_dim and cfg.carry_state:
+        raise ValueError("carry_state does not carry the mean units' state: use mean_dim 0")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     labels, split = split_of(cfg)
@@ -171,7 +220,7 @@ def train(cfg: TrainConfig, out_dir: str | Path,
     va_y = [label_id[d.label] for d in split.val]
 
     mconf = ModelConfig(len(vocab), len(labels), cfg.embed_dim, cfg.hidden_size, cfg.num_layers,
-                        cfg.dropout, head_hidden=cfg.head_hidden)
+                        cfg.dropout, head_hidden=cfg.head_hidden, mean_dim=cfg.mean_dim)
     model = GRUClassifier(mconf).to(cfg.device)
     if cfg.init == "orthogonal":
         H = cfg.hidden_size
@@ -196,7 +245,13 @@ def train(cfg: TrainConfig, out_dir: str | Path,
         init_seconds = time.time() - t_init
     elif cfg.embed_init != "random":
         raise ValueError(f"unknown embed_init {cfg.embed_init!r}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    mean_seconds = 0.0
+    if cfg.mean_dim:
+        t_mean = time.time()
+        fit_mean_units(model, tr_x, tr_y, cfg, rng)
+        mean_seconds = time.time() - t_mean
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     n_batches = math.ceil(len(tr_x) / cfg.batch_size)
     total_steps = cfg.epochs * n_batches
     if cfg.schedule == "onecycle":
@@ -214,7 +269,8 @@ def train(cfg: TrainConfig, out_dir: str | Path,
     log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)
     log(f"train: {len(split.train)} docs, val {len(split.val)}, test {len(split.test)}, "
         f"vocab {len(vocab)}, labels {labels}, device {cfg.device}, "
-        f"embedding init {cfg.embed_init} ({init_seconds:.1f}s)")
+        f"embedding init {cfg.embed_init} ({init_seconds:.1f}s), "
+        f"mean units {cfg.mean_dim} ({mean_seconds:.1f}s)")
 
     params = [p for p in model.parameters()]
     # The average needs a few time constants (1 / (1 - ema) steps) to forget the initial

@@ -368,7 +368,7 @@ def check_oracle(cluster: Cluster, model_dir: Path, expected: dict[str, Expected
                 assert p["final"] == e.ended
             raw = client.get(keys.session(sid))
             assert raw is not None, f"{sid}: no state in Redis"
-            st = decode_state(raw, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+            st = decode_state(raw, cfg.num_layers, cfg.state_size, cfg.num_labels)
             assert st.last_pos == e.last_seq, (sid, st.last_pos, e.last_seq)
             assert st.tokens_seen == len(e.tokens), (sid, st.tokens_seen, len(e.tokens))
             assert st.messages == len(e.seqs), (sid, st.messages, len(e.seqs))

@@ -82,7 +82,7 @@ def test_redis_memory_per_session_on_a_cluster_is_what_the_guide_predicts(
         measured = (_used_memory(redis_cluster) - before) / SESSIONS
 
         profile = sizing.Profile(
-            msgs_per_s=1, sessions=SESSIONS, hidden=cfg.hidden_size, layers=cfg.num_layers,
+            msgs_per_s=1, sessions=SESSIONS, hidden=cfg.state_size, layers=cfg.num_layers,
             embed=cfg.embed_dim, session_id_len=round(sum(len(s.session_id) for s in sessions)
                                                       / SESSIONS),
             cluster=True, key_prefix=names["prefix"], namespace=names["group"],

@@ -160,7 +160,7 @@ def test_end_to_end_on_a_redis_cluster(broker, names, tiny_model_dir, redis_clus
             assert got["tokens_seen"] == len(s.tokens) and got["model_id"] == clf.model_id
             tp = (names["in"], got["partition"])
             key = state_key[s.session_id] = keys.session(s.session_id, tp)
-            st = decode_state(client.get(key), 1, 32, 5)
+            st = decode_state(client.get(key), 1, clf.model.config.state_size, 5)
             assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
             assert 0 < client.pttl(key) <= 86_400_000
         # One slot per partition: its mark and every state key of its sessions.

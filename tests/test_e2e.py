@@ -120,7 +120,7 @@ def test_end_to_end_many_interleaved_sessions(broker, names, tiny_model_dir):
         got = last[s.session_id]
         assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5
         assert got["tokens_seen"] == len(s.tokens) and got["model_id"] == clf.model_id
-        st = decode_state(client.get(keys.session(s.session_id)), 1, 32, 5)
+        st = decode_state(client.get(keys.session(s.session_id)), 1, clf.model.config.state_size, 5)
         assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
         assert 0 < client.pttl(keys.session(s.session_id)) <= 86_400_000
     # Exactly the keys a user should find: one per session, one mark per partition, and each
@@ -182,7 +182,7 @@ def test_two_groups_keep_separate_states(broker, names, tiny_model_dir):
     for group in (names["group"], other):
         keys = Keys(names["prefix"], clf.model_id, group)
         for s in sessions:
-            st = decode_state(client.get(keys.session(s.session_id)), 1, 32, 5)
+            st = decode_state(client.get(keys.session(s.session_id)), 1, clf.model.config.state_size, 5)
             assert st.tokens_seen == len(s.tokens)
     # A third group that names the first one's namespace shares its states: all duplicates.
     _, third = run_worker(settings_for(broker, names, tiny_model_dir,

@@ -122,7 +122,7 @@ def test_crash_after_state_write_before_commit(cluster, tiny_model_dir):
     for sid, raw in snapshot.items():
         if raw is None:
             continue
-        st = decode_state(raw, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+        st = decode_state(raw, cfg.num_layers, cfg.state_size, cfg.num_labels)
         seqs = sorted(s for s in expected[sid].seqs if s <= st.last_pos)
         applied |= {(sid, s) for s in seqs}
         # the written state is exactly the prefix it claims
@@ -176,7 +176,7 @@ def test_crash_with_two_batches_in_flight(cluster, tiny_model_dir):
     for sid in expected:
         raw = client.get(keys.session(sid))
         if raw is not None:
-            st = decode_state(raw, cfg.num_layers, cfg.hidden_size, cfg.num_labels)
+            st = decode_state(raw, cfg.num_layers, cfg.state_size, cfg.num_labels)
             applied |= {(sid, s) for s in expected[sid].seqs if s <= st.last_pos}
     client.close()
     committed = sum(cluster.committed().values())
@@ -521,7 +521,7 @@ def test_sigterm_under_load_commits_what_was_done(cluster, tiny_model_dir):
     for s in sessions:
         raw = client.get(keys.session(s.session_id))
         if raw is not None:
-            last_pos[s.session_id] = decode_state(raw, cfg.num_layers, cfg.hidden_size,
+            last_pos[s.session_id] = decode_state(raw, cfg.num_layers, cfg.state_size,
                                                   cfg.num_labels).last_pos
     committed = cluster.committed()
     produced_now = {(p["session_id"], p["seq"]) for p in cluster.predictions()}

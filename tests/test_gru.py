@@ -8,18 +8,25 @@ from model.gru import GRUClassifier, ModelConfig
 TOL = 1e-5
 
 
-def make_model(layers=1, seed=0, vocab=50, hidden=16):
+def make_model(layers=1, seed=0, vocab=50, hidden=16, mean=0):
     torch.manual_seed(seed)
     return GRUClassifier(ModelConfig(vocab_size=vocab, num_labels=4, embed_dim=8,
-                                     hidden_size=hidden, num_layers=layers)).eval()
+                                     hidden_size=hidden, num_layers=layers, mean_dim=mean)).eval()
 
 
 def full_run(model, ids):
-    """Reference: forward over the whole text, plus the final h of every layer."""
+    """Reference: forward over the whole text, plus the final state of every layer: the GRU's
+    h and, with mean units, the top layer's mean of the tokens' mean vectors and their count
+    (computed here directly, not through forward)."""
     x = torch.tensor([ids])
     with torch.no_grad():
         logits = model(x)
         _, h = model.gru(model.embed(x))
+        if model.config.mean_dim:
+            tail = torch.zeros(h.shape[0], 1, model.config.mean_dim + 1)
+            tail[-1, 0, :-1] = model.mean_embed(x)[0].double().mean(0).float()
+            tail[-1, 0, -1] = len(ids)
+            h = torch.cat([h, tail], -1)
     return torch.softmax(logits[0, -1], -1), h[:, 0]
 
 
@@ -31,11 +38,12 @@ def chunk(ids, cuts):
 @settings(max_examples=60, deadline=None)
 @given(ids=st.lists(st.integers(2, 49), min_size=1, max_size=80),
        cuts=st.lists(st.integers(1, 79), max_size=10),
-       layers=st.integers(1, 2), prepared=st.booleans())
-def test_folding_step_over_chunks_equals_forward(ids, cuts, layers, prepared):
+       layers=st.integers(1, 2), prepared=st.booleans(), mean=st.sampled_from([0, 3]))
+def test_folding_step_over_chunks_equals_forward(ids, cuts, layers, prepared, mean):
     """Chunks of up to 32 tokens take the unrolled step (with or without the precomputed
-    input table), longer ones the fused nn.GRU loop: all must agree with forward."""
-    model = make_model(layers)
+    input table), longer ones the fused nn.GRU loop: all must agree with forward, mean units
+    or not."""
+    model = make_model(layers, mean=mean)
     if prepared:
         model.prepare_streaming()
     h = model.initial_state(1)
@@ -48,10 +56,10 @@ def test_folding_step_over_chunks_equals_forward(ids, cuts, layers, prepared):
 
 @settings(max_examples=15, deadline=None)
 @given(texts=st.lists(st.lists(st.integers(2, 49), min_size=1, max_size=30), min_size=2, max_size=6),
-       seed=st.integers(0, 1000))
-def test_batched_step_interleaves_sessions_like_separate_runs(texts, seed):
+       seed=st.integers(0, 1000), mean=st.sampled_from([0, 3]))
+def test_batched_step_interleaves_sessions_like_separate_runs(texts, seed, mean):
     """Many sessions advanced together, each in its own random chunks, padded in one batch."""
-    model = make_model(2)
+    model = make_model(2, mean=mean)
     g = torch.Generator().manual_seed(seed)
     chunks = []
     for ids in texts:
@@ -106,3 +114,61 @@ def test_step_does_not_mutate_its_input_state():
     before = h.clone()
     model.step(h, torch.tensor([[3, 4], [5, 0]]), torch.tensor([2, 1]))
     assert torch.equal(h, before)
+
+
+def test_mean_units_state_layout_and_static_step():
+    """With mean units the state is (L, B, H + M + 1): the top layer carries the running mean
+    and the token count, lower layers zeros there; step_static (the CUDA-graph path) agrees."""
+    model = make_model(2, mean=3)
+    assert model.config.state_size == 16 + 3 + 1
+    h = model.initial_state(2)
+    assert h.shape == (2, 2, 20)
+    ids = torch.tensor([[5, 6, 7], [8, 0, 0]])
+    h1, p1 = model.step(h, ids, torch.tensor([3, 1]))
+    h2, p2 = model.step_static(h, ids, torch.tensor([3, 1]))
+    assert (h1 - h2).abs().max() <= TOL and (p1 - p2).abs().max() <= TOL
+    assert h1[-1, :, -1].tolist() == [3.0, 1.0]
+    assert torch.equal(h1[0, :, 16:], torch.zeros(2, 4))
+    means = model.mean_embed(ids).detach()
+    assert torch.allclose(h1[-1, 0, 16:19], means[0].mean(0), atol=TOL)
+    assert torch.allclose(h1[-1, 1, 16:19], means[1, 0], atol=TOL)
+
+
+def test_mean_units_forward_from_a_state_continues_the_mean():
+    """forward(h0=state) goes on from a state, as a worker restored from Redis would."""
+    model = make_model(1, mean=3)
+    ids = torch.randint(2, 50, (2, 30))
+    with torch.no_grad():
+        whole = model(ids)
+        h, _ = model.step(model.initial_state(2), ids[:, :11], torch.tensor([11, 11]))
+        rest = model(ids[:, 11:], h0=h)
+    assert (rest - whole[:, 11:]).abs().max() <= TOL
+
+
+def test_mean_units_stay_exact_over_a_long_stream():
+    """A million tokens in 1,000-token messages: the convex update keeps the mean within
+    float32's reach of the exact one (no drift from re-multiplying by the count)."""
+    model = make_model(1, mean=3, vocab=50)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (1000, 1000), generator=g)
+    h = model.initial_state(1)
+    sums = torch.zeros(3, dtype=torch.float64)
+    table = model.mean_embed.weight.detach().double()
+    for row in ids:
+        h = model._step_mean(h, h[..., :16], row[None, :], torch.tensor([1000]))
+        sums += table[row].sum(0)
+    assert h[-1, 0, -1].item() == 1_000_000
+    assert (h[-1, 0, 16:19].double() - sums / 1_000_000).abs().max() <= 1e-5
+
+
+def test_mean_units_survive_a_float16_count_overflow():
+    """A float16 state holds counts to 65,504: past that the stored count is inf. The step
+    must then keep the mean as it is (a token would move it by under 1/65,504), never NaN."""
+    model = make_model(1, mean=3)
+    h = model.initial_state(1)
+    h[-1, 0, 16:19] = torch.tensor([0.25, -0.5, 0.125])
+    h[-1, 0, 19] = torch.tensor(70_000.0).half().float()  # inf, as a float16 state reads back
+    assert h[-1, 0, 19].isinf()
+    h2, probs = model.step(h, torch.tensor([[5, 6]]), torch.tensor([2]))
+    assert torch.equal(h2[-1, 0, 16:19], h[-1, 0, 16:19])
+    assert torch.isfinite(probs).all()

@@ -73,7 +73,7 @@ def assert_matches_offline(clf, sessions, preds, store=None):
         assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5, s.session_id
         if store is not None:
             raw = store.load([s.session_id])[0]
-            st = decode_state(raw, 1, clf.model.config.hidden_size, len(clf.labels))
+            st = decode_state(raw, 1, clf.model.config.state_size, len(clf.labels))
             assert st.tokens_seen == len(s.tokens)
 
 
@@ -222,7 +222,7 @@ def test_end_emits_final_prediction_and_tombstone_rejects_replays(clf):
     finals = [p for p in preds if p["final"]]
     assert sorted(p["session_id"] for p in finals) == sorted(s.session_id for s in sessions)
     for s in sessions:
-        st = decode_state(store.load([s.session_id])[0], 1, 32, 5)
+        st = decode_state(store.load([s.session_id])[0], 1, clf.model.config.state_size, 5)
         assert st.ended and st.h.size == 0  # the hidden state is gone; a tombstone remains
     log.committed["g"].clear()
     summary = make_worker(clf, log, store).run()
@@ -351,7 +351,7 @@ def test_a_stale_write_is_stepped_again_not_lost(clf):
     shared.before = a.run  # a writes seq 0 after b loaded nothing and stepped seq 1 alone
     b.run()
     raw = shared.load(["race"])[0]
-    st = decode_state(raw, 1, clf.model.config.hidden_size, len(clf.labels))
+    st = decode_state(raw, 1, clf.model.config.state_size, len(clf.labels))
     assert (st.last_pos, st.tokens_seen, st.messages) == (1, 6, 2)
     want = clf.classify(body["tokens"] + body2["tokens"])
     last = final_by_session(predictions(log))["race"]

@@ -99,3 +99,59 @@ def test_averaging_keeps_the_bag_units_fixed_entries_exact(tmp_path):
     want = torch.logit(torch.tensor([1 - 1 / t for t in bag.time_scales(
         n, cfg.get("bag_min_tokens", 8.0), cfg.get("bag_max_tokens", 400.0))])).float()
     assert torch.equal(gru.bias_ih_l0.detach()[2 * H - n:2 * H], want)
+
+
+def test_mean_units_are_fitted_first_then_fixed(tmp_path):
+    """The default recipe fits the mean units alone, then trains the GRU beside them with the
+    table fixed: every epoch's weights, and the saved mean of them, carry the very table the
+    fit gave (bit for bit), and the head's mean columns started from the fitted head."""
+    import torch
+
+    from model.train import TrainConfig, train
+
+    from .conftest import TINY
+    tables = []
+    cfg = {**TINY, "limit": 12, "epochs": 3, "patience": 3, "average_from": 1}
+    train(TrainConfig(**cfg), tmp_path / "m",
+          on_epoch=lambda epoch, m, vocab: tables.append(m.mean_embed.weight.detach().clone()))
+    saved = model.load(tmp_path / "m").model
+    assert saved.config.mean_dim == TrainConfig().mean_dim > 0
+    assert len(tables) == 3 and all(torch.equal(t, tables[0]) for t in tables)
+    assert torch.equal(saved.mean_embed.weight.detach(), tables[0])
+    assert saved.mean_embed.weight.detach()[1:].abs().max() > 0.2  # fitted: init std is 0.1
+
+
+def test_fitted_mean_units_alone_classify_their_training_texts():
+    """The fit is a streamed linear bag-of-words classifier in its own right: the head's mean
+    columns alone, GRU columns zeroed, read the training texts far above chance (0.2)."""
+    import random
+
+    import torch
+
+    from model.gru import GRUClassifier, ModelConfig
+    from model.tokenizer import Vocab
+    from model.train import TrainConfig, fit_mean_units, split_of
+
+    cfg = TrainConfig(limit=40, mean_epochs=30, max_train_tokens=400)
+    torch.manual_seed(0)
+    labels, sp = split_of(cfg)
+    toks = [tokenize(d.text) for d in sp.train]
+    vocab = Vocab.build(toks, min_freq=2)
+    xs, ys = [vocab.encode(t) for t in toks], [labels.index(d.label) for d in sp.train]
+    m = GRUClassifier(ModelConfig(len(vocab), len(labels), 8, 8, mean_dim=cfg.mean_dim))
+    fit_mean_units(m, xs, ys, cfg, random.Random(0))
+    assert not m.mean_embed.weight.requires_grad
+    with torch.no_grad():
+        m.head.weight[:, :8] = 0.0
+    acc = evaluate(m, xs, ys, labels)["accuracy_at_fraction"]
+    assert acc["1"] >= 0.9 and acc["0.25"] >= 0.8, acc
+
+
+def test_mean_units_reject_a_fit_of_no_epochs(tmp_path):
+    import pytest
+
+    from model.train import TrainConfig, train
+    with pytest.raises(ValueError, match="mean_epochs"):
+        train(TrainConfig(limit=5, mean_dim=4, mean_epochs=0), tmp_path / "x")
+    with pytest.raises(ValueError, match="carry_state"):
+        train(TrainConfig(limit=5, carry_state=1), tmp_path / "y")

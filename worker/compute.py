@@ -97,7 +97,7 @@ class Stepper:
 
     def _capture(self, batch: int, tokens: int) -> _Graph:
         c = self.model.config
-        h = torch.zeros(c.num_layers, batch, c.hidden_size, device=self.device, dtype=self.dtype)
+        h = torch.zeros(c.num_layers, batch, c.state_size, device=self.device, dtype=self.dtype)
         ids = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         side = torch.cuda.Stream()

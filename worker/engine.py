@@ -233,7 +233,7 @@ class Engine:
         self.state_f16 = state_dtype == "float16"
         self.ttl_ms, self.end_ttl_ms = ttl_ms, end_ttl_ms
         c = model.config
-        self.layers, self.hidden, self.num_labels = c.num_layers, c.hidden_size, c.num_labels
+        self.layers, self.hidden, self.num_labels = c.num_layers, c.state_size, c.num_labels
 
     def apply(self, messages: Sequence[TokenMessage],
               loaded: Mapping[str, bytes | None]) -> BatchResult:
