@@ -17,7 +17,8 @@ exact running mean over every token so far the head reads beside the GRU's top l
 streamed linear bag-of-words model, O(1) per token. A GRU unit can only hold a moving
 average of fixed windows (see model/bag.py); the mean units hold the mean itself. The state
 is then (L, B, H + M + 1): the top layer's row ends with the mean and the token count (float:
-exact to 2**24 tokens in float32, to 2,048 in a float16 state, where past 65,504 the count
+exact to 2**24 tokens in float32, to 2,048 in a float16 state or with a float16 model
+dtype, where past 65,504 the count
 becomes inf and the mean stops moving — by then a token would move it by under 1/65,504);
 lower layers hold zeros there.
 """
@@ -86,7 +87,8 @@ class GRUClassifier(nn.Module):
         self.head = nn.Linear(config.head_hidden or read, config.num_labels)
 
     def classify_hidden(self, out: torch.Tensor) -> torch.Tensor:
-        """Logits from top-layer GRU outputs, (..., H) -> (..., C)."""
+        """Logits from top-layer GRU outputs (and the mean units' means, if any),
+        (..., H + M) -> (..., C)."""
         x = self.drop(out)
         if self.pre_head is not None:
             x = _ACTIVATIONS[self.config.head_activation](self.pre_head(x))
@@ -143,8 +145,9 @@ class GRUClassifier(nn.Module):
              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance B sessions by one message each.
 
-        h: (L, B, H) states before the message; token_ids: (B, K) right-padded;
-        lengths: (B,) real tokens per row, >= 0. Returns (new h (L, B, H), probs (B, C)).
+        h: (L, B, state_size) states before the message; token_ids: (B, K) right-padded;
+        lengths: (B,) real tokens per row, >= 0. Returns (new state (L, B, state_size),
+        probs (B, C)); the state is h, then the mean units' part if any (see the module's doc).
         A row with length 0 keeps its state.
         """
         h_gru = self._gru_part(h)
