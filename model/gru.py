@@ -111,13 +111,20 @@ class GRUClassifier(nn.Module):
         x = self.drop(self.embed(token_ids))  # (B, T, E)
         out, _ = self.gru(x, None if h0 is None else h0[..., :H].contiguous())  # (B, T, H)
         if self.mean_embed is not None:
-            v = self.mean_embed(token_ids).cumsum(1)  # (B, T, M): sums of the tokens so far
-            t = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)[None, :, None]
-            if h0 is not None:  # a mean over n0 tokens before these
-                m0, n0 = h0[-1, :, H:-1], h0[-1, :, -1:]
-                v, t = v + (m0 * n0)[:, None], t + n0[:, None]
-            out = torch.cat([out, v / t], -1)
+            out = torch.cat([out, self.running_means(token_ids, h0)], -1)
         return self.classify_hidden(out)  # (B, T, C)
+
+    def running_means(self, token_ids: torch.Tensor, h0: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The mean units' values after every position, (B, T, M): the mean of the token
+        vectors so far, going on from the mean and count in ``h0`` if given."""
+        v = self.mean_embed(token_ids).cumsum(1)  # (B, T, M): sums of the tokens so far
+        t = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)[None, :, None]
+        if h0 is not None:  # a mean over n0 tokens before these
+            H = self.config.hidden_size
+            m0, n0 = h0[-1, :, H:-1], h0[-1, :, -1:]
+            v, t = v + (m0 * n0)[:, None], t + n0[:, None]
+        return v / t
 
     def _input_bias(self, layer: int) -> torch.Tensor:
         """b_ih with the r and z parts of b_hh folded in: those two add up before the sigmoid,
@@ -183,8 +190,9 @@ class GRUClassifier(nn.Module):
         k = lengths.to(h.dtype)
         total = n + k
         # m + (message mean - m) * k / (n + k): a convex step, so the mean stays as well
-        # conditioned after a million tokens as after ten. Rows with no tokens keep theirs.
-        w = torch.where(k > 0, k / total.clamp(min=1), torch.zeros_like(k))[:, None]
+        # conditioned after a million tokens as after ten. Rows with no tokens (k = 0) keep
+        # theirs: their weight is 0, also when a float16 count has become inf.
+        w = (k / total.clamp(min=1))[:, None]
         m_new = torch.lerp(m, sums / k.clamp(min=1)[:, None], w)
         tail = h.new_zeros(h.shape[0], h.shape[1], M + 1)
         tail[-1, :, :M], tail[-1, :, M] = m_new, total

@@ -143,6 +143,27 @@ def _prefix_state(model: GRUClassifier, idx: list[int], seqs: Sequence[list[int]
     return h0
 
 
+def _word_dropout(ids: torch.Tensor, p: float) -> torch.Tensor:
+    """Training only: each real token becomes ``<unk>`` with probability ``p``."""
+    if p <= 0:
+        return ids
+    return ids.masked_fill((torch.rand(ids.shape) < p) & (ids > 0), UNK_ID)
+
+
+def _real_positions(lens: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) float mask: 1 at each row's real positions, 0 at its padding."""
+    return (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()
+
+
+def _position_loss(loss_fn: nn.Module, logits: torch.Tensor, y: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """The loss at every position of (B, T, C) logits against each row's label, averaged
+    with (B, T) position weights (the real-position mask, maybe ramped)."""
+    B, T, C = logits.shape
+    per_pos = loss_fn(logits.reshape(-1, C), y.repeat_interleave(T)).view(B, T)
+    return (per_pos * weights).sum() / weights.sum()
+
+
 def fit_mean_units(model: GRUClassifier, tr_x: Sequence[list[int]], tr_y: Sequence[int],
                    cfg: TrainConfig, rng: random.Random) -> None:
     """Fit the mean units with a head of their own, then fix them (no grad) and give the
@@ -156,20 +177,14 @@ def fit_mean_units(model: GRUClassifier, tr_x: Sequence[list[int]], tr_y: Sequen
     table = model.mean_embed.weight
     head = nn.Linear(M, model.config.num_labels).to(table.device)
     opt = torch.optim.Adam([table, *head.parameters()], lr=cfg.mean_lr)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
     for _ in range(cfg.mean_epochs):
         for idx in _batches(tr_x, tr_y, cfg.batch_size, rng):
             ids, lens, y = _collate(idx, tr_x, tr_y, cfg.max_train_tokens)
-            if cfg.word_dropout > 0:
-                ids = ids.masked_fill((torch.rand(ids.shape) < cfg.word_dropout) & (ids > 0), UNK_ID)
+            ids = _word_dropout(ids, cfg.word_dropout)
             ids, lens, y = ids.to(table.device), lens.to(table.device), y.to(table.device)
-            T = ids.shape[1]
-            pos = torch.arange(T, device=ids.device)
-            means = model.mean_embed(ids).cumsum(1) / (pos + 1)[None, :, None]  # (B, T, M)
-            logits = head(means)
-            mask = (pos[None, :] < lens[:, None]).float()
-            per_pos = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                  y.repeat_interleave(T), reduction="none")
-            loss = (per_pos.view(len(idx), T) * mask).sum() / mask.sum()
+            logits = head(model.running_means(ids))  # (B, T, C)
+            loss = _position_loss(loss_fn, logits, y, _real_positions(lens, ids.shape[1]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -291,18 +306,15 @@ def train(cfg: TrainConfig, out_dir: str | Path,
                       else 0 for i in idx]
             ids, lens, y = _collate(idx, tr_x, tr_y, cfg.max_train_tokens, starts)
             h0 = _prefix_state(model, idx, tr_x, starts) if cfg.carry_state else None
-            if cfg.word_dropout > 0:
-                drop = (torch.rand(ids.shape) < cfg.word_dropout) & (ids > 0)
-                ids = ids.masked_fill(drop, UNK_ID)
+            ids = _word_dropout(ids, cfg.word_dropout)
             ids, lens, y = ids.to(cfg.device), lens.to(cfg.device), y.to(cfg.device)
             logits = model(ids, h0=h0)  # (B, T, C)
             T = ids.shape[1]
-            mask = (torch.arange(T, device=ids.device)[None, :] < lens[:, None]).float()  # (B, T)
+            mask = _real_positions(lens, T)
             if cfg.loss_ramp > 0:
                 pos = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device)
                 mask = mask * ((pos + 1).float() / cfg.loss_ramp).clamp(max=1.0)
-            per_pos = loss_fn(logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(T))
-            loss = (per_pos.view(len(idx), T) * mask).sum() / mask.sum()
+            loss = _position_loss(loss_fn, logits, y, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
