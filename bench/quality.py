@@ -11,6 +11,7 @@ bench/results/quality-<date>.json with the machine and the load it ran under.
     python -m bench.quality --jobs 2        # two seeds at a time (2 cores)
     python -m bench.quality --seeds 0 --epochs 4   # a quick look (not the recipe)
     python -m bench.quality --per-epoch     # also the test counts after every epoch
+    python -m bench.quality --set train_on_val=false   # a recipe variant (exploration only)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from bench.common import machine, write_result
@@ -121,11 +122,28 @@ def _spread(rows: list[dict], key: str) -> dict:
             "min": round(min(vals), 4), "max": round(max(vals), 4)}
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings as TrainConfig overrides, each VALUE read as its field's type."""
+    from model.__main__ import _boolean
+    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
+    out: dict = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in kinds:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a TrainConfig field")
+        kind = kinds[name]
+        out[name] = (_boolean(text) if kind == "bool" else int(text) if kind.startswith("int")
+                     else float(text) if kind == "float" else text)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs (exploration only)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TrainConfig field, e.g. train_on_val=false (exploration only)")
     ap.add_argument("--keep", help="keep the artifacts under this directory (seed-N/)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds trained at once (training uses one thread; 2 on a 2-core box "
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="result file (default bench/results/quality-<date>.json)")
     args = ap.parse_args(argv)
     overrides = {"epochs": args.epochs} if args.epochs else {}
+    overrides.update(_overrides(args.set))
 
     res: dict = {"kind": "quality", "date": dt.datetime.now().isoformat(timespec="seconds"),
                  "machine": machine(), "recipe": {**asdict(TrainConfig()), **overrides},

@@ -21,10 +21,22 @@ def test_per_epoch_scores_see_the_weights_that_are_kept(tmp_path):
     from .conftest import TINY
     tiny = {k: v for k, v in TINY.items() if k not in ("seed", "quiet")}
     res = gru(0, tmp_path / "m", per_epoch=True,
-              **{**tiny, "limit": 12, "epochs": 3, "patience": 3, "average_from": 0})
+              **{**tiny, "limit": 12, "epochs": 3, "patience": 3, "average_from": 0,
+                 "train_on_val": False})
     rows = res["test_counts_per_epoch"]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     kept = rows[res["best_epoch"] - 1]
     assert {k: kept[k] for k in ("full", "p25", "p10")} == {
         k: round(res[k] * res["n_test"]) for k in ("full", "p25", "p10")}
     assert res["seconds"] > 0
+
+
+def test_set_overrides_take_each_fields_type():
+    import pytest
+
+    from bench.quality import _overrides
+    assert _overrides(["train_on_val=false", "mean_dim=16", "lr=1e-3", "schedule=const"]) == {
+        "train_on_val": False, "mean_dim": 16, "lr": 1e-3, "schedule": "const"}
+    for bad in ("nonsense=1", "mean_dim"):
+        with pytest.raises(SystemExit):
+            _overrides([bad])

@@ -78,7 +78,7 @@ def test_average_from_keeps_the_mean_of_the_epochs_weights(tmp_path):
     assert not torch.equal(w2["head.weight"], w3["head.weight"])  # the epochs differ
     for name, value in mean.items():
         assert torch.allclose(value, (w2[name] + w3[name]) / 2, atol=1e-6), name
-    best = train(TrainConfig(**{**base, "average_from": 0}), tmp_path / "best")
+    best = train(TrainConfig(**{**base, "average_from": 0, "train_on_val": False}), tmp_path / "best")
     tr = json.loads((tmp_path / "best" / "config.json").read_text())["training"]
     assert tr["kept"] == "best" and best["best_epoch"] == tr["best_epoch"]
 
@@ -155,3 +155,31 @@ def test_mean_units_reject_a_fit_of_no_epochs(tmp_path):
         train(TrainConfig(limit=5, mean_dim=4, mean_epochs=0), tmp_path / "x")
     with pytest.raises(ValueError, match="carry_state"):
         train(TrainConfig(limit=5, carry_state=1), tmp_path / "y")
+
+
+def test_validation_texts_are_trained_on_unless_held_out(tmp_path):
+    """With weight averaging nothing is selected on the validation texts, so the default fits
+    on train + val (the vocabulary is theirs, no epoch is scored on them); held out, the
+    vocabulary is the training texts' alone and every epoch carries its validation score."""
+    import pytest
+
+    from model.tokenizer import Vocab
+    from model.train import TrainConfig, split_of, train
+
+    from .conftest import TINY
+    base = {**TINY, "limit": 12, "epochs": 2, "patience": 2, "average_from": 1}
+    _, sp = split_of(TrainConfig(**base))
+    vocab_of = lambda docs: Vocab.build([tokenize(d.text) for d in docs], min_freq=TINY["min_freq"]).itos
+    assert vocab_of(sp.train + sp.val) != vocab_of(sp.train)  # the test can tell them apart
+    for on_val, docs in ((True, sp.train + sp.val), (False, sp.train)):
+        out = tmp_path / str(on_val)
+        summary = train(TrainConfig(**{**base, "train_on_val": on_val}), out)
+        clf = model.load(out)
+        assert clf.vocab.itos == vocab_of(docs)
+        history = clf.config["training"]["history"]
+        assert all(("val" in row) is not on_val for row in history)
+        assert (summary["val"] is None) is on_val
+    with pytest.raises(ValueError, match="average_from"):
+        train(TrainConfig(**{**base, "average_from": 0}), tmp_path / "x")
+    with pytest.raises(ValueError, match="none"):
+        train(TrainConfig(**{**base, "average_from": 3}), tmp_path / "y")
