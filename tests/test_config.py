@@ -95,3 +95,17 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch):
 def test_require_key_off_is_refused_with_a_redis_cluster():
     with pytest.raises(ValueError, match="require_key"):
         Settings(redis={"url": "redis+cluster://h:1"}, limits={"require_key": False})
+
+
+def test_one_torch_thread_unless_asked(monkeypatch):
+    """The worker's own threads (Kafka's network and sender threads, Redis) share the cores
+    with torch's: the default is one torch thread, a set value is taken, zero is refused."""
+    import pydantic
+    import pytest
+
+    assert Settings().model.threads == 1
+    monkeypatch.setenv("GRU_MODEL__THREADS", "4")
+    assert Settings().model.threads == 4
+    monkeypatch.setenv("GRU_MODEL__THREADS", "0")
+    with pytest.raises(pydantic.ValidationError):
+        Settings()

@@ -35,3 +35,28 @@ def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_di
                      r"label was first reached \d", proc.stdout), proc.stdout
     assert "state store:" in proc.stderr and "Kafka: a local tansu broker" in proc.stderr
     assert _tansu_pids() <= before
+
+
+def test_follow_waits_5_ms_per_fetch_unless_told(monkeypatch):
+    """``worker.client.follow`` asks for a short fetch wait (the demo's latency hop), and a
+    caller's own consumer settings override it instead of clashing with it."""
+    import kafka
+
+    from worker.client import follow
+    made = []
+
+    class Consumer:
+        def __init__(self, **options):
+            made.append(options)
+
+        def partitions_for_topic(self, topic):
+            return None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Consumer)
+    list(follow("p", {"bootstrap_servers": "x:1"}, timeout_s=0.01))
+    list(follow("p", {"bootstrap_servers": "x:1", "fetch_max_wait_ms": 50}, timeout_s=0.01))
+    assert [m["fetch_max_wait_ms"] for m in made] == [5, 50]
+    assert all(m["enable_auto_commit"] is False for m in made)

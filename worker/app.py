@@ -93,8 +93,7 @@ def build_engine(settings: Settings, clf, device: str) -> Engine:
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
-    if settings.model.threads:
-        torch.set_num_threads(settings.model.threads)
+    torch.set_num_threads(settings.model.threads)
     device = resolve_device(settings.model.device)
     try:
         clf = model_pkg.load(settings.model.dir, device=device)

@@ -126,8 +126,11 @@ class ModelSettings(BaseModel):
     dir: Path = Field(Path("artifacts/bbc-gru"), description="the model artifact directory",
                       json_schema_extra=flag("--model-dir"))
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", json_schema_extra=flag("--device"))
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)",
-                                json_schema_extra=flag("--threads"))
+    threads: int = Field(1, ge=1, description="torch intra-op threads. 1 by default: the "
+                         "worker's Kafka and Redis threads share the cores, and on a 2-core VM a "
+                         "second torch thread took ~30 us more CPU a message for the same msg/s and "
+                         "a higher demo latency (docs/benchmarks.md); scale with --processes",
+                         json_schema_extra=flag("--threads"))
     dtype: Literal["float32", "float16"] = Field("float32", description="compute dtype; "
                                                  "float16 needs device cuda",
                                                  json_schema_extra=flag("--dtype"))
