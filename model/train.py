@@ -296,8 +296,9 @@ def train(cfg: TrainConfig, out_dir: str | Path,
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing)
     log = lambda msg: None if cfg.quiet else print(msg, file=sys.stderr, flush=True)
-    log(f"train: {len(fit_docs)} docs ({'validation texts included' if cfg.train_on_val else 'val'} "
-        f"{len(split.val)}), test {len(split.test)}, "
+    held = (f"{len(split.val)} of them the validation texts" if cfg.train_on_val
+            else f"{len(split.val)} validation texts held out")
+    log(f"train: {len(fit_docs)} docs ({held}), test {len(split.test)}, "
         f"vocab {len(vocab)}, labels {labels}, device {cfg.device}, "
         f"embedding init {cfg.embed_init} ({init_seconds:.1f}s), "
         f"mean units {cfg.mean_dim} ({mean_seconds:.1f}s)")
