@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from worker.client import chunk_messages, dataset_sessions, follow, interleave
+from worker.client import chunk_messages, dataset_sessions, follow_records, interleave
 
 from .launcher import TEST_GROUP_TIMEOUTS, WorkerProcess, parse_metrics
 from .services import RedisServer, Tansu
@@ -144,12 +144,18 @@ def run_demo(args: argparse.Namespace) -> int:
         threading.Thread(target=produce, daemon=True).start()
         table = Table(truth)
         latencies: list[float] = []
+        to_send: list[float] = []  # produce -> the worker sends the prediction
+        to_reader: list[float] = []  # the worker's send -> received here
         finals: dict[str, dict] = {}
         deadline = time.monotonic() + args.max_seconds
-        for p in follow("predictions", {"bootstrap_servers": tansu.bootstrap}, timeout_s=10):
+        for p, worker_sent in follow_records("predictions", {"bootstrap_servers": tansu.bootstrap},
+                                             timeout_s=10):
             key = (p["session_id"], p["seq"])
             if key in sent_at:
-                latencies.append(time.time() - sent_at.pop(key))
+                now, t0 = time.time(), sent_at.pop(key)
+                latencies.append(now - t0)
+                to_send.append(worker_sent - t0)
+                to_reader.append(now - worker_sent)
             table.update(p)
             if p["final"]:
                 finals[p["session_id"]] = p
@@ -163,6 +169,10 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{acc:.3f} ({correct}/{len(finals)}), {len(latencies)} predictions, "
               f"latency p50 {1000 * _quantile(latencies, 0.5):.1f} ms, "
               f"p99 {1000 * _quantile(latencies, 0.99):.1f} ms (produce to prediction received)")
+        print(f"latency split at the worker's send: produce to its send p50 "
+              f"{1000 * _quantile(to_send, 0.5):.1f} ms, p99 {1000 * _quantile(to_send, 0.99):.1f} ms; "
+              f"its send to received p50 {1000 * _quantile(to_reader, 0.5):.1f} ms, "
+              f"p99 {1000 * _quantile(to_reader, 0.99):.1f} ms")
         # A batch is accounted in /metrics once its acknowledgements are in, a moment after
         # its predictions can be read: wait for the finals to show.
         until = time.monotonic() + 10

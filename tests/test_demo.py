@@ -28,6 +28,11 @@ def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_di
     assert m.group(1) == m.group(2) == "8"
     assert 0.0 <= float(m.group(3)) <= 1.0
     assert 0 < float(m.group(4)) <= float(m.group(5))
+    split = re.search(r"produce to its send p50 ([0-9.-]+) ms, p99 ([0-9.-]+) ms; its send to "
+                      r"received p50 ([0-9.-]+) ms, p99 ([0-9.-]+) ms", proc.stdout)
+    assert split, proc.stdout[-2000:]
+    worker_side, reader_side = float(split.group(1)), float(split.group(3))
+    assert 0 <= worker_side <= float(m.group(5)) and 0 <= reader_side <= float(m.group(5))
     assert "metrics: http://127.0.0.1:" in proc.stdout
     # The model-quality panels' series, read from the worker's /metrics.
     assert re.search(r"model quality \w+: final labels .*\(prior 0\.\d\d\)", proc.stdout), proc.stdout
@@ -60,3 +65,41 @@ def test_follow_waits_5_ms_per_fetch_unless_told(monkeypatch):
     list(follow("p", {"bootstrap_servers": "x:1", "fetch_max_wait_ms": 50}, timeout_s=0.01))
     assert [m["fetch_max_wait_ms"] for m in made] == [5, 50]
     assert all(m["enable_auto_commit"] is False for m in made)
+
+
+def test_follow_records_carry_each_records_timestamp(monkeypatch):
+    """``follow_records`` yields each prediction with its record's timestamp in seconds (the
+    worker's send), from every partition; ``follow`` the predictions alone."""
+    import json as _json
+    from types import SimpleNamespace
+
+    import kafka
+
+    from worker.client import Followed, follow, follow_records
+
+    class Consumer:
+        def __init__(self, **options):
+            self.batches = [{("p", 0): [SimpleNamespace(value=_json.dumps({"seq": 1}).encode(),
+                                                         timestamp=1_700_000_000_123)],
+                             ("p", 1): [SimpleNamespace(value=_json.dumps({"seq": 2}).encode(),
+                                                         timestamp=1_700_000_000_456)]}]
+
+        def partitions_for_topic(self, topic):
+            return {0, 1}
+
+        def assign(self, tps):
+            self.tps = tps
+
+        def seek_to_beginning(self, *tps):
+            pass
+
+        def poll(self, timeout_ms):
+            return self.batches.pop() if self.batches else {}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Consumer)
+    got = list(follow_records("p", {"bootstrap_servers": "x:1"}, timeout_s=0.05))
+    assert got == [Followed({"seq": 1}, 1_700_000_000.123), Followed({"seq": 2}, 1_700_000_000.456)]
+    assert list(follow("p", {"bootstrap_servers": "x:1"}, timeout_s=0.05)) == [{"seq": 1}, {"seq": 2}]

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from model.tokenizer import tokenize
 
@@ -105,6 +106,14 @@ def format_prediction(p: dict) -> str:
             f"{p['label']:<14} {p['confidence']:.3f}{flag}")
 
 
+class Followed(NamedTuple):
+    """A prediction as read from the output topic, and when its record was stamped: the
+    worker's producer sets a record's CreateTime as it sends it (the broker's append time
+    instead on a topic with ``message.timestamp.type=LogAppendTime``)."""
+    prediction: dict
+    sent_at: float  # seconds since the epoch
+
+
 def follow(topic: str, client_options: dict, from_beginning: bool = True,
            timeout_s: float | None = None) -> Iterator[dict]:
     """Yield decoded predictions from ``topic`` (all partitions, no consumer group).
@@ -112,6 +121,12 @@ def follow(topic: str, client_options: dict, from_beginning: bool = True,
     override the consumer's settings. The fetch wait is 5 ms: with 20, the hop from the
     worker's send to this consumer took about 3 ms more at p50 in ``make demo``
     (docs/latency.md)."""
+    return (f.prediction for f in follow_records(topic, client_options, from_beginning, timeout_s))
+
+
+def follow_records(topic: str, client_options: dict, from_beginning: bool = True,
+                   timeout_s: float | None = None) -> Iterator[Followed]:
+    """``follow``, with each prediction's record timestamp (``Followed.sent_at``)."""
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
     consumer = KafkaConsumer(**{"enable_auto_commit": False, "fetch_max_wait_ms": 5,
@@ -134,7 +149,7 @@ def follow(topic: str, client_options: dict, from_beginning: bool = True,
             for recs in polled.values():
                 for r in recs:
                     idle_since = time.monotonic()
-                    yield json.loads(r.value)
+                    yield Followed(json.loads(r.value), r.timestamp / 1000)
             if timeout_s and not polled and time.monotonic() - idle_since > timeout_s:
                 return
     finally:
