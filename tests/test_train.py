@@ -183,3 +183,6 @@ def test_validation_texts_are_trained_on_unless_held_out(tmp_path):
         train(TrainConfig(**{**base, "average_from": 0}), tmp_path / "x")
     with pytest.raises(ValueError, match="none"):
         train(TrainConfig(**{**base, "average_from": 3}), tmp_path / "y")
+    with pytest.raises(ValueError, match="no validation texts"):  # 5 a label: none held out
+        train(TrainConfig(**{**base, "limit": 5, "average_from": 0, "train_on_val": False}),
+              tmp_path / "z")
