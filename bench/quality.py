@@ -124,16 +124,14 @@ def _spread(rows: list[dict], key: str) -> dict:
 
 def _overrides(pairs: list[str]) -> dict:
     """``FIELD=VALUE`` strings as TrainConfig overrides, each VALUE read as its field's type."""
-    from model.__main__ import _boolean
-    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
+    from model.__main__ import field_parser
+    parsers = {f.name: field_parser(f) for f in fields(TrainConfig)}
     out: dict = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
-        if not sep or name not in kinds:
+        if not sep or name not in parsers:
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a TrainConfig field")
-        kind = kinds[name]
-        out[name] = (_boolean(text) if kind == "bool" else int(text) if kind.startswith("int")
-                     else float(text) if kind == "float" else text)
+        out[name] = parsers[name](text)
     return out
 
 

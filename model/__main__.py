@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import Field, fields
 
 from . import artifact, data
 from .keras_import import KerasImportError, import_keras, read_labels
@@ -20,6 +21,12 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def field_parser(field: Field) -> Callable[[str], object]:
+    """How a TrainConfig field's value is read from text (the CLI's flags, bench's --set)."""
+    return {"int": int, "float": float, "str": str, "int | None": int,
+            "bool": _boolean}.get(str(field.type), str)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=data.BBC,
                    help="'bbc-news' or a PATH.csv / PATH.jsonl of your own")
@@ -28,9 +35,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name in ("dataset", "quiet"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "int | None": int,
-                "bool": _boolean}.get(str(f.type), str)
-        p.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+        p.add_argument(flag, type=field_parser(f), default=f.default, help=f"(default: {f.default})")
     p.add_argument("--quiet", action="store_true")
 
 

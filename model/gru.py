@@ -121,10 +121,15 @@ class GRUClassifier(nn.Module):
         v = self.mean_embed(token_ids).cumsum(1)  # (B, T, M): sums of the tokens so far
         t = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)[None, :, None]
         if h0 is not None:  # a mean over n0 tokens before these
-            H = self.config.hidden_size
-            m0, n0 = h0[-1, :, H:-1], h0[-1, :, -1:]
-            v, t = v + (m0 * n0)[:, None], t + n0[:, None]
+            m0, n0 = self._mean_and_count(h0)
+            v, t = v + (m0 * n0[:, None])[:, None], t + n0[:, None, None]
         return v / t
+
+    def _mean_and_count(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean units' part of a state (L, B, S): their means (B, M) and token counts (B,),
+        at the end of the top layer's row."""
+        H, M = self.config.hidden_size, self.config.mean_dim
+        return h[-1, :, H:H + M], h[-1, :, H + M]
 
     def _input_bias(self, layer: int) -> torch.Tensor:
         """b_ih with the r and z parts of b_hh folded in: those two add up before the sigmoid,
@@ -181,12 +186,12 @@ class GRUClassifier(nn.Module):
         top layer's running mean and token count advanced by each row's real tokens."""
         if self.mean_embed is None:
             return h_gru
-        H, M = self.config.hidden_size, self.config.mean_dim
+        M = self.config.mean_dim
         K = token_ids.shape[1]
         real = (torch.arange(K, device=token_ids.device)[None, :]
                 < lengths.to(token_ids.device)[:, None])  # (B, K)
         sums = (self.mean_embed(token_ids) * real[..., None].to(h.dtype)).sum(1)  # (B, M)
-        m, n = h[-1, :, H:H + M], h[-1, :, H + M]
+        m, n = self._mean_and_count(h)
         k = lengths.to(h.dtype)
         total = n + k
         # m + (message mean - m) * k / (n + k): a convex step, so the mean stays as well
