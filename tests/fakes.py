@@ -111,6 +111,10 @@ class FakeSource:
             else:
                 done(offsets, self._apply(offsets))
 
+    def read_tail(self, topic, partition, count):
+        recs = self.log.records[(topic, partition)]
+        return list(recs[max(0, len(recs) - count):]) if count else []
+
     def lag(self):
         return {tp: len(self.log.records[tp]) - pos for tp, pos in self.positions.items()}
 
@@ -158,7 +162,7 @@ class FakeSink:
                 rejected.append((m, why))
                 self.refused.append(m)
                 continue
-            self.log.append(m.topic, m.key, m.value)
+            self.log.append(m.topic, m.key, m.value, m.partition)
         sending.done_at.append(time.time())
         return rejected
 

@@ -103,6 +103,7 @@ class KafkaSource:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
         self._listener: _Listener | None = None
         self._next: dict[TopicPartition, int] = {}
+        self._reader: KafkaConsumer | None = None  # read_tail's own consumer, outside the group
 
     def bind(self, on_assigned: Callable, on_revoked: Callable) -> None:
         self._listener = _Listener(on_assigned, on_revoked)
@@ -242,6 +243,35 @@ class KafkaSource:
             log.warning("asynchronous commit not sent: %r", e)
             done(sent, False)
 
+    def read_tail(self, topic: str, partition: int, count: int) -> list[Record]:
+        """Read from ``count`` records before the end to the high watermark with a consumer of
+        no group. The end is taken from the fetch responses, not from ListOffsets: tansu
+        answers "latest" with the base offset of the last record batch + 1."""
+        tp = KafkaTP(topic, partition)
+        try:
+            if self._reader is None:
+                self._reader = KafkaConsumer(group_id=None, enable_auto_commit=False,
+                                             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+                                             **self.settings.client_options())
+            reader = self._reader
+            reader.assign([tp])
+            first = reader.beginning_offsets([tp], timeout_ms=self.timeout_ms)[tp]
+            end = reader.end_offsets([tp], timeout_ms=self.timeout_ms)[tp]
+            reader.seek(tp, max(first, end - count))
+            out: list[Record] = []
+            deadline = time.monotonic() + self.timeout_ms / 1000
+            while time.monotonic() < deadline:
+                for recs in reader.poll(timeout_ms=100, max_records=1000).values():
+                    out += [Record(topic, partition, r.offset, r.key, r.value, r.timestamp)
+                            for r in recs]
+                hw = reader.highwater(tp)
+                if hw is not None and reader.position(tp) >= hw:
+                    return out[-count:] if count else []
+        except kerr.KafkaError as e:
+            raise DependencyError("kafka", f"reading the tail of {topic}[{partition}] "
+                                  f"failed: {e!r}") from e
+        raise DependencyError("kafka", f"reading the tail of {topic}[{partition}] timed out")
+
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
         for tp in self.consumer.assignment():
@@ -264,10 +294,13 @@ class KafkaSource:
         self._next.clear()
 
     def close(self) -> None:
-        try:
-            self.consumer.close(autocommit=False, timeout_ms=self.timeout_ms)
-        except Exception as e:  # closing must not hide the real exit reason
-            log.warning("consumer close failed: %r", e)
+        for consumer in (self.consumer, self._reader):
+            if consumer is None:
+                continue
+            try:
+                consumer.close(autocommit=False, timeout_ms=self.timeout_ms)
+            except Exception as e:  # closing must not hide the real exit reason
+                log.warning("consumer close failed: %r", e)
 
 
 @dataclass
@@ -344,7 +377,8 @@ class KafkaSink:
         out = Sending(list(messages))
         for i, m in enumerate(messages):
             try:
-                out.futures.append((m, self.producer.send(m.topic, key=m.key, value=m.value)))
+                out.futures.append((m, self.producer.send(m.topic, key=m.key, value=m.value,
+                                                          partition=m.partition)))
             except PERMANENT_SEND_ERRORS as e:
                 out.rejected.append((m, repr(e)))
             except kerr.KafkaError as e:  # the client is wedged or closed: retry the rest

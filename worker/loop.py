@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .budget import BatchBudget
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .engine import BatchResult, Engine, SessionUpdate
 from .errors import DependencyError, ShutdownRequested, UndecodableInput
@@ -124,7 +125,7 @@ class Rebuild:
     reason: str  # "rollback" (Redis is behind the commits) or "loss" (Redis has nothing)
     start: int
     until: int
-    began: float = field(default_factory=time.monotonic)
+    began: float
     messages: int = 0
 
 
@@ -164,7 +165,7 @@ class Worker:
     def __init__(self, settings: Settings, engine: Engine, store: StateStore, source: Source,
                  sink: Sink, metrics: Metrics, labels: Sequence[str], model_id: str,
                  encode_tokens: Callable, vocab_size: int,
-                 clock: Callable[[], float] = time.time,
+                 clock: Clock = SYSTEM_CLOCK,
                  previous: ServedModel | None = None, vocab_key: object = None) -> None:
         self.s = settings
         self.engine, self.store, self.source, self.sink = engine, store, source, sink
@@ -186,11 +187,12 @@ class Worker:
         self._poll_backoff = settings.retry.initial_backoff_s
         self._inflight: _InFlight | None = None
         self._taken = 0  # input messages claimed into batches (for max_messages)
+        self._last_input = clock.monotonic()
         self._pending: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
         self._unconfirmed: dict[TopicPartition, int] = {}  # commits sent, not yet confirmed
         self._commit_failed = False  # an asynchronous commit failed: send again when due
         self._sync_commits = not settings.kafka.async_commits
-        self._last_commit = time.monotonic()
+        self._last_commit = clock.monotonic()
         self.budget = BatchBudget(settings.batch.target_latency_ms / 1000,
                                   settings.batch.max_records)
         self._waiting: int | None = None  # consumer lag after the last poll
@@ -205,33 +207,40 @@ class Worker:
         self._stopping = True
 
     def run(self) -> RunSummary:
-        start = time.monotonic()
-        last_input = start
+        start = self.clock.monotonic()
+        self._last_input = start
         try:
-            while not self._stopping:
-                records = self._poll()
-                if records or not self.owned:  # idle time counts only while assigned
-                    last_input = time.monotonic()
-                if records or self.unclaimed:
-                    self.process(records)
-                else:
-                    # nothing new: finish the batch in flight now
-                    self.settle(wait=self._sync_commits, everything=False)
-                    if self.s.idle_exit_s and time.monotonic() - last_input >= self.s.idle_exit_s:
-                        log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
-                        break
-                if self.s.max_messages and self._taken >= self.s.max_messages:
-                    log.info("took %d messages: exiting", self._taken)
-                    break
+            while not self._stopping and self.run_once():
+                pass
             self.settle()
         except ShutdownRequested:
             log.info("shutdown requested during an outage; the batch in hand was not committed")
         finally:
-            self.summary.seconds = time.monotonic() - start
+            self.summary.seconds = self.clock.monotonic() - start
             self.source.close()
             self.sink.close()
             log.info(self.summary.line())
         return self.summary
+
+    def run_once(self) -> bool:
+        """One turn of the loop: poll, then process the batch or settle when idle. False
+        when a bound (``idle_exit_s``, ``max_messages``) says to stop."""
+        records = self._poll()
+        if records or not self.owned:  # idle time counts only while assigned
+            self._last_input = self.clock.monotonic()
+        if records or self.unclaimed:
+            self.process(records)
+        else:
+            # nothing new: finish the batch in flight now
+            self.settle(wait=self._sync_commits, everything=False)
+            idle = self.clock.monotonic() - self._last_input
+            if self.s.idle_exit_s and idle >= self.s.idle_exit_s:
+                log.info("idle for %.1fs: exiting", self.s.idle_exit_s)
+                return False
+        if self.s.max_messages and self._taken >= self.s.max_messages:
+            log.info("took %d messages: exiting", self._taken)
+            return False
+        return True
 
     def ready(self) -> tuple[bool, dict]:
         """Holds partitions, all claimed, none being rebuilt (for /readyz)."""
@@ -323,7 +332,7 @@ class Worker:
             f.settle_s = time.perf_counter() - t0
             self._account(f)
             self._finish_rebuilds(done)
-        due = time.monotonic() - self._last_commit >= self.s.kafka.commit_interval_ms / 1000
+        due = self.clock.monotonic() - self._last_commit >= self.s.kafka.commit_interval_ms / 1000
         unsettled = bool(self._unconfirmed) and (
             everything or (not wait and self._commit_failed and due))
         if (self._pending and (commit_now or due)) or unsettled:
@@ -378,14 +387,14 @@ class Worker:
                 if done is not None and claim.next_offset < done:
                     start, reason = claim.next_offset, "rollback"
             elif done is not None and done > 0:
-                since = int(self.clock() * 1000) - self.s.state.ttl_seconds * 1000
+                since = int(self.clock.time() * 1000) - self.s.state.ttl_seconds * 1000
                 found = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
                 if found is not None and found < done:
                     start, reason = found, "loss"
             if start is None:
                 continue
             starts[tp] = start
-            self.rebuilds[tp] = Rebuild(reason, start, done)
+            self.rebuilds[tp] = Rebuild(reason, start, done, self.clock.monotonic())
             self.metrics.rebuilds.labels(reason).inc()
             log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the group "
                       "committed %d (%s): replaying offsets %d..%d to rebuild them, outputs "
@@ -485,14 +494,14 @@ class Worker:
             done = max(first[tp], self.rebuilds[tp].until if tp in self.rebuilds else 0)
             start = stored
             if start is None:
-                since = int(self.clock() * 1000) - self.s.state.ttl_seconds * 1000
+                since = int(self.clock.time() * 1000) - self.s.state.ttl_seconds * 1000
                 start = self._retry(lambda: self.source.offsets_for_time([tp], since)).get(tp)
                 start = done if start is None else min(start, done)
             self.source.seek(tp, start)
             self.recorded[tp] = stored
             self.metrics.rebuilds.labels("rollback").inc()
             if start < done:
-                self.rebuilds[tp] = Rebuild("rollback", start, done)
+                self.rebuilds[tp] = Rebuild("rollback", start, done, self.clock.monotonic())
             log.error("%s[%d]: Redis holds this partition's states up to offset %s, behind the "
                       "%s this worker recorded (Redis lost writes under it): replaying offsets "
                       "%d..%d to rebuild them, outputs suppressed", tp[0], tp[1], stored,
@@ -605,7 +614,7 @@ class Worker:
                               "bytes)", m.topic, why, len(m.value))
                     self.metrics.undeliverable.labels(m.topic).inc()
             if not again:
-                f.acked_at = sending.done_at[-1] if sending.done_at else time.time()
+                f.acked_at = sending.done_at[-1] if sending.done_at else self.clock.time()
                 return
             if error is not None:
                 self._backoff(error, backoff)
@@ -639,7 +648,7 @@ class Worker:
             if tp in self.epochs:
                 offsets[tp] = max(o, offsets.get(tp, -1))
         self._pending.clear()
-        self._last_commit = time.monotonic()
+        self._last_commit = self.clock.monotonic()
         if not offsets:
             return
         self._unconfirmed.update(offsets)
@@ -669,12 +678,12 @@ class Worker:
             if rb is not None and nxt >= rb.until:
                 del self.rebuilds[tp]
                 log.warning("%s[%d]: rebuild finished: %d messages replayed in %.1fs",
-                            *tp, rb.messages, time.monotonic() - rb.began)
+                            *tp, rb.messages, self.clock.monotonic() - rb.began)
 
     def _account(self, f: _InFlight) -> None:
         records, w, rejections, t_batch = f.records, f.written, f.rejections, f.t_batch
         m, s, result = self.metrics, self.summary, w.result
-        now = f.acked_at or self.clock()
+        now = f.acked_at or self.clock.time()
         counts = dict.fromkeys(OUTCOMES, 0)
         for r in records:
             tp = (r.topic, r.partition)
@@ -765,7 +774,7 @@ class Worker:
         if records:
             self.metrics.poll_seconds.observe(time.perf_counter() - t0)
         self._poll_backoff = self.s.retry.initial_backoff_s
-        self.last_poll_ok = time.monotonic()
+        self.last_poll_ok = self.clock.monotonic()
         self._update_lag()
         return records
 
@@ -812,4 +821,4 @@ class Worker:
         log.warning("%s; retrying in %.2fs", e, seconds)
         if self._stopping:
             raise ShutdownRequested() from e
-        time.sleep(seconds)
+        self.clock.sleep(seconds)

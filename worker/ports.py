@@ -32,6 +32,7 @@ class Outgoing:
     topic: str
     key: bytes | None
     value: bytes
+    partition: int | None = None  # None: the key-hash partitioner chooses
 
 
 class Source(Protocol):
@@ -55,6 +56,9 @@ class Source(Protocol):
                      done: Callable[[dict[TopicPartition, int], bool], None]) -> None:
         """Send a commit without waiting; ``done(offsets, ok)`` runs on the caller's thread
         during a later ``poll``, ``commit`` or ``commit_async`` (or at once)."""
+    def read_tail(self, topic: str, partition: int, count: int) -> list[Record]:
+        """The last ``count`` records of ``topic[partition]`` (fewer when the log holds
+        fewer), read outside the group: no commit, and the group's positions are untouched."""
     def lag(self) -> dict[TopicPartition, int]: ...
     def rejoin(self) -> None: ...
     def close(self) -> None: ...
