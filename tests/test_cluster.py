@@ -204,9 +204,9 @@ def test_stale_epoch_worker_is_fenced_on_a_redis_cluster(broker, names, tiny_mod
         w = app.worker
         records = join_and_poll(w)  # joins the group
         w.process([])  # claims partition 0 before its first batch: token 1
-        assert records and w.epochs[(names["in"], 0)].startswith("1:")
+        assert records and w.ownership.tokens[(names["in"], 0)].startswith("1:")
         # Meanwhile the partition moved to another worker, which took a newer token.
-        (newer,) = w.store.claim(list(w.epochs)).values()
+        (newer,) = w.store.claim(list(w.ownership.tokens)).values()
         assert newer.token.startswith("2:")
         w.process(records)
         w.settle()

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 import model
 from worker.app import build_worker
+from worker.checkpoint import Commit
 from worker.config import Settings
 from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
 from devtools.services import Tansu
@@ -247,9 +248,9 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
         w = app.worker
         records = join_and_poll(w)  # joins the group
         w.process([])  # claims partition 0 before its first batch
-        assert records and w.epochs
+        assert records and w.ownership.tokens
         # Meanwhile the partition moved to another worker, which took a newer token.
-        w.store.claim(list(w.epochs))
+        w.store.claim(list(w.ownership.tokens))
         w.process(records)
         w.settle()
         client = redis.Redis.from_url(REDIS_URL)
@@ -271,12 +272,13 @@ def test_an_asynchronous_commit_lands_without_a_waiting_one(broker, names, tiny_
         records = join_and_poll(w)
         w.process([])  # claims partition 0
         w.process(records)
-        w.settle(wait=False)  # acknowledgements awaited, the commit only sent
-        assert w._unconfirmed == {(names["in"], 0): records[-1].offset + 1}
+        w.settle(Commit.NOW)  # acknowledgements awaited, the commit only sent
+        ledger = w.checkpoint
+        assert ledger.unconfirmed == {(names["in"], 0): records[-1].offset + 1}
         deadline = time.monotonic() + 10
-        while w._unconfirmed and time.monotonic() < deadline:
+        while ledger.unconfirmed and time.monotonic() < deadline:
             w.source.poll(10, 100)  # delivers the answer
-        assert not w._unconfirmed and not w._commit_failed
+        assert not ledger.unconfirmed and not ledger.failed
         c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=names["group"],
                           enable_auto_commit=False)
         try:

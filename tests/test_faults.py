@@ -634,7 +634,7 @@ def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_mode
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             records = app.worker.source.poll(40, 0)
-            if app.worker.owned:
+            if app.worker.ownership.owned:
                 app.worker.process([])  # claim
                 return records
         raise AssertionError("no assignment")
@@ -654,13 +654,13 @@ def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_mode
     held = join(z)
     while not held:
         held = z.worker.source.poll(40, 200)
-    z_token = z.worker.epochs[(cluster.names["in"], 0)]
+    z_token = z.worker.ownership.tokens[(cluster.names["in"], 0)]
     assert z_token.startswith("2:")
     cluster.redis_restore(snap)  # the counter is 1 again
     time.sleep(2.5)  # past Z's max_poll_interval: it is out of the group, a zombie
     n = make("n")
     n_first = join(n)
-    n_token = n.worker.epochs[(cluster.names["in"], 0)]
+    n_token = n.worker.ownership.tokens[(cluster.names["in"], 0)]
     assert n_token.split(":")[0] == z_token.split(":")[0] == "2" and n_token != z_token
     z.worker.process(held)  # the zombie wakes up with its records and its token
     z.worker.settle()

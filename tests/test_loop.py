@@ -15,6 +15,7 @@ from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
+from worker.models import ModelSet, ServedModel
 from worker.output import OutputPolicy
 from worker.codec import decode_state
 from worker.state import MemoryStateStore
@@ -43,8 +44,9 @@ def make_worker(clf, log, store, sink=None, source=None, **settings):
                     model_id=clf.model_id)
     metrics = Metrics(CollectorRegistry())
     metrics.add_model(clf.model_id, clf.labels, clf.label_prior, "cpu", "current")
-    return Worker(s, engine, store, source or FakeSource(log, IN), sink or FakeSink(log), metrics,
-                  clf.labels, clf.model_id, clf.encode, len(clf.vocab))
+    models = ModelSet(ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode,
+                                  len(clf.vocab), tuple(clf.vocab.itos)), None, s.limits, metrics)
+    return Worker(s, models, store, source or FakeSource(log, IN), sink or FakeSink(log), metrics)
 
 
 def publish(log, pairs):
@@ -172,7 +174,7 @@ def test_zombie_with_stale_epoch_is_fenced_and_writes_nothing(clf):
     assert store.load([s.session_id for s in sessions]) == [None, None, None]
     assert not predictions(log) and not log.committed["g"]
     assert zombie.summary.outcomes["fenced"] == len(records)
-    assert zombie.source.rejoins == 1 and not zombie.epochs
+    assert zombie.source.rejoins == 1 and not zombie.ownership.tokens
     assert zombie.metrics.registry.get_sample_value("gru_fenced_partitions_total") == 1
     owner.process(records)
     owner.settle()
@@ -474,7 +476,7 @@ def test_the_rebalance_callback_never_waits_on_redis(clf):
     w = make_worker(clf, log, store, retry={"initial_backoff_s": 0.001, "max_backoff_s": 0.002})
     t0 = time.monotonic()
     w.on_assigned([(IN, 0), (IN, 1)])  # what the client calls inside poll()
-    assert time.monotonic() - t0 < 0.01 and store.claims == 0 and not w.epochs
+    assert time.monotonic() - t0 < 0.01 and store.claims == 0 and not w.ownership.tokens
     w.source.assigned = True
     w.source.positions = {(IN, 0): 0, (IN, 1): 0}
     w.run()
@@ -566,7 +568,7 @@ def test_redis_rolled_back_after_commits_is_rebuilt_from_the_log(clf):
     assert reg.get_sample_value("gru_state_rebuilds_total", {"reason": "rollback"}) == 2
     assert w.summary.outcomes["rebuilt"] == len(b) == reg.get_sample_value(
         "gru_rebuild_messages_total")
-    assert w.summary.outcomes["ok"] == len(c) and not w.rebuilds
+    assert w.summary.outcomes["ok"] == len(c) and not w.recovery.rebuilds
 
 
 def test_redis_restarted_empty_is_rebuilt_from_the_log(clf):
@@ -648,7 +650,7 @@ def test_a_zombie_holding_a_token_from_before_a_rollback_stays_fenced(clf):
     owner = make_worker(clf, log, store)
     owner.source._assign()
     owner.process([])  # the counter hands out 2 again
-    assert owner.epochs[(IN, 0)].split(":")[0] == zombie.epochs[(IN, 0)].split(":")[0] == "2"
+    assert owner.ownership.tokens[(IN, 0)].split(":")[0] == zombie.ownership.tokens[(IN, 0)].split(":")[0] == "2"
     zombie.process(log.records[(IN, 0)])
     zombie.settle()
     assert zombie.summary.outcomes["fenced"] == len(log.records[(IN, 0)])
@@ -751,7 +753,7 @@ def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
     budget = Seeded(0.012, 64, min_records=2, warmup_batches=0)
     for n in (5, 10, 20, 40):
         BatchBudget.observe(budget, n, n, 0.002 + 0.001 * n)
-    w.budget = budget
+    w.intake.budget = budget
     n = budget.limit(0).records
     assert 8 <= n <= 10
     asked, intervals = [], []
@@ -766,7 +768,7 @@ def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
     # the first poll knows no lag yet; then a backlog while more than 20 wait, then the budget
     assert asked[0] == n and 64 in asked and asked[-1] == n
     # long GIL turns while the backlog lifts the budget, short ones otherwise
-    s = w.s.batch
+    s = w.settings.batch
     assert s.backlog_switch_interval_ms > s.switch_interval_ms
     assert intervals == [pytest.approx((s.backlog_switch_interval_ms if k == 64
                                         else s.switch_interval_ms) / 1000) for k in asked]

@@ -20,7 +20,7 @@ from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
-from worker.models import ServedModel
+from worker.models import ModelSet, ServedModel
 from worker.state import MemoryStateStore
 
 from .fakes import FakeLog, FakeSink, FakeSource
@@ -78,10 +78,10 @@ def rollout_worker(new, old, log, store, **settings):
                               end_ttl_ms=s.state.end_ttl_seconds * 1000, model_id=c.model_id)
     previous = ServedModel(old.model_id, engine(old), tuple(old.labels), old.encode,
                            len(old.vocab), tuple(old.vocab.itos))
-    return Worker(s, engine(new), ModelKeyed(store, new.model_id), FakeSource(log, IN),
-                  FakeSink(log), metrics,
-                  new.labels, new.model_id, new.encode, len(new.vocab), previous=previous,
-                  vocab_key=tuple(new.vocab.itos))
+    current = ServedModel(new.model_id, engine(new), tuple(new.labels), new.encode,
+                          len(new.vocab), tuple(new.vocab.itos))
+    return Worker(s, ModelSet(current, previous, s.limits, metrics),
+                  ModelKeyed(store, new.model_id), FakeSource(log, IN), FakeSink(log), metrics)
 
 
 def split_stream(sessions, seed):

@@ -23,7 +23,7 @@ from .engine import Engine
 from .kafka_io import KafkaSink, KafkaSource, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
-from .models import DrainWatcher, ServedModel
+from .models import DrainWatcher, ModelSet, ServedModel
 from .output import OutputPolicy
 from .ports import StateStore
 from .state import Keys, MemoryStateStore, RedisStateStore
@@ -129,11 +129,11 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
                   "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
     source = KafkaSource(settings.kafka)
     sink = KafkaSink(settings.kafka)
-    worker = Worker(settings, engine, store, source, sink, metrics, clf.labels, clf.model_id,
-                    clf.encode, len(clf.vocab), previous=previous,
-                    vocab_key=tuple(clf.vocab.itos))
-    worker.models.current.device = device
-    drain = DrainWatcher(worker.models, store, settings.model.drain_check_s).start()
+    current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),
+                          tuple(clf.vocab.itos), device)
+    models = ModelSet(current, previous, settings.limits, metrics)
+    worker = Worker(settings, models, store, source, sink, metrics)
+    drain = DrainWatcher(models, store, settings.model.drain_check_s).start()
 
     def ready() -> tuple[bool, dict]:
         try:

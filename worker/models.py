@@ -30,7 +30,7 @@ from .config import LimitSettings
 from .engine import BatchResult, Engine
 from .messages import PredictionEncoder, Rejection, TokenMessage, decode
 from .metrics import Metrics
-from .ports import StateStore
+from .ports import Record, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,20 @@ class ModelSet:
     def namespaces(self) -> tuple[str | None, ...]:
         """The model namespaces a batch loads: the current one (None), then the previous."""
         return (None,) if self.previous is None else (None, self.previous.model_id)
+
+    def decode(self, records: Sequence[Record]) -> tuple[list[TokenMessage], list[Rejection]]:
+        """Validate each record against the message contract with the current model's
+        tokenizer (a session served by the previous model is tokenized again by it)."""
+        cur = self.current
+        messages, rejections = [], []
+        for r in records:
+            m = decode(r, cur.vocab_size, cur.encode_tokens, self.limits)
+            (messages if isinstance(m, TokenMessage) else rejections).append(m)
+        for rej in rejections:
+            rec = rej.record
+            log.warning("dead-letter %s[%d]@%d: %.300s", rec.topic, rec.partition, rec.offset,
+                        rej.reason)
+        return messages, rejections
 
     def encoder(self, model_id: str) -> PredictionEncoder:
         prev = self.previous

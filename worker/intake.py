@@ -1,0 +1,94 @@
+"""Polling the input: how many records the next batch may take, and what a poll can meet.
+
+The batch limit comes from the latency budget (``worker.budget``), fed the consumer lag
+after each poll. A poll that meets a record batch the client cannot decode counts it, logs
+where it is and backs off, doubling while the partition stays stuck; other dependency errors
+back off too. The interpreter's thread switch interval follows the budget's reason: short
+while records are few, long while a backlog lifts the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from .budget import BatchBudget
+from .clock import Clock
+from .config import BatchSettings
+from .errors import DependencyError, UndecodableInput
+from .metrics import Metrics
+from .ports import Record, Source
+from .retry import Retrier
+
+log = logging.getLogger("worker.loop")
+
+
+class Intake:
+    def __init__(self, settings: BatchSettings, source: Source, retrier: Retrier,
+                 metrics: Metrics, clock: Clock) -> None:
+        self.settings, self.source, self.retry = settings, source, retrier
+        self.metrics, self.clock = metrics, clock
+        self.budget = BatchBudget(settings.target_latency_ms / 1000, settings.max_records)
+        self.last_poll_ok = 0.0  # monotonic time of the last poll that did not fail
+        self._waiting: int | None = None  # consumer lag after the last poll
+        self._limit_reason: str | None = None  # the reason label gru_batch_limit_records has
+        self._undecodable_backoff = retrier.settings.initial_backoff_s
+        metrics.batch_budget.set(settings.target_latency_ms / 1000)
+
+    def poll(self) -> list[Record]:
+        limit = self.budget.limit(self._waiting)
+        m = self.metrics
+        if limit.reason != self._limit_reason:  # one series: the current limit and its reason
+            if self._limit_reason is not None:
+                m.batch_limit.remove(self._limit_reason)
+            self._limit_reason = limit.reason
+            self._set_switch_interval(limit.reason)
+        m.batch_limit.labels(limit.reason).set(limit.records)
+        t0 = time.perf_counter()
+        try:
+            records = self.source.poll(limit.records, self.settings.max_wait_ms)
+        except UndecodableInput as e:
+            m.undecodable.labels(e.topic or "unknown",
+                                 "unknown" if e.partition is None else str(e.partition)).inc()
+            log.error("%s. The partition cannot advance past this batch; the others go on. "
+                      "See docs/reliability.md, 'Undecodable input'", e)
+            self.retry.wait(e, self._undecodable_backoff)
+            self._undecodable_backoff = self.retry.next_backoff(self._undecodable_backoff)
+            return []
+        except DependencyError as e:
+            self.retry.wait(e, self.retry.settings.initial_backoff_s)
+            return []
+        if records:
+            m.poll_seconds.observe(time.perf_counter() - t0)
+        self._undecodable_backoff = self.retry.settings.initial_backoff_s
+        self.last_poll_ok = self.clock.monotonic()
+        self._update_lag()
+        return records
+
+    def observe(self, messages: int, sessions: int, seconds: float) -> None:
+        """A batch's own processing time, for the budget's cost model."""
+        self.budget.observe(messages, sessions, seconds)
+        self.metrics.batch_cost.labels("fixed").set(self.budget.fixed_s)
+        self.metrics.batch_cost.labels("per_message").set(self.budget.per_message_s)
+
+    def _set_switch_interval(self, reason: str) -> None:
+        """Short GIL turns while records are few, long ones while a backlog lifts the budget.
+        kafka-python runs its network I/O on its own thread: every poll, send and commit hands
+        over to it and back, and at Python's 5 ms switch interval the loop could wait that
+        long for the GIL after each (docs/latency.md); under a backlog each hand-off costs CPU
+        instead. The process-wide interval is the loop's alone to set: the first poll sets it."""
+        b = self.settings
+        ms = b.backlog_switch_interval_ms if reason == "backlog" and b.backlog_switch_interval_ms \
+            else b.switch_interval_ms
+        sys.setswitchinterval(ms / 1000)
+
+    def _update_lag(self) -> None:
+        try:
+            lags = self.source.lag()
+        except DependencyError:
+            self._waiting = None
+            return
+        for (topic, p), lag in lags.items():
+            self.metrics.lag.labels(topic, str(p)).set(lag)
+        self._waiting = sum(lags.values()) if lags else None
