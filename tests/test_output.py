@@ -20,7 +20,7 @@ from worker.output import OutputPolicy, decide
 
 from .fakes import FakeSink
 from .streams import bbc_sessions, interleave
-from .test_loop import IN, make_worker, predictions, publish
+from .workers import IN, make_worker, predictions, publish
 
 from worker.state import MemoryStateStore
 from .fakes import FakeLog

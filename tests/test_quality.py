@@ -15,7 +15,7 @@ from worker.state import MemoryStateStore
 
 from .fakes import FakeLog
 from .streams import bbc_sessions, interleave
-from .test_loop import make_worker, publish
+from .workers import make_worker, publish
 
 
 @pytest.fixture(scope="module")

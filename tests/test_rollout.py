@@ -25,7 +25,7 @@ from worker.state import MemoryStateStore
 
 from .fakes import FakeLog, FakeSink, FakeSource
 from .streams import assert_exact, bbc_sessions, interleave
-from .test_loop import IN, make_worker, predictions, publish
+from .workers import IN, make_worker, predictions, publish
 
 
 @pytest.fixture(scope="module")

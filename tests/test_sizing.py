@@ -62,9 +62,9 @@ def test_memory_is_sessions_times_bytes_per_session():
     p = Profile(msgs_per_s=1000, sessions=10_000_000, cluster=False)
     pl = sizing.plan(p, M)
     value, per = sizing.bytes_per_session(p, M)
-    # GRS3: a 40-byte header, h (128 x f32), first-seen tokens (5 x u32), one outbox entry
-    assert value == 40 + 512 + 20 + 33 + 20 == 625
-    assert per == sizing.sds_bytes(625) + sizing.sds_bytes(
+    # GRS4: a 64-byte header, h (128 x f32), first-seen tokens (5 x u32), one outbox entry
+    assert value == 64 + 512 + 20 + 33 + 20 == 649
+    assert per == sizing.sds_bytes(649) + sizing.sds_bytes(
         sizing.state_key_bytes(16, False)) + 100
     assert pl.redis_memory_gib == pytest.approx(10_000_000 * per / 2**30, abs=0.01)
     assert pl.redis_rss_gib == pytest.approx(pl.redis_memory_gib * 1.1, abs=0.01)

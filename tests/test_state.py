@@ -57,8 +57,10 @@ def encode_v2(s: SessionState, num_labels: int) -> bytes:
 
 @pytest.mark.parametrize("ended", [False, True])
 def test_values_of_the_previous_format_are_still_read(ended):
-    """An upgrade must not cut live sessions: GRS2 values decode (no last label, no
-    first-seen counts), per value and in the engine's batch decode, and pass the write rule."""
+    """An upgrade must not cut live sessions: GRS2 values decode (no first-seen counts, no
+    lineage; the last emitted label is the top label of the outbox's last emitted entry, so
+    ``emit=change`` goes on comparing with it), per value and in the engine's batch decode,
+    and pass the write rule."""
     from worker.engine import decode_states
     h = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = (OutboxEntry(7, 7, 30, ended, token_digest([1], ended), (0.25, 0.75)),)
@@ -67,13 +69,66 @@ def test_values_of_the_previous_format_are_still_read(ended):
     back = decode_state(raw, 2, 3, 2)
     assert (back.last_pos, back.tokens_seen, back.messages, back.ended, back.outbox) == (
         7, 30, 8, ended, out)
-    assert back.last_label is None and back.first_seen is None
+    assert back.last_label == 1 and back.first_seen is None
+    assert (back.start_offset, back.last_offset, back.last_ts) == (-1, -1, -1)
     if not ended:
         assert np.array_equal(back.h, h)
     got = decode_states([raw, None], 2, 3, 2)
     assert got.exists[0] and not got.corrupt and got.last_pos[0] == 7 and got.ended[0] == ended
-    assert got.last_label[0] == -1 and not got.first[0].any()
+    assert got.last_label[0] == 1 and not got.first[0].any() and got.start_offset[0] == -1
     assert write_status(raw, 7, 8) == WriteStatus.OK
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_values_of_the_grs3_format_are_still_read(ended):
+    """GRS3 (no lineage) decodes with its last label and first-seen counts; the lineage is
+    unknown (-1)."""
+    from worker.codec import ENDED, HEADER_V3, SEQ
+    from worker.engine import decode_states
+    h = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = OutboxEntry(7, 7, 30, ended, token_digest([1], ended), (0.25, 0.75))
+    flags = SEQ | (ENDED if ended else 0)
+    hh = np.zeros((0, 0), np.float32) if ended else h
+    parts = [HEADER_V3.pack(b"GRS3", flags, *hh.shape, 2, 1, 7, 30, 8, 0, 0),
+             hh.astype("<f4").tobytes()]
+    if not ended:
+        parts.append(np.asarray([3, 0], "<u4").tobytes())
+    parts += [OUTBOX_ENTRY.pack(7, 7, 30, int(ended), out.digest), np.asarray(out.probs, "<f4").tobytes()]
+    raw = b"".join(parts)
+    back = decode_state(raw, 2, 3, 2)
+    assert back.last_label == 0 and back.outbox == (out,) and back.start_offset == -1
+    assert back.first_seen == (None if ended else (3, 0))
+    got = decode_states([raw], 2, 3, 2)
+    assert got.exists[0] and not got.corrupt and got.last_label[0] == 0
+    assert got.last_ts[0] == -1 and write_status(raw, 7, 8) == WriteStatus.OK
+
+
+def test_a_grs2_value_with_change_emits_only_when_the_label_changes():
+    """B8: a session stored as GRS2 continues on the new worker with emit=change; its first
+    message after the upgrade is emitted only if its label differs from the one the outbox
+    says was last emitted."""
+    import torch
+    from model.gru import GRUClassifier, ModelConfig
+    from worker.engine import Engine
+    from worker.messages import TokenMessage
+    from worker.output import OutputPolicy
+    from worker.ports import Record
+    torch.manual_seed(0)
+    m = GRUClassifier(ModelConfig(vocab_size=20, embed_dim=4, hidden_size=3, num_layers=1,
+                                  num_labels=2, dropout=0.0, mean_dim=0))
+    eng = Engine(m, output=OutputPolicy("change"))
+    h = np.zeros((1, m.config.state_size), np.float32)
+    msg = TokenMessage("s", 1, [5], False, Record("t", 0, 1, b"s", b"{}", 1000))
+    probs = eng.apply([msg], {"s": None}).updates[0].table.probs[0]
+    label = int(np.argmax(probs))
+    for stored_label, emitted in ((label, False), (1 - label, True)):
+        p = [0.0, 0.0]
+        p[stored_label] = 1.0
+        entry = OutboxEntry(0, 0, 1, False, token_digest([1], False), tuple(p))
+        raw = encode_v2(SessionState(h, 0, PosKind.SEQ, 1, 1, False, (entry,), False),
+                        m.config.num_labels)
+        u = eng.apply([msg], {"s": raw}).updates[0]
+        assert bool(u.table.emit[0]) is emitted
 
 
 def test_token_digest_tells_messages_apart():
@@ -86,7 +141,8 @@ def test_float16_state_is_half_the_size_and_close():
     h = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32) / 3
     s = SessionState(h, 5, PosKind.OFFSET)
     raw16, raw32 = encode_state(s, 5, "float16"), encode_state(s, 5)
-    assert len(raw16) - 40 - 4 * 5 == (len(raw32) - 40 - 4 * 5) // 2
+    head = HEADER.size + 4 * 5
+    assert len(raw16) - head == (len(raw32) - head) // 2
     assert np.abs(decode_state(raw16, 2, 128, 5).h - h).max() < 1e-3
 
 
@@ -130,8 +186,8 @@ def put(store, sid, raw):
         store.client.set(store.keys.session(sid, TP), raw)
 
 
-# (stored value, expected position, new position) -> status. The one rule both stores apply:
-# codec.write_status in Python (the memory store), the WRITE_SCRIPT in Lua (Redis).
+# (stored value, expected position, new position[, replaces]) -> status. The one rule both
+# stores apply: codec.write_status in Python (the memory store), the WRITE_SCRIPT in Lua (Redis).
 RULE_TABLE = [
     (None, None, 0, WriteStatus.OK),  # a new session
     (None, 3, 4, WriteStatus.STALE),  # we loaded a state that is gone
@@ -145,22 +201,30 @@ RULE_TABLE = [
     (b"XXXX" + value(3)[4:], 3, 4, WriteStatus.CORRUPT),  # another program's value
     (value(3)[:20], 3, 4, WriteStatus.CORRUPT),  # shorter than a header
     (b"GRS2" + value(3)[4:36], 3, 4, WriteStatus.OK),  # the previous format's header
+    (b"GRS3" + value(3)[4:40], 3, 4, WriteStatus.OK),
+    # the loaded value expired in event time: a new conversation may go back, but only over
+    # exactly the value loaded
+    (value(3), 3, 0, WriteStatus.OK, True),
+    (value(3), 2, 0, WriteStatus.STALE, True),
+    (value(3), None, 0, WriteStatus.STALE, True),
 ]
 
 
-@pytest.mark.parametrize("current, expected, new, status", RULE_TABLE)
-def test_write_rule_table_in_python(current, expected, new, status):
-    assert write_status(current, expected, new) == status
+@pytest.mark.parametrize("case", RULE_TABLE)
+def test_write_rule_table_in_python(case):
+    current, expected, new, status, *replaces = case
+    assert write_status(current, expected, new, *replaces) == status
 
 
 def test_write_rule_table_on_both_stores(store):
     (claim,) = store.claim([TP]).values()
     mark = {TP: PartitionMark(claim.token, 1)}
-    for i, (current, expected, new, status) in enumerate(RULE_TABLE):
+    for i, (current, expected, new, status, *replaces) in enumerate(RULE_TABLE):
         sid = f"case{i}"
         if current is not None:
             put(store, sid, current)
-        got = store.store(mark, [StateWrite(sid, TP, expected, new, value(new), 60_000)])
+        got = store.store(mark, [StateWrite(sid, TP, expected, new, value(new), 60_000,
+                                            replaces=bool(replaces and replaces[0]))])
         assert got.statuses == [status], (i, current[:8] if current else None, expected, new)
         want = value(new) if status == WriteStatus.OK else current
         assert store.load([sid], [TP]) == [want], i

@@ -28,10 +28,8 @@ from model.gru import GRUClassifier
 from .codec import (
     ENDED,
     F16,
-    HEADER_DTYPE,
-    HEADER_V2_DTYPE,
+    FORMATS,
     MAGIC,
-    MAGIC_V2,
     MAX_OUTBOX,
     NO_LABEL,
     OUT_FINAL,
@@ -44,6 +42,8 @@ from .codec import (
     StateCorrupt,
     decode_outbox,
     decode_state,
+    outbox_label,
+    with_carried,
     token_digests,
     value_dtype,
 )
@@ -95,6 +95,10 @@ class SessionUpdate:
     started: bool  # the session had no live state before this batch
     tokens: int  # tokens this batch applied to the session
     model: str | None = None  # the model namespace it is written under (None: the current)
+    start_offset: int = -1  # input offset of the session's first message (-1: unknown)
+    last_ts: int = -1  # record timestamp (ms) of the last message applied (-1: unknown)
+    ended: bool = False  # the last message applied ended the session
+    replaces: bool = False  # the stored value had expired in event time (``StateWrite``)
 
     @property
     def predictions(self) -> list[Prediction]:
@@ -151,6 +155,9 @@ class _Loaded:
     h: np.ndarray  # (S, L, H) float32; zeros where there is no live state
     last_label: np.ndarray  # int64: the last label emitted, -1 for none
     first: np.ndarray  # (S, C) int64: tokens seen when each label was first predicted, 0: not yet
+    start_offset: np.ndarray  # int64: input offset of the session's first message, -1: unknown
+    last_offset: np.ndarray  # int64: input offset of its last message, -1: unknown
+    last_ts: np.ndarray  # int64: that message's record timestamp (ms), -1: unknown
     corrupt: dict[int, str]
 
 
@@ -162,28 +169,30 @@ def decode_states(raws: Sequence[bytes | None], layers: int, hidden: int,
     out = _Loaded(np.zeros(S, bool), np.zeros(S, np.int64), np.zeros(S, bool),
                   np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, bool),
                   np.zeros(S, bool), np.zeros((S, layers, hidden), np.float32),
-                  np.full(S, -1, np.int64), np.zeros((S, num_labels), np.int64), {})
-    by_len: dict[tuple[int, bool], list[int]] = {}
+                  np.full(S, -1, np.int64), np.zeros((S, num_labels), np.int64),
+                  np.full(S, -1, np.int64), np.full(S, -1, np.int64), np.full(S, -1, np.int64),
+                  {})
+    by_len: dict[tuple[int, bytes], list[int]] = {}
     for i, raw in enumerate(raws):
         if raw is not None:
-            by_len.setdefault((len(raw), raw[:4] == MAGIC_V2), []).append(i)
+            by_len.setdefault((len(raw), bytes(raw[:4])), []).append(i)
     entry = 8 * 3 + 1 + 8 + 4 * num_labels
-    for (length, v2), idx in by_len.items():
-        hdr_dtype = HEADER_V2_DTYPE if v2 else HEADER_DTYPE
-        hsize = hdr_dtype.itemsize
-        if length < hsize:
+    for (length, magic), idx in by_len.items():
+        fmt = FORMATS.get(magic)
+        hsize = fmt.header.size if fmt is not None else 0
+        if fmt is None or length < hsize:
             for i in idx:
                 out.corrupt[i] = _reason(raws[i], layers, hidden, num_labels)
             continue
         buf = np.frombuffer(b"".join(raws[i] for i in idx), np.uint8).reshape(len(idx), length)
-        hdr = np.ascontiguousarray(buf[:, :hsize]).view(hdr_dtype).reshape(-1)
+        hdr = np.ascontiguousarray(buf[:, :hsize]).view(fmt.dtype).reshape(-1)
         flags = hdr["flags"].astype(np.int64)
         ended = (flags & ENDED) != 0
         f16 = (flags & F16) != 0
         l, hd = hdr["layers"].astype(np.int64), hdr["hidden"].astype(np.int64)
         width = np.where(f16, 2, 4)
-        first_bytes = np.where(ended | v2, 0, 4 * num_labels)
-        ok = ((hdr["magic"] == (MAGIC_V2 if v2 else MAGIC)) & (hdr["labels"] == num_labels)
+        first_bytes = np.where(ended | (not fmt.first_seen), 0, 4 * num_labels)
+        ok = ((hdr["labels"] == num_labels)
               & np.where(ended, (l == 0) & (hd == 0), (l == layers) & (hd == hidden))
               & (hsize + l * hd * width + first_bytes + hdr["n_out"].astype(np.int64) * entry
                  == length))
@@ -198,16 +207,24 @@ def decode_states(raws: Sequence[bytes | None], layers: int, hidden: int,
         out.messages[good] = hdr["messages"][ok]
         out.ended[good] = ended[ok]
         out.partial[good] = (flags[ok] & PARTIAL) != 0
-        if not v2:
+        if fmt.first_seen:
             lab = hdr["last_label"][ok].astype(np.int64)
             out.last_label[good] = np.where(lab == NO_LABEL, -1, lab)
+        else:  # GRS2 kept no last label: its outbox's last emitted entry has it
+            for i in good.tolist():
+                label = outbox_label(decode_outbox(raws[i]))
+                out.last_label[i] = -1 if label is None else label
+        if fmt.lineage:
+            out.start_offset[good] = hdr["start_offset"][ok]
+            out.last_offset[good] = hdr["last_offset"][ok]
+            out.last_ts[good] = hdr["last_ts"][ok]
         for w, dtype in ((4, "<f4"), (2, "<f2")):
             sel = ok & ~ended & (width == w)
             if sel.any():
                 end = hsize + layers * hidden * w
                 hb = np.ascontiguousarray(buf[sel, hsize:end])
                 out.h[rows[sel]] = hb.view(dtype).reshape(-1, layers, hidden)
-                if not v2:
+                if fmt.first_seen:
                     fb = np.ascontiguousarray(buf[sel, end:end + 4 * num_labels])
                     out.first[rows[sel]] = fb.view("<u4").reshape(-1, num_labels)
     return out
@@ -235,8 +252,12 @@ class Engine:
         c = model.config
         self.layers, self.hidden, self.num_labels = c.num_layers, c.state_size, c.num_labels
 
-    def apply(self, messages: Sequence[TokenMessage],
-              loaded: Mapping[str, bytes | None]) -> BatchResult:
+    def apply(self, messages: Sequence[TokenMessage], loaded: Mapping[str, bytes | None],
+              partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
+        """Apply ``messages`` to the ``loaded`` values of their sessions. ``partial_below``:
+        per partition, an offset the group was moved to past records never applied (an
+        operator's skip): a live session last written below it may have lost messages there,
+        and continues marked partial unless its ``seq`` shows it lost none."""
         result = BatchResult()
         by_session: dict[str, list[int]] = {}
         for i, m in enumerate(messages):
@@ -244,17 +265,18 @@ class Engine:
         sids = list(by_session)
         raws = [loaded.get(s) for s in sids]
         st = decode_states(raws, self.layers, self.hidden, self.num_labels)
+        plan = _Plan()
+        skips = partial_below or {}
 
         # Decide, per session and in order, what each message does (the one Python loop, on
         # plain lists: numpy scalars cost ten times as much to touch one at a time).
-        plan_rows: list[int] = []  # session index of each plan row
-        row_start: list[int] = []  # its steps are s_*[row_start : row_start + row_count]
-        row_count: list[int] = []
-        s_msg, s_reset, s_seq, s_seen, s_count, s_partial = [], [], [], [], [], []
         c_exists, c_last, c_seqk = st.exists.tolist(), st.last_pos.tolist(), st.seq_kind.tolist()
         c_tokens, c_msgs = st.tokens.tolist(), st.messages.tolist()
         c_ended, c_partial = st.ended.tolist(), st.partial.tolist()
+        c_start, c_loff, c_lts = (st.start_offset.tolist(), st.last_offset.tolist(),
+                                  st.last_ts.tolist())
         SEQK, OFFK = PosKind.SEQ, PosKind.OFFSET
+        ttl, end_ttl = self.ttl_ms, self.end_ttl_ms
         for k, sid in enumerate(sids):
             idx = by_session[sid]
             if k in st.corrupt:
@@ -269,10 +291,28 @@ class Engine:
             tokens = c_tokens[k] if live else 0
             count = c_msgs[k] if live else 0
             partial = c_partial[k] if live else False
+            start_offset = c_start[k] if live else -1
+            last_ts = c_lts[k] if exists else -1
+            if live and not partial and c_loff[k] < skips.get(_tp(messages[idx[0]]), -1):
+                first_new = messages[idx[0]]
+                # the group skipped records after this session's last write: it may have
+                # lost messages there, unless its seq goes on without a gap
+                partial = not (kind == SEQK and first_new.seq == last_pos + 1)
             outbox: dict[int, OutboxEntry] | None = None  # decoded on the first duplicate
-            start = len(s_msg)
+            carried: list[int] = []  # positions re-emitted from the outbox in this batch
+            start = len(plan.msg)
             for i in idx:
                 m = messages[i]
+                ts = m.record.timestamp_ms
+                if exists and last_ts >= 0 and ts is not None and ts - last_ts > (
+                        ttl if live else end_ttl):
+                    # expired in event time: the state, or an ended session's tombstone, is
+                    # gone for this message (the key may outlive it in the store)
+                    exists = live = partial = False
+                    last_pos = kind = None
+                    tokens = count = 0
+                    start_offset = -1
+                    outbox, carried = {}, []
                 m_kind = SEQK if m.seq is not None else OFFK
                 if kind is not None and m_kind != kind:
                     result.rejections.append(Rejection(m.record, (
@@ -298,37 +338,34 @@ class Engine:
                             sid, entry.seq, entry.probs, entry.tokens_seen, entry.final,
                             m.record, replayed=True, partial=c_partial[k],
                             model_id=self.model_id))
+                        if len(plan.msg) == start and pos not in carried:
+                            carried.append(pos)  # kept in the outbox until acknowledged
                     continue
                 reset = not live
                 if reset:
                     tokens = count = 0
+                    start_offset = m.record.offset
                     # No state at all (not even an ended session's tombstone) and a seq past
                     # 0: the session's beginning was never applied here (expired, or lost by
                     # Redis and older than the log's rebuild window).
-                    partial = (not exists and len(s_msg) == start and m.seq is not None
+                    partial = (not exists and len(plan.msg) == start and m.seq is not None
                                and m.seq > 0)
                     if partial:
                         result.partial_sessions.add(sid)
                 tokens += len(m.token_ids)
-                s_msg.append(i)
-                s_reset.append(reset)
-                s_seq.append(m.seq if m.seq is not None else count)
-                s_seen.append(tokens)
-                s_count.append(count + 1)
-                s_partial.append(partial)
+                plan.step(i, reset, m.seq if m.seq is not None else count, tokens, count + 1,
+                          partial, start_offset)
                 count += 1
-                last_pos, kind, live = pos, m_kind, not m.end
-            n = len(s_msg) - start
+                last_pos, kind, live, exists = pos, m_kind, not m.end, True
+                last_ts = ts if ts is not None else -1
+            n = len(plan.msg) - start
             if n:
-                if n > MAX_OUTBOX:
+                if n + len(carried) > MAX_OUTBOX:
                     raise ValueError(f"session {sid!r} has {n} messages in one batch; an "
                                      f"outbox holds at most {MAX_OUTBOX}")
-                plan_rows.append(k)
-                row_start.append(start)
-                row_count.append(n)
-        if plan_rows:
-            self._run(messages, sids, st, plan_rows, row_start, row_count, s_msg, s_reset, s_seq,
-                      s_seen, s_count, s_partial, result)
+                plan.row(k, start, n, [outbox[p] for p in carried] if carried else [])
+        if plan.rows:
+            self._run(messages, sids, st, plan, result)
         return result
 
     def _to_device(self, h0: np.ndarray) -> torch.Tensor:
@@ -343,11 +380,11 @@ class Engine:
         return buf.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def _run(self, messages, sids, st: _Loaded, plan_rows, row_start, row_count, s_msg, s_reset,
-             s_seq, s_seen, s_count, s_partial, result: BatchResult) -> None:
+    def _run(self, messages: Sequence[TokenMessage], sids: list[str], st: _Loaded, plan: "_Plan",
+             result: BatchResult) -> None:
         t0 = time.perf_counter()
-        n_steps, P = len(s_msg), len(plan_rows)
-        msgs = [messages[i] for i in s_msg]
+        n_steps, P = len(plan.msg), len(plan.rows)
+        msgs = [messages[i] for i in plan.msg]
         lengths = np.fromiter(map(len, (m.token_ids for m in msgs)), np.int64, n_steps)
         flat = np.fromiter(itertools.chain.from_iterable(m.token_ids for m in msgs), np.int64,
                            int(lengths.sum()))
@@ -357,15 +394,15 @@ class Engine:
         ends = np.fromiter((m.end for m in msgs), bool, n_steps)
         digests = token_digests(flat, lengths, ends)
         # A plan row's steps are contiguous: step i is the r-th new message of row p.
-        starts = np.asarray(row_start, np.int64)
-        counts = np.asarray(row_count, np.int64)
+        starts = np.asarray(plan.row_start, np.int64)
+        counts = np.asarray(plan.row_count, np.int64)
         step_row = np.repeat(np.arange(P), counts)
         step_round = np.arange(n_steps) - np.repeat(starts, counts)
-        rows_idx = np.asarray(plan_rows)
-        live0 = st.exists[rows_idx] & ~st.ended[rows_idx]
+        rows_idx = np.asarray(plan.rows)
+        resets = np.asarray(plan.reset, bool)
+        live0 = ~resets[starts]  # the row goes on from a stored live state
         h0 = np.where(live0[:, None, None], st.h[rows_idx], 0.0).astype(np.float32)
         h = self._to_device(h0).transpose(0, 1).contiguous()  # (L, P, H)
-        resets = np.asarray(s_reset, bool)
         ids_t, len_t = torch.from_numpy(ids), torch.from_numpy(lengths)
         rounds = int(counts.max())
         if rounds == 1:  # every session has one new message: one step, no gathers
@@ -407,82 +444,169 @@ class Engine:
         never = np.int64(2**62)
         first = np.where(continues[:, None], st.first[stored], 0)
         first = np.where(first == 0, never, first)
-        seen_arr = np.asarray(s_seen, np.int64)
-        np.minimum.at(first, (segment, label), seen_arr)
+        seen = np.asarray(plan.seen, np.int64)
+        np.minimum.at(first, (segment, label), seen)
         first_reached = np.where(ends, first[segment, label], 0)
-        row_seg = segment[starts + counts - 1]
-        row_first = np.where(first[row_seg] == never, 0, np.minimum(first[row_seg], SEEN_MAX))
-        row_label = decisions.last_label[row_seg]
-
-        seq = np.asarray(s_seq, np.int64)
-        seen = np.asarray(s_seen, np.int64)
-        partial = np.asarray(s_partial, bool)
-        seq_given = np.fromiter((m.seq is not None for m in msgs), bool, n_steps)
-        positions = np.where(seq_given, seq, np.fromiter((m.record.offset for m in msgs),
-                                                         np.int64, n_steps))
         last = starts + counts - 1
+        row_seg = segment[last]
+
+        seq = np.asarray(plan.seq, np.int64)
+        partial = np.asarray(plan.partial, bool)
+        seq_given = np.fromiter((m.seq is not None for m in msgs), bool, n_steps)
+        offsets = np.fromiter((m.record.offset for m in msgs), np.int64, n_steps)
+        stamps = np.fromiter((-1 if m.record.timestamp_ms is None else m.record.timestamp_ms
+                              for m in msgs), np.int64, n_steps)
+        positions = np.where(seq_given, seq, offsets)
         table = StepTable([m.session_id for m in msgs], [m.record for m in msgs], seq, seen,
                           ends, partial, probs, label, confidence, decisions.emit,
                           decisions.confident, first_reached, self.model_id)
-        values = self._encode(starts, counts, last, h_out, positions, seq, seen,
-                              np.asarray(s_count, np.int64), ends, partial, digests, seq_given,
-                              probs, decisions.emit, row_label, row_first)
+        rows = _Rows(
+            last=last, counts=counts, h=h_out, label=decisions.last_label[row_seg],
+            first=np.where(first[row_seg] == never, 0, np.minimum(first[row_seg], SEEN_MAX)),
+            start_offset=np.asarray(plan.start_offset, np.int64)[last],
+            carried=plan.carried)
+        steps = _Steps(positions=positions, seq=seq, seen=seen,
+                       count=np.asarray(plan.count, np.int64), ends=ends, partial=partial,
+                       digests=digests, seq_given=seq_given, probs=probs, emit=decisions.emit,
+                       offsets=offsets, stamps=stamps)
+        values = self._encode(rows, steps)
         tokens = np.add.reduceat(lengths, starts).tolist()
         new_pos, ended = positions[last].tolist(), ends[last].tolist()
-        exists, old_pos, was_ended = (st.exists[rows_idx].tolist(), st.last_pos[rows_idx].tolist(),
-                                      st.ended[rows_idx].tolist())
+        exists, old_pos = st.exists[rows_idx].tolist(), st.last_pos[rows_idx].tolist()
+        started = resets[starts].tolist()
+        first_offset, last_ts = rows.start_offset.tolist(), stamps[last].tolist()
         ttl, end_ttl = self.ttl_ms, self.end_ttl_ms
         for p in range(P):
-            lrec = msgs[row_start[p] + row_count[p] - 1].record
+            lrec = msgs[last[p]].record
             result.updates.append(SessionUpdate(
-                sids[plan_rows[p]], (lrec.topic, lrec.partition),
+                sids[plan.rows[p]], (lrec.topic, lrec.partition),
                 old_pos[p] if exists[p] else None, new_pos[p], values[p],
                 end_ttl if ended[p] else ttl, table,
-                list(range(row_start[p], row_start[p] + row_count[p])),
-                not exists[p] or was_ended[p], tokens[p]))
+                list(range(plan.row_start[p], plan.row_start[p] + plan.row_count[p])),
+                started[p], tokens[p], start_offset=first_offset[p], last_ts=last_ts[p],
+                ended=ended[p], replaces=exists[p] and new_pos[p] <= old_pos[p]))
 
-    def _encode(self, starts, counts, last, h_out, positions, seq, seen, count, ends, partial,
-                digests, seq_given, probs, emit, row_label, row_first) -> list[bytes]:
-        """The new state values, one structured array per layout (ended or not, outbox size)."""
+    def _encode(self, rows: "_Rows", steps: "_Steps") -> list[bytes]:
+        """The new state values, one structured array per layout (ended or not, outbox size);
+        outbox entries carried from the stored value (re-emitted, not yet acknowledged) go
+        first in their session's outbox."""
         L, H, C = self.layers, self.hidden, self.num_labels
-        ended = ends[last]
-        flags = ((F16 if self.state_f16 else 0) | np.where(seq_given[last], SEQ, 0)
-                 | np.where(ended, ENDED, 0) | np.where(partial[last], PARTIAL, 0)).astype(np.uint8)
-        values: list[bytes] = [b""] * len(starts)
+        last, counts = rows.last, rows.counts
+        ended = steps.ends[last]
+        flags = ((F16 if self.state_f16 else 0) | np.where(steps.seq_given[last], SEQ, 0)
+                 | np.where(ended, ENDED, 0)
+                 | np.where(steps.partial[last], PARTIAL, 0)).astype(np.uint8)
+        starts = last - counts + 1
+        values: list[bytes] = [b""] * len(last)
         layout = ended.astype(np.int64) * (MAX_OUTBOX + 1) + counts
         for key in np.unique(layout).tolist():
-            rows = np.flatnonzero(layout == key)
+            sel = np.flatnonzero(layout == key)
             is_ended, n = key > MAX_OUTBOX, key % (MAX_OUTBOX + 1)
             dt = value_dtype(0 if is_ended else L, H, C, n, self.state_f16)
-            arr = np.zeros(len(rows), dt)
+            arr = np.zeros(len(sel), dt)
             hdr = arr["hdr"]
             hdr["magic"] = MAGIC
-            hdr["flags"] = flags[rows]
+            hdr["flags"] = flags[sel]
             if not is_ended:
                 hdr["layers"], hdr["hidden"] = L, H
-                arr["h"] = h_out[rows]
-                arr["first"] = row_first[rows]
+                arr["h"] = rows.h[sel]
+                arr["first"] = rows.first[sel]
             hdr["labels"] = C
-            hdr["last_label"] = np.where(row_label[rows] < 0, NO_LABEL, row_label[rows])
+            hdr["last_label"] = np.where(rows.label[sel] < 0, NO_LABEL, rows.label[sel])
             hdr["n_out"] = n
-            li = last[rows]
-            hdr["last_pos"] = positions[li]
-            hdr["tokens"] = seen[li]
-            hdr["messages"] = count[li]
-            steps = starts[rows][:, None] + np.arange(n)[None, :]  # (G, n)
+            li = last[sel]
+            hdr["last_pos"] = steps.positions[li]
+            hdr["tokens"] = steps.seen[li]
+            hdr["messages"] = steps.count[li]
+            hdr["start_offset"] = rows.start_offset[sel]
+            hdr["last_offset"] = steps.offsets[li]
+            hdr["last_ts"] = steps.stamps[li]
+            at = starts[sel][:, None] + np.arange(n)[None, :]  # (G, n)
             out = arr["out"]
-            out["position"] = positions[steps]
-            out["seq"] = seq[steps]
-            out["seen"] = seen[steps]
-            out["marks"] = np.where(ends[steps], OUT_FINAL, 0) | np.where(
-                emit[steps], 0, OUT_SUPPRESSED)
-            out["digest"] = digests[steps]
-            out["probs"] = probs[steps]
+            out["position"] = steps.positions[at]
+            out["seq"] = steps.seq[at]
+            out["seen"] = steps.seen[at]
+            out["marks"] = np.where(steps.ends[at], OUT_FINAL, 0) | np.where(
+                steps.emit[at], 0, OUT_SUPPRESSED)
+            out["digest"] = steps.digests[at]
+            out["probs"] = steps.probs[at]
             raw = arr.tobytes()
             size = dt.itemsize
-            for j, p in enumerate(rows.tolist()):
+            for j, p in enumerate(sel.tolist()):
                 values[p] = raw[j * size:(j + 1) * size]
+        for p, entries in rows.carried.items():
+            values[p] = with_carried(values[p], entries, C)
         return values
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What ``apply`` decided, as columns: one entry per new message (step), and per session
+    with new messages (row) where its steps begin, how many, and what its outbox carries."""
+
+    msg: list[int] = field(default_factory=list)  # index into the batch's messages
+    reset: list[bool] = field(default_factory=list)  # begins a new session state
+    seq: list[int] = field(default_factory=list)  # the seq reported
+    seen: list[int] = field(default_factory=list)  # tokens seen after it
+    count: list[int] = field(default_factory=list)  # messages applied after it
+    partial: list[bool] = field(default_factory=list)
+    start_offset: list[int] = field(default_factory=list)  # its session's first offset
+    rows: list[int] = field(default_factory=list)  # session index of each row
+    row_start: list[int] = field(default_factory=list)
+    row_count: list[int] = field(default_factory=list)
+    carried: dict[int, list[OutboxEntry]] = field(default_factory=dict)  # row -> entries
+
+    def step(self, msg: int, reset: bool, seq: int, seen: int, count: int, partial: bool,
+             start_offset: int) -> None:
+        self.msg.append(msg)
+        self.reset.append(reset)
+        self.seq.append(seq)
+        self.seen.append(seen)
+        self.count.append(count)
+        self.partial.append(partial)
+        self.start_offset.append(start_offset)
+
+    def row(self, session: int, start: int, count: int, carried: list[OutboxEntry]) -> None:
+        if carried:
+            self.carried[len(self.rows)] = carried
+        self.rows.append(session)
+        self.row_start.append(start)
+        self.row_count.append(count)
+
+
+@dataclass(slots=True)
+class _Rows:
+    """Per row (session written): what its new value's header and state hold."""
+
+    last: np.ndarray  # its last step
+    counts: np.ndarray  # its steps
+    h: np.ndarray  # (P, L, H) the new state
+    label: np.ndarray  # the last label emitted, -1: none
+    first: np.ndarray  # (P, C) first-seen token counts
+    start_offset: np.ndarray  # the session's first offset
+    carried: dict[int, list[OutboxEntry]]
+
+
+@dataclass(slots=True)
+class _Steps:
+    """Per step (new message applied): what its outbox entry and the header hold."""
+
+    positions: np.ndarray
+    seq: np.ndarray
+    seen: np.ndarray
+    count: np.ndarray
+    ends: np.ndarray
+    partial: np.ndarray
+    digests: np.ndarray
+    seq_given: np.ndarray
+    probs: np.ndarray
+    emit: np.ndarray
+    offsets: np.ndarray
+    stamps: np.ndarray
+
+
+def _tp(m: TokenMessage) -> TopicPartition:
+    return (m.record.topic, m.record.partition)
 
 
 def _digest(m: TokenMessage) -> int:

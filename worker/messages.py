@@ -122,23 +122,23 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
             raise _BadInput(f"text is {len(obj.text)} characters, too long for "
                             f"max_tokens_per_message={limits.max_tokens_per_message}")
         tokens = tokenize(obj.text)
-        _check_count(len(tokens), limits, "text")
+        _check_count(len(tokens), limits, "text", obj.end)
         ids = encode(tokens)
     elif obj.tokens is not None:
-        _check_count(len(obj.tokens), limits, "tokens")
+        _check_count(len(obj.tokens), limits, "tokens", obj.end)
         ids = encode(obj.tokens)
     else:
         ids = obj.token_ids
-        _check_count(len(ids), limits, "token_ids")
-        if min(ids) < 0 or max(ids) >= vocab_size:
+        _check_count(len(ids), limits, "token_ids", obj.end)
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
             i, t = next((i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size)
             raise _BadInput(f"token_ids[{i}]={t!r:.40} is out of range for vocab size {vocab_size}")
     return TokenMessage(sid, seq, ids, obj.end, record)
 
 
-def _check_count(n: int, limits: LimitSettings, field: str) -> None:
-    if n == 0:
-        raise _BadInput(f"{field} has no tokens")
+def _check_count(n: int, limits: LimitSettings, field: str, end: bool) -> None:
+    if n == 0 and not end:  # a closing message may be empty: it ends the session as it is
+        raise _BadInput(f"{field} has no tokens (only a message with end=true may have none)")
     if n > limits.max_tokens_per_message:
         raise _BadInput(f"{field} has {n} tokens, over max_tokens_per_message="
                         f"{limits.max_tokens_per_message}")

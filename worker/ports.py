@@ -107,6 +107,7 @@ class StateWrite:
     value: bytes
     ttl_ms: int
     model: str | None = None  # the model namespace (None: the store's current model)
+    replaces: bool = False  # the loaded value expired in event time: new_pos may go back
 
 
 @dataclass(frozen=True, slots=True)

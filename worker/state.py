@@ -28,8 +28,7 @@ import redis.exceptions as rex
 from .codec import (
     ENDED,
     LAST_POS_OFFSET,
-    MAGIC,
-    MAGIC_V2,
+    MAGICS,
     MIN_HEADER,
     mark_status,
     write_status,
@@ -110,10 +109,12 @@ return out
 WRITE_SCRIPT = """
 -- KEYS: P partition marks, then one state key per write.
 -- ARGV: P; per partition: token, next offset, expected next offset ('-': none);
---       per write: partition index, expected pos ('-' = absent), new pos, ttl ms, value.
+--       per write: partition index, expected pos ('-' = absent), new pos ('~' before it:
+--       the write replaces a value expired in event time, so it may go back), ttl ms, value.
 -- Returns per partition: its status (0 recorded, 2 fenced, 4 behind, 5 not recorded because a
 -- write was refused) and its stored next offset ('' if none); then one status per write
 -- (codec.write_status: 0 ok, 1 stale, 3 corrupt; or the partition's 2 fenced, 4 behind).
+local MAGICS = {%(magics)s}
 local np = tonumber(ARGV[1])
 local pstatus, stored, clean, out = {}, {}, {}, {}
 for i = 1, np do
@@ -134,19 +135,20 @@ end
 local a = 3 * np + 2
 for k = np + 1, #KEYS do
   local part, expected = tonumber(ARGV[a]), ARGV[a + 1]
-  local newpos, ttl, value = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
+  local replaces = string.sub(ARGV[a + 2], 1, 1) == '~'
+  local newpos = tonumber(replaces and string.sub(ARGV[a + 2], 2) or ARGV[a + 2])
+  local ttl, value = tonumber(ARGV[a + 3]), ARGV[a + 4]
   a = a + 5
   local status = pstatus[part]
   if status == 0 then
     local cur = redis.call('GET', KEYS[k])
     if not cur then
       status = (expected == '-') and 0 or 1
-    elseif #cur < %(header)d or (string.sub(cur, 1, 4) ~= '%(magic)s'
-                                 and string.sub(cur, 1, 4) ~= '%(magic_v2)s') then
+    elseif #cur < %(header)d or not MAGICS[string.sub(cur, 1, 4)] then
       status = 3
     else
       local curpos = struct.unpack('<i8', cur, %(pos)d)
-      if expected == '-' or curpos ~= tonumber(expected) or newpos <= curpos then
+      if expected == '-' or curpos ~= tonumber(expected) or (newpos <= curpos and not replaces) then
         status = 1
       end
     end
@@ -171,7 +173,7 @@ for i = 1, np do
   end
 end
 return out
-""" % {"header": MIN_HEADER, "magic": MAGIC.decode(), "magic_v2": MAGIC_V2.decode(),
+""" % {"header": MIN_HEADER, "magics": ", ".join(f"{m.decode()}=true" for m in MAGICS),
        "pos": LAST_POS_OFFSET + 1}
 
 
@@ -262,7 +264,7 @@ class RedisStateStore:
             args += [m.token, m.next_offset, "-" if m.expected is None else m.expected]
         for w in writes:
             args += [index[w.partition], "-" if w.expected_pos is None else w.expected_pos,
-                     w.new_pos, w.ttl_ms, w.value]
+                     f"~{w.new_pos}" if w.replaces else w.new_pos, w.ttl_ms, w.value]
         flat = self._write(keys=keys, args=args)
         head = flat[:2 * len(parts)]
         by_part = {tp: (int(head[2 * i]), _offset(head[2 * i + 1])) for i, tp in enumerate(parts)}
@@ -388,7 +390,7 @@ class MemoryStateStore:
                 status = pstatus[w.partition]
                 if status == WriteStatus.OK:
                     key = self._key(w.session_id, w.model)
-                    status = write_status(self._get(key), w.expected_pos, w.new_pos)
+                    status = write_status(self._get(key), w.expected_pos, w.new_pos, w.replaces)
                     if status == WriteStatus.OK:
                         self._data[key] = (w.value, self.clock() + w.ttl_ms / 1000)
                     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .engine import BatchResult, SessionUpdate
 from .messages import TokenMessage
@@ -116,7 +116,7 @@ class StateWriter:
     def _store(self, marks: dict[TopicPartition, PartitionMark],
                updates: Sequence[SessionUpdate]) -> StoreResult:
         writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
-                             u.ttl_ms, u.model) for u in updates]
+                             u.ttl_ms, u.model, u.replaces) for u in updates]
         res = self.retry.call(lambda: self.store.store(marks, writes))
         self.ownership.note_recorded(marks, res)
         return res
