@@ -9,23 +9,17 @@ once nothing is left under A (ended sessions' tombstones expired) A is unloaded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 import model
 from worker.config import Settings
-from worker.engine import Engine
-from worker.loop import Worker
-from worker.metrics import Metrics
-from worker.models import ModelSet, ServedModel
 from worker.state import MemoryStateStore
 
-from .fakes import FakeLog, FakeSink, FakeSource
+from .fakes import FakeLog
 from .streams import assert_exact, bbc_sessions, interleave
-from .workers import IN, make_worker, predictions, publish
+from .workers import ModelKeyed, make_worker, predictions, publish, rollout_worker, split_stream
 
 
 @pytest.fixture(scope="module")
@@ -36,67 +30,6 @@ def clf_a(tiny_model_dir):
 @pytest.fixture(scope="module")
 def clf_b(tiny_model_dir_b):
     return model.load(tiny_model_dir_b)
-
-
-class ModelKeyed:
-    """A worker's view of a shared MemoryStateStore in which "the current model" (None) is
-    that worker's model id, as ``state.Keys`` makes it for Redis: two workers on two models
-    then see each other's namespaces as they would in Redis."""
-
-    def __init__(self, store: MemoryStateStore, model_id: str) -> None:
-        self.inner, self.model_id = store, model_id
-
-    def _ids(self, models):
-        return [self.model_id if m is None else m for m in models]
-
-    def claim(self, partitions):
-        return self.inner.claim(partitions)
-
-    def load(self, session_ids, partitions=None, models=(None,)):
-        return self.inner.load(session_ids, partitions, self._ids(models))
-
-    def store(self, marks, writes):
-        return self.inner.store(marks, [dataclasses.replace(w, model=w.model or self.model_id)
-                                        for w in writes])
-
-    def count_sessions(self, models):
-        counts = self.inner.count_sessions(self._ids(models))
-        return {m: counts[i] for m, i in zip(models, self._ids(models))}
-
-    def ping(self):
-        return True
-
-
-def rollout_worker(new, old, log, store, **settings):
-    """A worker serving ``new``, with ``old`` as the previous model (as app.build_worker
-    wires ``--model-dir NEW --previous-model-dir OLD``)."""
-    s = Settings(idle_exit_s=0.05, **settings)
-    metrics = Metrics(CollectorRegistry())
-    metrics.add_model(new.model_id, new.labels, new.label_prior, "cpu", "current")
-    metrics.add_model(old.model_id, old.labels, old.label_prior, "cpu", "previous")
-    engine = lambda c: Engine(c.model, ttl_ms=s.state.ttl_seconds * 1000,  # noqa: E731
-                              end_ttl_ms=s.state.end_ttl_seconds * 1000, model_id=c.model_id)
-    previous = ServedModel(old.model_id, engine(old), tuple(old.labels), old.encode,
-                           len(old.vocab), tuple(old.vocab.itos))
-    current = ServedModel(new.model_id, engine(new), tuple(new.labels), new.encode,
-                          len(new.vocab), tuple(new.vocab.itos))
-    return Worker(s, ModelSet(current, previous, s.limits, metrics),
-                  ModelKeyed(store, new.model_id), FakeSource(log, IN), FakeSink(log), metrics)
-
-
-def split_stream(sessions, seed):
-    """Each session's messages, cut in two: the first part before the switch."""
-    pairs = interleave(sessions, seed=seed, end=True)
-    by_session: dict[str, list] = {}
-    for k, v in pairs:
-        by_session.setdefault(k, []).append((k, v))
-    before = {k: max(1, len(msgs) // 2) for k, msgs in by_session.items()}
-    seen: dict[str, int] = {}
-    first, rest = [], []
-    for k, v in pairs:
-        seen[k] = seen.get(k, 0) + 1
-        (first if seen[k] <= before[k] else rest).append((k, v))
-    return first, rest
 
 
 def test_a_rollout_keeps_live_sessions_on_the_previous_model_until_they_drain(clf_a, clf_b):

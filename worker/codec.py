@@ -205,6 +205,14 @@ def stored_position(raw: bytes) -> int:
     return struct.unpack_from("<q", raw, LAST_POS_OFFSET)[0]
 
 
+def last_timestamp(raw: bytes) -> int:
+    """The record timestamp (ms) of a stored value's last message; -1 when unknown."""
+    fmt = _format(raw)
+    if not fmt.lineage or len(raw) < fmt.header.size:
+        return -1
+    return struct.unpack_from("<q", raw, fmt.header.size - 8)[0]
+
+
 def write_status(current: bytes | None, expected_pos: int | None, new_pos: int,
                  replaces: bool = False) -> WriteStatus:
     """Whether a write lands on the current value: the stored position must be the one the

@@ -31,6 +31,10 @@ class KafkaSettings(BaseModel):
     input_topic: str = Field("tokens", json_schema_extra=flag("--input-topic", common=True))
     output_topic: str = Field("predictions", json_schema_extra=flag("--output-topic", common=True))
     dlq_topic: str = "tokens.dlq"
+    checkpoint_topic: str = Field("", description="where each commit's checkpoint record "
+                                  "goes (recovery's replay start, who moved the offsets, "
+                                  "rollouts); created with the input's partition count if "
+                                  "missing (default: <input_topic>.checkpoints)")
     group_id: str = Field("gru-worker", description="consumer group id",
                           json_schema_extra=flag("--group"))
     client_id: str = "gru-worker"
@@ -231,9 +235,13 @@ class Settings(BaseSettings):
         if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
             raise ValueError("kafka.heartbeat_interval_ms must be at most a third of "
                              "kafka.session_timeout_ms")
-        topics = {self.kafka.input_topic, self.kafka.output_topic, self.kafka.dlq_topic}
-        if len(topics) != 3:
-            raise ValueError("kafka input, output and dlq topics must be three different topics")
+        if not self.kafka.checkpoint_topic:
+            self.kafka.checkpoint_topic = f"{self.kafka.input_topic}.checkpoints"
+        k = self.kafka
+        topics = {k.input_topic, k.output_topic, k.dlq_topic, k.checkpoint_topic}
+        if len(topics) != 4:
+            raise ValueError("kafka input, output, dlq and checkpoint topics must be four "
+                             "different topics")
         if not self.limits.require_key and self.redis.cluster:
             raise ValueError("limits.require_key=false cannot be used with a Redis Cluster: keys "
                              "are placed by partition, and unkeyed sessions span partitions")

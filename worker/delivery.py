@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .clock import Clock
 from .config import KafkaSettings
@@ -22,7 +22,7 @@ from .errors import DependencyError
 from .messages import Rejection, dead_letter_key, encode_dead_letter, minimal_dead_letter
 from .metrics import Metrics
 from .models import ModelSet
-from .ports import Outgoing, Record, Sending, Sink
+from .ports import Outgoing, Record, Sending, Sink, TopicPartition
 from .recovery import Recovery
 from .retry import Retrier
 from .writer import Written
@@ -46,6 +46,8 @@ class InFlight:
     t_sent: float  # perf_counter when its outputs were handed to the sink
     acked_at: float | None = None  # wall time of the last acknowledgement
     settle_s: float = 0.0
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # to commit once acked
+    cover: dict[TopicPartition, int] = field(default_factory=dict)  # checkpoint records sent
 
 
 class Delivery:
@@ -97,6 +99,11 @@ class Delivery:
 
     def send(self, messages: list[Outgoing]) -> Sending:
         return self.retry.call(lambda: self.sink.send(messages))
+
+    def deliver(self, messages: list[Outgoing]) -> None:
+        """Send and wait for every acknowledgement (checkpoint records before a commit)."""
+        if messages:
+            self.settle(InFlight((), None, [], (), {}, self.send(messages), 0.0, 0.0))
 
     # --- waiting for Kafka ------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ from .ownership import Ownership
 from .ports import Record, Sink, Source, StateStore, TopicPartition
 from .recovery import Recovery
 from .retry import Retrier
-from .writer import StateWriter
+from .writer import StateWriter, Written
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,17 @@ class Worker:
         self.source, self.sink, self.metrics, self.clock = source, sink, metrics, clock
         self.retry = Retrier(settings.retry, metrics, clock)
         self.ownership = Ownership(metrics)
-        self.recovery = Recovery(settings.state, store, source, self.ownership, self.retry,
-                                 metrics, clock)
+        st = settings.state
+        self.checkpoint = Checkpointer(settings.kafka, st.namespace or settings.kafka.group_id,
+                                       st.ttl_seconds * 1000, st.end_ttl_seconds * 1000, source,
+                                       lambda messages: self.delivery.deliver(messages),
+                                       metrics, clock)
+        self.recovery = Recovery(st, store, source, self.ownership, self.checkpoint, models,
+                                 self.retry, metrics, clock)
         self.writer = StateWriter(store, source, models, self.ownership, self.recovery,
                                   self.retry, metrics)
         self.delivery = Delivery(settings.kafka, sink, models, self.recovery, self.retry,
                                  metrics, clock)
-        self.checkpoint = Checkpointer(settings.kafka, source, metrics, clock)
         self.intake = Intake(settings.batch, source, self.retry, metrics, clock)
         self.summary = RunSummary()
         self._stopping = False
@@ -188,20 +192,24 @@ class Worker:
             return
         self._taken += len(records)
         m = self.metrics
+        self.models.between_batches()  # unload a drained previous model
         t0 = time.perf_counter()
         messages, rejections = self.models.decode(records)
         t1 = time.perf_counter()
-        self.models.between_batches()  # unload a drained previous model
         states = self._load(messages)                                   # 1. load states
         t2 = time.perf_counter()
-        result = self.models.apply(messages, states)                    # 2. step
+        result = self.models.apply(messages, states, *self.recovery.hints())  # 2. step
         t3 = time.perf_counter()
         self.settle(Commit.DUE)                                         # 2'. settle N-1
         t3b = time.perf_counter()
         written = self.writer.write(records, messages, result)          # 3. write states
+        self.checkpoint.note_written(written.result.updates, written.skipped)
         live = self.delivery.live_rows(written)
         t4 = time.perf_counter()
         outgoing, dead_letters = self.delivery.outgoing(written, live, rejections)
+        offsets = self._done(records, written)
+        checkpoints, cover = self.checkpoint.attach(self.recovery.committable(offsets))
+        outgoing += checkpoints
         t5 = time.perf_counter()
         sending = self.delivery.send(outgoing)                          # 4. produce (no wait)
         t6 = time.perf_counter()
@@ -212,7 +220,7 @@ class Worker:
         m.store_seconds.observe(t4 - t3b)
         m.encode_seconds.observe(t5 - t4)
         self._inflight = InFlight(records, written, live, rejections, dead_letters, sending,
-                                  t_batch, t6)
+                                  t_batch, t6, offsets=offsets, cover=cover)
 
     def settle(self, when: Commit = Commit.ALL) -> None:
         """Finish the batch in flight: wait for every acknowledgement (4), then commit (5)
@@ -222,24 +230,24 @@ class Worker:
             t0 = time.perf_counter()
             self.delivery.settle(f)
             self.metrics.produce_seconds.observe(time.perf_counter() - t0)
-            done = self._acknowledged(f)
+            self.checkpoint.delivered(f.cover)
+            self.checkpoint.acknowledged(self.recovery.committable(f.offsets))
             f.settle_s = time.perf_counter() - t0
             account(f, lambda r: self.delivery.live(r, f.written), self.recovery, self.metrics,
                     self.summary, f.acked_at or self.clock.time())
-            self.recovery.advanced(done)
+            self.recovery.advanced(f.offsets)
         self.checkpoint.commit(when, self.ownership.holds)              # 5. commit
 
-    def _acknowledged(self, f: InFlight) -> dict[TopicPartition, int]:
-        """The next offset of every partition of a settled batch (a rewound one: where it was
-        rewound to), noted for the commit unless that would move the group back."""
-        w = f.written
+    @staticmethod
+    def _done(records: Sequence[Record], w: Written) -> dict[TopicPartition, int]:
+        """The next offset of every partition of a batch that was not skipped (a rewound one:
+        where it was rewound to): what its commit carries once its outputs are acknowledged."""
         offsets: dict[TopicPartition, int] = {}
-        for r in f.records:
+        for r in records:
             tp = (r.topic, r.partition)
             if tp not in w.skipped:
                 offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
         offsets.update(w.held)
-        self.checkpoint.acknowledged(self.recovery.committable(offsets))
         return offsets
 
     # 0. claim ------------------------------------------------------------------------------
@@ -263,6 +271,7 @@ class Worker:
                     self.source.seek(tp, start)
                     rewound.add(tp)
         holds = self.ownership.holds
+        records = self.recovery.admit(records)
         keep = [r for r in records
                 if holds((r.topic, r.partition)) and (r.topic, r.partition) not in rewound]
         if len(keep) < len(records):

@@ -29,6 +29,7 @@ class TokenMessage:
     token_ids: list[int]
     end: bool
     record: Record
+    decoded_by: str | None = None  # the model whose tokenizer made token_ids (None: current)
 
     @property
     def position(self) -> int:

@@ -179,6 +179,10 @@ class Metrics:
             "(rollback) or everything (loss)", ["reason"], registry=r)
         for reason in ("rollback", "loss"):
             self.rebuilds.labels(reason)
+        self.offset_skips = Counter(
+            "gru_offset_skips_total", "Claims that found the group's committed offset moved "
+            "past this group's progress by someone else (an operator's skip), honoured",
+            registry=r)
         self.rebuild_messages = Counter(
             "gru_rebuild_messages_total", "Input messages replayed to rebuild lost states",
             registry=r)

@@ -25,12 +25,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .codec import ENDED, MAGICS, MIN_HEADER, stored_position
+from .codec import ENDED, MAGICS, MIN_HEADER, StateCorrupt, last_timestamp, stored_position
 from .config import LimitSettings
 from .engine import BatchResult, Engine
 from .messages import PredictionEncoder, Rejection, TokenMessage, decode
 from .metrics import Metrics
-from .ports import Record, StateStore
+from .ports import Record, StateStore, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,17 @@ class ModelSet:
 
     def decode(self, records: Sequence[Record]) -> tuple[list[TokenMessage], list[Rejection]]:
         """Validate each record against the message contract with the current model's
-        tokenizer (a session served by the previous model is tokenized again by it)."""
-        cur = self.current
+        tokenizer. During a rollout a record the current model refuses but the previous one
+        accepts (``token_ids`` of its larger vocabulary) is kept: which model serves its
+        session is known once its state is loaded, and that model decides (``apply``)."""
+        cur, prev = self.current, self.previous
         messages, rejections = [], []
         for r in records:
             m = decode(r, cur.vocab_size, cur.encode_tokens, self.limits)
+            if not isinstance(m, TokenMessage) and prev is not None and not self._alike(prev):
+                again = decode(r, prev.vocab_size, prev.encode_tokens, self.limits)
+                if isinstance(again, TokenMessage):
+                    m = replace(again, decoded_by=prev.model_id)
             (messages if isinstance(m, TokenMessage) else rejections).append(m)
         for rej in rejections:
             rec = rej.record
@@ -95,19 +101,31 @@ class ModelSet:
     # --- one batch -----------------------------------------------------------------------
 
     def apply(self, messages: Sequence[TokenMessage],
-              loaded: Mapping[str, tuple[bytes | None, ...]]) -> BatchResult:
+              loaded: Mapping[str, tuple[bytes | None, ...]],
+              begins: Mapping[TopicPartition, int] | None = None,
+              partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
         """Route each session (module docstring) and apply each model's share of the batch.
-        ``loaded``: per session, its value under each of ``namespaces``."""
+        ``loaded``: per session, its value under each of ``namespaces``. ``begins``: per
+        partition, the offset from which the current model began new sessions: a session
+        with nothing stored whose first message lies before it began on the previous model
+        (a rebuild after Redis lost it). ``partial_below``: see ``Engine.apply``."""
         prev = self.previous
         if prev is None:
-            return self.current.engine.apply(messages, {s: v[0] for s, v in loaded.items()})
+            return self._run(messages, {s: v[0] for s, v in loaded.items()}, [], {},
+                             partial_below)
         to_cur: list[TokenMessage] = []
         to_prev: list[TokenMessage] = []
         cur_values: dict[str, bytes | None] = {}
         prev_values: dict[str, bytes | None] = {}
         routes: dict[str, tuple[str, int | None]] = {}
+        first: dict[str, TokenMessage] = {}
+        for m in messages:
+            first.setdefault(m.session_id, m)
+        began = begins or {}
         for sid, (cur, old) in loaded.items():
-            routes[sid] = _route(cur, old)
+            m = first[sid]
+            routes[sid] = _route(cur, old, m, prev.engine, began.get(
+                (m.record.topic, m.record.partition), 0))
             cur_values[sid] = cur
             prev_values[sid] = old
         for m in messages:
@@ -116,10 +134,11 @@ class ModelSet:
                 to_prev.append(m)
             else:
                 to_cur.append(m)
-        return self._run(to_cur, cur_values, to_prev, prev_values)
+        return self._run(to_cur, cur_values, to_prev, prev_values, partial_below)
 
     def reapply(self, messages: Sequence[TokenMessage],
-                refused: Mapping[str, tuple[str | None, bytes | None]]) -> BatchResult:
+                refused: Mapping[str, tuple[str | None, bytes | None]],
+                partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
         """Step sessions again under the model they were written under (a STALE write):
         ``refused`` maps each to (model namespace, its value now)."""
         prev = self.previous
@@ -130,28 +149,42 @@ class ModelSet:
         to_cur = [m for m in messages if m.session_id not in in_prev]
         values = {s: v for s, (_, v) in refused.items()}
         return self._run(to_cur, {s: values[s] for s in {m.session_id for m in to_cur}},
-                         to_prev, {s: values[s] for s in in_prev})
+                         to_prev, {s: values[s] for s in in_prev}, partial_below)
 
-    def _run(self, to_cur, cur_values, to_prev, prev_values) -> BatchResult:
-        result = self.current.engine.apply(to_cur, cur_values) if to_cur else BatchResult()
+    def _run(self, to_cur, cur_values, to_prev, prev_values, skips) -> BatchResult:
+        cur = self.current
+        refused = [replace(decode(m.record, cur.vocab_size, cur.encode_tokens, self.limits),
+                           session_id=m.session_id)
+                   for m in to_cur if m.decoded_by is not None]  # only the previous accepts
+        if refused:
+            to_cur = [m for m in to_cur if m.decoded_by is None]
+        result = cur.engine.apply(to_cur, cur_values, skips) if to_cur else BatchResult()
+        result.rejections += refused
         prev = self.previous
         if to_prev and prev is not None:
             msgs, rejections = self._retokenize(to_prev, prev)
-            old = prev.engine.apply(msgs, prev_values)
+            old = prev.engine.apply(msgs, prev_values, skips)
             for u in old.updates:
                 u.model = prev.model_id
             old.rejections += rejections
             result.merge(old)
         return result
 
+    def _alike(self, model: ServedModel) -> bool:
+        """Whether ``model`` tokenizes as the current one does (the same vocabulary)."""
+        return model.vocab_key is not None and model.vocab_key == self.current.vocab_key
+
     def _retokenize(self, messages: Sequence[TokenMessage], model: ServedModel
                     ) -> tuple[list[TokenMessage], list[Rejection]]:
         """Input was decoded with the current model's tokenizer: decode it again with the
         previous model's, unless both tokenize alike."""
-        if model.vocab_key is not None and model.vocab_key == self.current.vocab_key:
+        if self._alike(model):
             return list(messages), []
         out, rejections = [], []
         for m in messages:
+            if m.decoded_by == model.model_id:
+                out.append(m)
+                continue
             again = decode(m.record, model.vocab_size, model.encode_tokens, self.limits)
             if isinstance(again, TokenMessage):
                 out.append(again)
@@ -230,10 +263,28 @@ class DrainWatcher:
         self._stop.set()
 
 
-def _route(cur: bytes | None, old: bytes | None) -> tuple[str, int | None]:
-    """("cur" | "prev" | "split", the tombstone's position for "split")."""
-    if cur is not None or old is None:
+def _route(cur: bytes | None, old: bytes | None, first: TokenMessage, engine: Engine,
+           current_began: int) -> tuple[str, int | None]:
+    """("cur" | "prev" | "split", the tombstone's position for "split"), for a session whose
+    first message in the batch is ``first``."""
+    if cur is not None:
         return "cur", None
+    if old is None or _expired(old, first, engine):
+        # nothing stored that still lives: a new session, unless the log says it began
+        # before the current model did (a rebuild)
+        return ("prev", None) if first.record.offset < current_began else ("cur", None)
     if len(old) < MIN_HEADER or old[:4] not in MAGICS or not old[4] & ENDED:
         return "prev", None  # live (or unreadable: the previous model reports it corrupt)
     return "split", stored_position(old)
+
+
+def _expired(raw: bytes, first: TokenMessage, engine: Engine) -> bool:
+    """Whether a stored value had expired in event time when ``first`` arrived."""
+    try:
+        last_ts = last_timestamp(raw)
+    except StateCorrupt:
+        return False
+    ts = first.record.timestamp_ms
+    if last_ts < 0 or ts is None:
+        return False
+    return ts - last_ts > (engine.end_ttl_ms if raw[4] & ENDED else engine.ttl_ms)

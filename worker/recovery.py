@@ -4,11 +4,23 @@ states the state store lost.
 A session's state is a pure function of its messages, and its messages are in Kafka: the
 input topic is the states' changelog, Redis a cache of it that the worker checks.
 
-* **At a claim** (``claim``), the partition's ``next_offset`` in the store (the next input
-  offset whose effect the states hold) is compared with the group's committed offset. Behind
-  it, the store lost writes (a restore, a failover): replay from ``next_offset``. No record at
-  all while Kafka has a committed offset: the store lost everything: replay from the first
-  offset inside the state TTL.
+* **At a claim** (``claim``), three records are read: the partition's ``next_offset`` in the
+  store (the next input offset whose effect the states hold), the group's committed offset,
+  and the partition's checkpoint in Kafka (``worker.checkpoint``: the highest offset this
+  group's workers checkpointed, and the lineage). Then:
+
+  1. *Someone else moved the offset.* A committed offset past the highest checkpointed one
+     was not committed by this group's workers (they checkpoint before they commit): an
+     operator skipped records (docs/reliability.md, "Undecodable input"). The skip is
+     honoured: the partition resumes there, and sessions live at the skip continue marked
+     partial (they may have had messages in the skipped records). What the store lost below
+     the checkpointed offset is rebuilt first (2, 3), then the partition jumps to the skip.
+  2. *The store lost writes* (``next_offset`` behind the group's progress: a restore, a
+     failover): replay from ``next_offset``.
+  3. *The store lost everything* (no record while Kafka has progress): replay from the
+     lineage's first offset of the oldest live session, so a session older than the TTL is
+     rebuilt whole as long as the log still holds its beginning. Without a checkpoint (a
+     group from before them), from the first offset inside the state TTL.
 * **Under a running worker** (``rewind_behind``), a write finding ``next_offset`` behind the
   one this worker last saw recorded means the same: replay from what the store holds.
 * **The replay** applies the records up to the committed offset again; deduplication by
@@ -23,11 +35,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .checkpoint import Checkpointer, Found, Lineage
 from .clock import Clock
 from .config import StateSettings
 from .metrics import Metrics
+from .models import ModelSet
 from .ownership import Ownership
-from .ports import Record, Source, StateStore, TopicPartition
+from .ports import Claim, Record, Source, StateStore, TopicPartition
 from .retry import Retrier
 
 log = logging.getLogger("worker.loop")
@@ -43,13 +57,16 @@ class Rebuild:
     until: int
     began: float
     messages: int = 0
+    resume: int | None = None  # after ``until``, jump here (an operator's skip beyond it)
 
 
 class Recovery:
     def __init__(self, settings: StateSettings, store: StateStore, source: Source,
-                 ownership: Ownership, retrier: Retrier, metrics: Metrics, clock: Clock) -> None:
+                 ownership: Ownership, checkpoint: Checkpointer, models: ModelSet,
+                 retrier: Retrier, metrics: Metrics, clock: Clock) -> None:
         self.settings, self.store, self.source = settings, store, source
-        self.ownership, self.retry, self.metrics, self.clock = ownership, retrier, metrics, clock
+        self.ownership, self.checkpoint, self.models = ownership, checkpoint, models
+        self.retry, self.metrics, self.clock = retrier, metrics, clock
         self.rebuilds: dict[TopicPartition, Rebuild] = {}
 
     # --- at a claim ---------------------------------------------------------------------------
@@ -64,37 +81,96 @@ class Recovery:
         policy = self.retry.call(lambda: self.source.reset_offsets(fresh)) if fresh else {}
         starts: dict[TopicPartition, int] = {}
         for tp in tps:
-            claim, done = claims[tp], committed.get(tp)
-            self.ownership.claimed(tp, claim)
-            starts[tp] = done if done is not None else policy[tp]
-            start, reason = None, ""
-            if claim.next_offset is not None:
-                if done is not None and claim.next_offset < done:
-                    start, reason = claim.next_offset, "rollback"
-            elif done is not None and done > 0:
-                found = self._ttl_window_start(tp)
-                if found is not None and found < done:
-                    start, reason = found, "loss"
-            if start is None:
-                continue
-            starts[tp] = start
-            self._begin(tp, reason, start, done)
-            log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the "
-                      "group committed %d (%s): replaying offsets %d..%d to rebuild them, "
-                      "outputs suppressed", tp[0], tp[1], claim.next_offset, done,
-                      "Redis lost writes" if reason == "rollback" else "Redis lost everything",
-                      start, done - 1)
+            found = self.retry.call(lambda: self.checkpoint.read(tp))
+            self.ownership.claimed(tp, claims[tp])
+            lineage = self.checkpoint.claimed(tp, found)
+            done = committed.get(tp)
+            starts[tp] = self._plan(tp, claims[tp], done, found, lineage,
+                                    done if done is not None else policy[tp])
+            prev = self.models.previous
+            lineage.serving(self.models.current.model_id, prev and prev.model_id,
+                            done if done is not None else policy[tp])
         log.info("claimed %s", self.ownership.describe(tps))
         return starts
+
+    def _plan(self, tp: TopicPartition, claim: Claim, done: int | None, found: Found | None,
+              lineage: Lineage, resume: int) -> int:
+        """Where ``tp`` resumes (module docstring, "At a claim")."""
+        if done is None:
+            return resume
+        now_ms = int(self.clock.time() * 1000)
+        ours = done if found is None else min(done, found.offset)  # this group's progress
+        if found is not None and done > found.offset:
+            lineage.skips.append((done, now_ms))
+            self.metrics.offset_skips.inc()
+            log.warning("%s[%d]: the group's offset was moved to %d, past the %d this group's "
+                        "workers reached (an operator's skip): resuming there; sessions live "
+                        "at the skip are marked partial", tp[0], tp[1], done, found.offset)
+        nxt = claim.next_offset
+        if nxt is not None:
+            start, reason = (nxt, "rollback") if nxt < ours else (None, "")
+        elif ours > 0:
+            start = lineage.replay_from(now_ms) if found is not None else self._ttl_window_start(tp)
+            start = None if start is None or start >= ours else start
+            reason = "loss"
+        else:
+            start = None
+        if start is None:
+            if done > ours:
+                self.checkpoint.acknowledged({tp: done})  # recorded as ours from now on
+            return done
+        self._begin(tp, reason, start, ours, done if done > ours else None)
+        log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the group "
+                  "reached %d (%s): replaying offsets %d..%d to rebuild them, outputs "
+                  "suppressed", tp[0], tp[1], nxt, ours,
+                  "Redis lost writes" if reason == "rollback" else "Redis lost everything",
+                  start, ours - 1)
+        return start
 
     def _ttl_window_start(self, tp: TopicPartition) -> int | None:
         since = int(self.clock.time() * 1000) - self.settings.ttl_seconds * 1000
         return self.retry.call(lambda: self.source.offsets_for_time([tp], since)).get(tp)
 
-    def _begin(self, tp: TopicPartition, reason: str, start: int, until: int) -> None:
+    def _begin(self, tp: TopicPartition, reason: str, start: int, until: int,
+               resume: int | None = None) -> None:
         self.metrics.rebuilds.labels(reason).inc()
         if start < until:
-            self.rebuilds[tp] = Rebuild(reason, start, until, self.clock.monotonic())
+            self.rebuilds[tp] = Rebuild(reason, start, until, self.clock.monotonic(),
+                                        resume=resume)
+
+    # --- what a batch needs to know -----------------------------------------------------------
+
+    def admit(self, records: Sequence[Record]) -> list[Record]:
+        """The records to apply: a rebuild that jumps past an operator's skip when it ends
+        drops what it polled beyond its end, and the partition goes on at the skip."""
+        jumps = {tp: rb for tp, rb in self.rebuilds.items() if rb.resume is not None}
+        if not jumps:
+            return list(records)
+        keep, reached = [], set()
+        for r in records:
+            rb = jumps.get((r.topic, r.partition))
+            if rb is not None and r.offset >= rb.until - 1:
+                reached.add((r.topic, r.partition))
+                if r.offset >= rb.until:
+                    continue
+            keep.append(r)
+        for tp in reached:
+            self.source.seek(tp, jumps[tp].resume)
+        return keep
+
+    def hints(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """Per claimed partition: the offset from which the current model began new sessions,
+        and the offset below which a live session may have lost messages to a skip."""
+        begins, skipped = {}, {}
+        current = self.models.current.model_id
+        for tp, lineage in self.checkpoint.lineage.items():
+            since = lineage.began(current)
+            if since:
+                begins[tp] = since
+            below = lineage.skipped_below()
+            if below >= 0:
+                skipped[tp] = below
+        return begins, skipped
 
     # --- under a running worker ---------------------------------------------------------------
 
@@ -142,6 +218,8 @@ class Recovery:
         for tp, nxt in next_offsets.items():
             rb = self.rebuilds.get(tp)
             if rb is not None and nxt >= rb.until:
+                if rb.resume is not None:
+                    self.checkpoint.acknowledged({tp: rb.resume})
                 del self.rebuilds[tp]
                 log.warning("%s[%d]: rebuild finished: %d messages replayed in %.1fs",
                             *tp, rb.messages, self.clock.monotonic() - rb.began)

@@ -84,7 +84,7 @@ class StateWriter:
             skip = fenced | set(behind)
             again_msgs = [m for m in messages if m.session_id in sids
                           and (m.record.topic, m.record.partition) not in skip]
-            again = self.models.reapply(again_msgs, refused)
+            again = self.models.reapply(again_msgs, refused, self.recovery.hints()[1])
             result = result.without_sessions(sids)
             result.merge(again)
             parts = {(m.record.topic, m.record.partition) for m in again_msgs}
