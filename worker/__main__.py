@@ -106,7 +106,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
                                            if args.partitions else {}))
     created = create_topics(settings.kafka, args.partitions)
     k = settings.kafka
-    for name in (k.input_topic, k.output_topic, k.dlq_topic):
+    for name in (k.input_topic, k.output_topic, k.dlq_topic, k.checkpoint_topic):
         print(f"{name}: {'created' if name in created else 'exists'}")
     return 0
 

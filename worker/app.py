@@ -20,7 +20,7 @@ from model.artifact import ArtifactError
 
 from .config import CLUSTER_SCHEMES, Settings
 from .engine import Engine
-from .kafka_io import KafkaSink, KafkaSource, missing_codecs
+from .kafka_io import KafkaSink, KafkaSource, ensure_checkpoint_topic, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
 from .models import DrainWatcher, ModelSet, ServedModel
@@ -127,6 +127,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
         log.error("kafka-python cannot decode %s: input compressed with them will stall its "
                   "partition (gru_undecodable_batches_total). Install the project's "
                   "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
+    ensure_checkpoint_topic(settings.kafka)
     source = KafkaSource(settings.kafka)
     sink = KafkaSink(settings.kafka)
     current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),

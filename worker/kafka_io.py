@@ -424,17 +424,62 @@ class KafkaSink:
 
 
 def create_topics(settings: KafkaSettings, partitions: int | None = None) -> list[str]:
-    """Create the input, output and dead-letter topics; existing ones are left alone."""
+    """Create the input, output, dead-letter and checkpoint topics; existing ones are left
+    alone. The checkpoint topic is compacted: only each partition's last record matters."""
     n = partitions or settings.partitions
     admin = KafkaAdminClient(**settings.client_options())
     created = []
     try:
-        for name in (settings.input_topic, settings.output_topic, settings.dlq_topic):
+        for name in (settings.input_topic, settings.output_topic, settings.dlq_topic,
+                     settings.checkpoint_topic):
+            configs = CHECKPOINT_TOPIC_CONFIGS if name == settings.checkpoint_topic else None
             try:
-                admin.create_topics([NewTopic(name, n, settings.replication_factor)])
+                admin.create_topics([NewTopic(name, n, settings.replication_factor,
+                                              topic_configs=configs or {})])
                 created.append(name)
             except kerr.TopicAlreadyExistsError:
                 pass
     finally:
         admin.close()
     return created
+
+
+CHECKPOINT_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
+
+
+def topic_partitions(admin: KafkaAdminClient, names: Sequence[str]) -> dict[str, int | None]:
+    """Each topic's partition count (None: it does not exist)."""
+    out: dict[str, int | None] = {}
+    for t in admin.describe_topics(list(names)):
+        out[t["name"]] = len(t["partitions"]) if t.get("error_code", 0) == 0 else None
+    return out
+
+
+def ensure_checkpoint_topic(settings: KafkaSettings) -> None:
+    """The worker's checkpoint topic holds each input partition's records in the partition of
+    the same number: create it with the input's partition count when it is missing (as
+    Kafka Streams creates its internal topics), refuse one with fewer partitions."""
+    try:
+        admin = KafkaAdminClient(**settings.client_options())
+    except kerr.KafkaError as e:
+        raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
+    try:
+        counts = topic_partitions(admin, [settings.input_topic, settings.checkpoint_topic])
+        n_in, n_cp = counts.get(settings.input_topic), counts.get(settings.checkpoint_topic)
+        if n_in is None:
+            return  # nothing to size it by; the input topic's absence is reported elsewhere
+        if n_cp is None:
+            try:
+                admin.create_topics([NewTopic(settings.checkpoint_topic, n_in,
+                                              settings.replication_factor,
+                                              topic_configs=CHECKPOINT_TOPIC_CONFIGS)])
+                log.info("created the checkpoint topic %s (%d partitions, compacted)",
+                         settings.checkpoint_topic, n_in)
+            except kerr.TopicAlreadyExistsError:
+                pass  # another worker of the group made it first
+        elif n_cp < n_in:
+            raise ValueError(f"the checkpoint topic {settings.checkpoint_topic} has {n_cp} "
+                             f"partitions, fewer than the input's {n_in} "
+                             f"(GRU_KAFKA__CHECKPOINT_TOPIC): add partitions or name another")
+    finally:
+        admin.close()
