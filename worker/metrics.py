@@ -11,11 +11,12 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+from datasketches import HLL_8, hll_sketch, hll_union
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -112,8 +113,6 @@ def _le(bound: float) -> str:
 
 
 class Metrics:
-    PRUNE_PER_CALL = 2000
-
     def __init__(self, registry: CollectorRegistry, active_window_s: float = 300.0) -> None:
         self.registry = registry
         r = registry
@@ -245,9 +244,9 @@ class Metrics:
             "gru_models_unloaded_total", "Previous models unloaded once no session was left "
             "under them", registry=r)
         self._labels: dict[str, tuple[str, ...]] = {}
-        self._seen_by_model: dict[str, OrderedDict[str, float]] = {}
         self._window = active_window_s
-        self._seen: OrderedDict[str, float] = OrderedDict()  # least recently seen first
+        self._active = ActiveSessions(active_window_s)
+        self._active_by_model: dict[str, ActiveSessions] = {}
 
 
     def add_model(self, model_id: str, labels, prior: dict[str, float] | None, device: str,
@@ -295,34 +294,56 @@ class Metrics:
     def saw_sessions(self, session_ids, now: float | None = None,
                      models: dict[str, list[str]] | None = None) -> None:
         """Sessions that had a message now; ``models``: the same, by the model serving them.
-        Prunes from the least recently seen end, a bounded number of entries per call: a pass
-        over every session (100k of them) was a pause of tens of milliseconds."""
+        The gauges are approximate (``ActiveSessions``): a few percent, in bounded memory."""
         now = time.monotonic() if now is None else now
-        cutoff = now - self._window
-        _touch(self._seen, session_ids, now, cutoff, self.PRUNE_PER_CALL)
+        self._active.add(session_ids, now)
         for mid, sids in (models or {}).items():
-            _touch(self._seen_by_model.setdefault(mid, OrderedDict()), sids, now, cutoff,
-                   self.PRUNE_PER_CALL)
-        for mid, seen in self._seen_by_model.items():
-            if mid not in (models or {}):
-                _touch(seen, (), now, cutoff, self.PRUNE_PER_CALL)
-            self.model_active_sessions.labels(mid).set(len(seen))
-        self.active_sessions.set(len(self._seen))
+            if mid not in self._active_by_model:
+                self._active_by_model[mid] = ActiveSessions(self._window)
+            self._active_by_model[mid].add(sids, now)
+        for mid, active in self._active_by_model.items():
+            self.model_active_sessions.labels(mid).set(active.count(now))
+        self.active_sessions.set(self._active.count(now))
 
 
-def _touch(seen: OrderedDict, session_ids, now: float, cutoff: float, limit: int) -> None:
-    """Mark ``session_ids`` seen at ``now`` (least recently seen first); forget at most
-    ``limit`` entries older than ``cutoff`` (the gauge catches up over a few calls)."""
-    for sid in session_ids:
-        seen[sid] = now
-        seen.move_to_end(sid)
-    for _ in range(limit):
-        if not seen:
-            break
-        sid, t = next(iter(seen.items()))
-        if t >= cutoff:
-            break
-        del seen[sid]
+class ActiveSessions:
+    """How many distinct session ids were seen in the last ``window_s`` seconds, approximately,
+    in memory that does not grow with them: a HyperLogLog sketch (Apache DataSketches; lg_k 12
+    is 4 KB and about 1.6 % relative standard error) for each of ``slices`` slices of the
+    window, and their running union, which the count reads. A slice leaves whole: an id counts
+    for between ``window_s`` and ``window_s`` plus one slice after it was last seen. Kept
+    exactly, 500,000 ids cost 230 MB; this costs about 130 KB whatever their number."""
+
+    def __init__(self, window_s: float, slices: int = 30, lg_k: int = 12) -> None:
+        self.width = window_s / slices
+        self.slices, self.lg_k = slices, lg_k
+        self._sketches: deque[tuple[int, hll_sketch]] = deque()  # (slice number, sketch)
+        self._union = hll_union(lg_k)
+
+    def add(self, session_ids, now: float) -> None:
+        current = self._expire(now)
+        if not self._sketches or self._sketches[-1][0] != current:
+            self._sketches.append((current, hll_sketch(self.lg_k, HLL_8)))
+        add_to_slice, add_to_union = self._sketches[-1][1].update, self._union.update
+        for sid in session_ids:
+            add_to_slice(sid)
+            add_to_union(sid)
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return round(self._union.get_estimate())
+
+    def _expire(self, now: float) -> int:
+        """Drop the slices older than the window (the union is rebuilt from the others);
+        returns the current slice's number."""
+        current = int(now // self.width)
+        if self._sketches and self._sketches[0][0] < current - self.slices:
+            while self._sketches and self._sketches[0][0] < current - self.slices:
+                self._sketches.popleft()
+            self._union = hll_union(self.lg_k)
+            for _, sketch in self._sketches:
+                self._union.update(sketch)
+        return current
 
 
 def watch_gc(metrics: Metrics) -> Callable[[], None]:
