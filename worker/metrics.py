@@ -6,6 +6,7 @@ back with ``registry.get_sample_value``.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import io
 import json
@@ -15,6 +16,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
@@ -323,6 +325,7 @@ class ActiveSessions:
         self.slices, self.lg_k = slices, lg_k
         self._sketches: deque[tuple[int, hll_sketch]] = deque()  # (slice number, sketch)
         self._union = hll_union(lg_k)
+        _LIVE_COUNTERS.add(self)
 
     def add(self, session_ids, now: float) -> None:
         current = self._expire(now)
@@ -348,6 +351,19 @@ class ActiveSessions:
             for _, sketch in self._sketches:
                 self._union.update(sketch)
         return current
+
+
+_LIVE_COUNTERS: weakref.WeakSet[ActiveSessions] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_counters() -> None:
+    """Free the sketches of every counter still alive at exit: the library's bindings
+    (nanobind) report each C++ object still alive when the interpreter ends as a leak, a few
+    lines of stderr each (a test run's counters, held by late garbage, printed hundreds)."""
+    for counter in list(_LIVE_COUNTERS):
+        counter._sketches.clear()
+        counter._union = None
 
 
 def watch_gc(metrics: Metrics) -> Callable[[], None]:
