@@ -5,14 +5,20 @@ Reads a Keras 3 ``.keras`` file (a zip of ``config.json`` and ``model.weights.h5
 along the kernel's columns; PyTorch orders them r, z, n along ``weight_ih``'s rows, so the
 blocks are swapped and transposed. Keras' default ``reset_after=True`` is PyTorch's
 formulation, bias[0] being the input bias and bias[1] the recurrent one.
+
+Everything read is bounded before it is read: the zip members' sizes (declared, and then what
+actually inflates), the legacy file's model_config attribute, and every HDF5 dataset's
+declared shape and dtype (their element count, summed, at most ``max_parameters``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +29,8 @@ from . import artifact
 from .gru import GRUClassifier, ModelConfig
 from .tokenizer import PAD, UNK, Vocab
 
+MAX_CONFIG_BYTES = artifact.MAX_CONFIG_BYTES
+HDF5_OVERHEAD_BYTES = 16 << 20  # a weights file's structure beyond its data
 UNK_CANDIDATES = ("[UNK]", "<unk>", "<UNK>", "<OOV>", "<oov>", "UNK", "OOV")
 _NO_OPS = {"InputLayer", "Dropout", "SpatialDropout1D"}  # identity at inference
 _HIDDEN_ACTIVATIONS = {"relu", "tanh", "sigmoid", "linear"}
@@ -42,31 +50,93 @@ def _h5py():
     return h5py
 
 
-def read_keras(path: str | Path) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
-    """(layer configs in order, weights by layer name in Keras' variable order)."""
+def read_keras(path: str | Path, max_parameters: int = artifact.MAX_PARAMETERS
+               ) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
+    """(layer configs in order, weights by layer name in Keras' variable order). At most
+    ``max_parameters`` weights in all are read; no more than that is ever allocated."""
     p = Path(path)
     if not p.is_file():
         raise KerasImportError(f"{p} does not exist")
+    budget = _Budget(p, max_parameters)
+    if p.stat().st_size > budget.max_file_bytes:
+        raise KerasImportError(f"{p}: {p.stat().st_size:,} bytes, over the limit of "
+                               f"{budget.max_file_bytes:,} for {max_parameters:,} parameters")
     if zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as z:
-            try:
-                config = json.loads(z.read("config.json"))
-                weights_bytes = z.read("model.weights.h5")
-            except KeyError as e:
-                raise KerasImportError(f"{p} is a zip but not a .keras file (missing {e})") from None
+        try:
+            with zipfile.ZipFile(p) as z:
+                config = _json(_member(z, "config.json", MAX_CONFIG_BYTES, p), p)
+                weights_bytes = _member(z, "model.weights.h5", budget.max_file_bytes, p)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+            raise KerasImportError(f"{p}: a broken zip ({e})") from None
         layers = _layers(config, p)
-        return layers, _by_layer_name(layers, _weights_v3(weights_bytes))
+        return layers, _by_layer_name(layers, _weights_v3(weights_bytes, budget))
     h5py = _h5py()
     try:
         f = h5py.File(p, "r")
     except OSError as e:
         raise KerasImportError(f"{p} is neither a .keras zip nor an HDF5 file ({e})") from None
     with f:
-        raw = f.attrs.get("model_config")
-        if raw is None:
+        if "model_config" not in f.attrs:
             raise KerasImportError(f"{p} has no model_config: save the whole model, not weights only")
-        config = json.loads(raw if isinstance(raw, str) else raw.decode())
-        return _layers(config, p), _weights_legacy(f)
+        # A fixed-length string's size is its storage; a variable-length one lives in the
+        # file's heap, so the file's size (checked above) is its bound.
+        size = f.attrs.get_id("model_config").get_storage_size()
+        if size > MAX_CONFIG_BYTES:
+            raise KerasImportError(f"{p}: model_config is {size:,} bytes, over the limit of "
+                                   f"{MAX_CONFIG_BYTES:,}")
+        raw = f.attrs["model_config"]
+        config = _json(raw if isinstance(raw, (str, bytes)) else bytes(raw), p)
+        return _layers(config, p), _weights_legacy(f, budget)
+
+
+def _member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """A zip member of at most ``limit`` bytes: its declared size is checked first, and the
+    read stops at limit + 1 whatever the header says, so a bomb inflates no further."""
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise KerasImportError(f"{path} is a zip but not a .keras file (missing {name!r})") from None
+    if info.file_size > limit:
+        raise KerasImportError(f"{path}: {name} inflates to {info.file_size:,} bytes, over the "
+                               f"limit of {limit:,}")
+    with z.open(info) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise KerasImportError(f"{path}: {name} inflates past the limit of {limit:,} bytes")
+    return data
+
+
+def _json(raw: str | bytes, path: Path) -> dict:
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise KerasImportError(f"{path}: the model config is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise KerasImportError(f"{path}: the model config is not a JSON object")
+    return config
+
+
+class _Budget:
+    """How many weights may still be read. Each HDF5 dataset is checked by its declared
+    shape and dtype, which cost nothing to read, before its data is."""
+
+    def __init__(self, path: Path, max_parameters: int) -> None:
+        self.path, self.left, self.limit = path, max_parameters, max_parameters
+        self.max_file_bytes = max_parameters * 8 + HDF5_OVERHEAD_BYTES
+
+    def read(self, dataset) -> np.ndarray:
+        name = getattr(dataset, "name", "?")
+        shape = tuple(getattr(dataset, "shape", None) or ())
+        if getattr(dataset, "dtype", None) is None or dataset.dtype.kind not in "fiu":
+            raise KerasImportError(f"{self.path}: dataset {name} is not numeric "
+                                   f"({getattr(dataset, 'dtype', None)})")
+        n = math.prod(shape)
+        if n > self.left:
+            raise KerasImportError(f"{self.path}: dataset {name} declares shape {shape}, more "
+                                   f"than the {self.limit:,} weights allowed in all "
+                                   f"(GRU_MODEL__MAX_PARAMETERS)")
+        self.left -= n
+        return np.asarray(dataset)
 
 
 def _layers(config: dict, path: Path) -> list[dict]:
@@ -97,25 +167,30 @@ def _by_layer_name(layers: list[dict], by_path: dict[str, list[np.ndarray]]
     return out
 
 
-def _weights_v3(data: bytes) -> dict[str, list[np.ndarray]]:
+def _weights_v3(data: bytes, budget: _Budget) -> dict[str, list[np.ndarray]]:
     h5py = _h5py()
     out: dict[str, list[np.ndarray]] = {}
-    with h5py.File(io.BytesIO(data), "r") as f:
-        for name, group in f.get("layers", {}).items():
-            vars_group = group["cell"]["vars"] if "cell" in group else group.get("vars", {})
-            out[name] = [np.asarray(vars_group[k]) for k in sorted(vars_group, key=int)]
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            for name, group in f.get("layers", {}).items():
+                vars_group = group["cell"]["vars"] if "cell" in group else group.get("vars", {})
+                out[name] = [budget.read(vars_group[k]) for k in sorted(vars_group, key=int)]
+    except KerasImportError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise KerasImportError(f"{budget.path}: model.weights.h5 is unreadable ({e})") from None
     return out
 
 
-def _weights_legacy(f) -> dict[str, list[np.ndarray]]:
+def _weights_legacy(f, budget: _Budget) -> dict[str, list[np.ndarray]]:
     order = ("embeddings", "kernel", "recurrent_kernel", "bias")
     out: dict[str, list[np.ndarray]] = {}
     root = f["model_weights"] if "model_weights" in f else f
     for name, group in root.items():
-        found: dict[str, np.ndarray] = {}
-        group.visititems(lambda k, v: found.__setitem__(k.rsplit("/", 1)[-1].split(":")[0],
-                                                        np.asarray(v)) if hasattr(v, "shape") else None)
-        out[name] = [found[k] for k in order if k in found]
+        datasets: dict[str, object] = {}
+        group.visititems(lambda k, v: datasets.__setitem__(k.rsplit("/", 1)[-1].split(":")[0], v)
+                         if hasattr(v, "shape") else None)
+        out[name] = [budget.read(datasets[k]) for k in order if k in datasets]
     return out
 
 
@@ -189,6 +264,9 @@ def convert(layers: list[dict], weights: dict[str, list[np.ndarray]]
     for k, g in enumerate(grus):
         vals = w(g, 2)
         kernel, recurrent = vals[0], vals[1]
+        if not isinstance(H, int) or recurrent.shape != (H, 3 * H):
+            raise KerasImportError(f"GRU layer {g['name']!r} has units={H!r} but a recurrent "
+                                   f"kernel of shape {recurrent.shape}, expected (H, 3H)")
         bias = vals[2] if g.get("use_bias", True) and len(vals) > 2 else np.zeros((2, 3 * H), np.float32)
         if bias.shape != (2, 3 * H):
             raise KerasImportError(f"GRU layer {g['name']!r} bias has shape {bias.shape}, "
@@ -273,9 +351,10 @@ def remap_vocab(id_to_token: dict[int, str], embeddings: torch.Tensor,
 
 
 def import_keras(model_path: str | Path, vocab_path: str | Path, labels: Sequence[str],
-                 out_dir: str | Path, unk_token: str | None = None) -> str:
+                 out_dir: str | Path, unk_token: str | None = None,
+                 max_parameters: int = artifact.MAX_PARAMETERS) -> str:
     """Convert and write an artifact; returns its model_id."""
-    layers, weights = read_keras(model_path)
+    layers, weights = read_keras(model_path, max_parameters)
     config, sd, _, num_labels = convert(layers, weights)
     if len(labels) != num_labels:
         raise KerasImportError(f"the model has {num_labels} outputs but {len(labels)} labels were given")

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -100,3 +101,88 @@ def test_missing_files_and_bad_json(copy_dir, tmp_path):
 def test_artifact_contains_no_pickle(tiny_model_dir):
     for f in tiny_model_dir.iterdir():
         assert not f.read_bytes().startswith(b"\x80"), f"{f.name} looks like a pickle"
+
+
+# --- crafted artifacts fail before anything large is allocated (issue 26, F4) ---------------
+
+def _crafted(d, hidden_size: int, weights_header: dict | None = None, vocab_size: int = 3):
+    """An artifact whose config is consistent (its model_id is the true content hash) but
+    whose weights file holds only ``weights_header``: what an attacker can write in 300 bytes."""
+    import struct
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(["<pad>", "<unk>", *"abcdefgh"][:vocab_size]))
+    head = json.dumps(weights_header or {}).encode()
+    head += b" " * (-len(head) % 8)
+    (d / "weights.safetensors").write_bytes(struct.pack("<Q", len(head)) + head)
+    arch = {"type": "gru_classifier", "vocab_size": vocab_size, "num_labels": 2,
+            "embed_dim": 16, "hidden_size": hidden_size, "num_layers": 1, "dropout": 0.0,
+            "head_hidden": 0, "head_activation": "relu", "mean_dim": 0}
+    config = {"format_version": 1, "architecture": arch, "labels": ["x", "y"],
+              "model_id": model.artifact._model_id(d / "weights.safetensors",
+                                                   d / "vocab.json", arch)}
+    (d / "config.json").write_text(json.dumps(config, separators=(",", ":")))
+    return d
+
+
+def _fails_fast(d, match: str, **kw):
+    from .peak import measure
+    cost = measure(lambda: model.load(d, **kw))
+    print(cost)
+    assert isinstance(cost.error, ArtifactError), cost.error
+    assert re.search(match, str(cost.error)) and "\n" not in str(cost.error), str(cost.error)
+    assert cost.seconds < 0.5, cost
+    assert cost.rss_growth < 32 * 2**20 and cost.traced_peak < 4 * 2**20, cost
+    return cost
+
+
+def test_a_300_byte_config_declaring_a_huge_model_fails_in_milliseconds(tmp_path):
+    d = _crafted(tmp_path / "huge", hidden_size=12_000)
+    assert (d / "config.json").stat().st_size < 400
+    _fails_fast(d, r"432,672,050 parameters, over the limit of 100,000,000 "
+                   r"\(GRU_MODEL__MAX_PARAMETERS\)")
+
+
+def test_a_model_under_the_limit_without_its_weights_fails_before_it_is_built(tmp_path):
+    # 48M parameters: within the limit, so only the weights file's header can refuse it.
+    d = _crafted(tmp_path / "big", hidden_size=4_000)
+    _fails_fast(d, r"weights missing \['embed.weight', 'gru.bias_hh_l0'")
+
+
+def test_a_header_declaring_a_huge_tensor_fails_on_the_file_size(tmp_path):
+    header = {"embed.weight": {"dtype": "F32", "shape": [1_000_000, 1_000_000],
+                               "data_offsets": [0, 4 * 10**12]}}
+    d = _crafted(tmp_path / "lying", hidden_size=8, weights_header=header)
+    _fails_fast(d, r"tensor 'embed.weight' offsets 0:4000000000000 do not match")
+
+
+def test_oversized_files_are_refused_unread(copy_dir):
+    with open(copy_dir / "config.json", "ab") as f:
+        f.truncate(2 * 2**20)  # sparse: 2 MB on paper, nothing written
+    _fails_fast(copy_dir, r"config.json: 2,097,152 bytes, over the limit of 1,048,576")
+
+
+def test_the_parameter_limit_is_a_setting(tiny_model_dir):
+    n = sum(t.numel() for t in model.load(tiny_model_dir).model.state_dict().values())
+    assert model.load(tiny_model_dir, max_parameters=n).model_id
+    with pytest.raises(ArtifactError, match=f"{n:,} parameters, over the limit of {n - 1:,}"):
+        model.load(tiny_model_dir, max_parameters=n - 1)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_layers": 3}, {"mean_dim": 8},
+                                     {"head_hidden": 12, "head_activation": "tanh"},
+                                     {"num_layers": 2, "mean_dim": 4, "head_hidden": 6}])
+def test_declared_shapes_are_the_built_models(options):
+    from model.artifact import declared_shapes
+    config = model.ModelConfig(vocab_size=11, num_labels=3, embed_dim=5, hidden_size=7,
+                               **options)
+    built = {k: tuple(v.shape) for k, v in model.GRUClassifier(config).state_dict().items()}
+    assert declared_shapes(config) == built
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", 0), ("hidden_size", "12"),
+                                         ("num_layers", True), ("dropout", 2.0),
+                                         ("head_activation", ["relu"])])
+def test_ill_typed_architecture_fields_are_named(copy_dir, field, value):
+    _edit_arch(copy_dir, **{field: value})
+    with pytest.raises(ArtifactError, match=f"architecture.{field}="):
+        model.load(copy_dir)

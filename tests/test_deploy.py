@@ -46,7 +46,7 @@ needs_promtool = pytest.mark.skipif(
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not on PATH (apt-get install prometheus; .ci/run does)")
 
-SERVICES = {"kafka", "redis", "init", "worker", "prometheus", "grafana"}
+SERVICES = {"kafka", "redis", "redis-exporter", "init", "worker", "prometheus", "grafana"}
 GRAFANA_VARS = re.compile(r"\$(?:__rate_interval|__interval|__range|\{__rate_interval\}"
                           r"|\{__interval\}|\{__range\})")
 METRIC_NAME = re.compile(r"\bgru_[A-Za-z0-9_]+")
@@ -58,9 +58,14 @@ def load_compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+REQUIRED = "<required>"  # what a ${X:?message} stands for here: the operator must set X
+
+
 def interpolate(value: str) -> str:
     """Compose interpolation with every variable unset: ``${X:-d}``/``${X-d}`` -> d,
-    ``${X}``/``$X`` -> '', ``$$`` -> ``$``."""
+    ``${X:?msg}`` (compose refuses to start without X) -> REQUIRED, ``${X}``/``$X`` -> '',
+    ``$$`` -> ``$``."""
+    value = re.sub(r"\$\{(\w+):?\?[^}]*\}", REQUIRED, value)
     value = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
     value = re.sub(r"\$(?!\$)(\w+)", "", value)
     return value.replace("$$", "$")
@@ -158,17 +163,19 @@ def test_compose_has_the_services_volumes_and_healthchecks():
     assert "localhost:9092" in " ".join(kafka["healthcheck"]["test"])
 
     redis_ = s["redis"]
-    assert redis_["image"] == "redis:7"
+    assert redis_["image"] == "redis:7.4.1"
     cmd = redis_["command"]
-    cmd = cmd.split() if isinstance(cmd, str) else cmd
+    cmd = [interpolate(c) for c in (cmd.split() if isinstance(cmd, str) else cmd)]
     pairs = set(zip(cmd, cmd[1:]))
     # Durability that keeps rebuilds from the log rare (docs/reliability.md, "Durability").
     assert ("--appendonly", "yes") in pairs and ("--appendfsync", "always") in pairs
-    assert ("--maxmemory-policy", "noeviction") in pairs
+    # A ceiling, and writes that fail at it rather than keys evicted (docs/security.md).
+    assert ("--maxmemory-policy", "noeviction") in pairs and ("--maxmemory", "1gb") in pairs
     # The input topic is the states' changelog: retained at least as long as the state TTL.
     from worker.config import Settings
     assert int(kenv["KAFKA_LOG_RETENTION_HOURS"]) * 3600 >= Settings().state.ttl_seconds
-    assert redis_["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert redis_["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+    assert env_of(redis_)["REDISCLI_AUTH"] == REQUIRED  # the probe authenticates
 
     # Every named volume a service mounts is declared; every bind mount exists in the repo.
     declared = set(c.get("volumes") or {})
@@ -202,8 +209,11 @@ def test_worker_service_scales_and_init_prepares_topics_and_model():
     assert f"127.0.0.1:{port}/healthz" in probe and "urllib" in probe
     assert ("models", "/models") in bind_mounts(w)
 
-    # init: same image, runs once after Kafka is healthy, creates topics, trains if missing.
-    assert init["build"] == w["build"] and init.get("image") == w.get("image")
+    # init: the same Dockerfile's train target (the worker's plus the training-only
+    # packages), runs once after Kafka is healthy, creates topics, trains if missing.
+    assert w["build"]["target"] == "worker" and init["build"]["target"] == "train"
+    assert {**init["build"], "target": "worker"} == w["build"]
+    assert init["image"] != w["image"]
     assert init["depends_on"] == {"kafka": {"condition": "service_healthy"}}
     assert str(init["restart"]) == "no"
     script = " ".join(init.get("entrypoint", []) + (init["command"] if isinstance(
@@ -233,6 +243,8 @@ def test_every_gru_env_name_in_compose_is_a_setting(monkeypatch):
             monkeypatch.setenv(k, v)
         s = Settings()
         assert s.kafka.bootstrap_servers == "kafka:9092" and s.redis.url == "redis://redis:6379/0"
+        if name == "worker":
+            assert s.redis.password.get_secret_value() == REQUIRED
         assert str(s.model.dir) == "/models/bbc-gru" and s.kafka.partitions == 6
         if name == "worker":
             assert s.metrics.port == 9108 and s.metrics.host == "0.0.0.0"
@@ -249,8 +261,7 @@ def test_prometheus_and_grafana_services_are_wired_to_the_deploy_files():
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
 
     genv = env_of(graf)
-    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
-    assert genv["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     gm = dict(bind_mounts(graf))
     assert gm["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     providers = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/dashboards.yml").read_text())
@@ -279,6 +290,11 @@ def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port():
     assert sd == {**sd, "names": ["worker"], "type": "A", "port": port}
     # The alert rules select that job.
     assert any('job="worker"' in r["expr"] for r in alert_rules())
+    # Redis memory comes from the exporter service, on the port it exposes.
+    [redis_job] = [j for j in cfg["scrape_configs"] if j["job_name"] == "redis"]
+    exporter = load_compose()["services"]["redis-exporter"]
+    assert redis_job["static_configs"] == [{"targets": [f"redis-exporter:{exporter['expose'][0]}"]}]
+    assert any("redis_memory_max_bytes" in r["expr"] for r in alert_rules())
 
 
 # --- deploy/Dockerfile and .dockerignore --------------------------------------------------
@@ -288,14 +304,13 @@ def test_dockerfile_is_slim_cpu_by_default_non_root_and_runs_the_worker():
     lines = [l.strip() for l in re.sub(r"\\\n", " ", text).splitlines()
              if l.strip() and not l.strip().startswith("#")]
     args = dict(l.split(None, 1)[1].split("=", 1) for l in lines if l.startswith("ARG ") and "=" in l)
-    assert args["BASE"] == "python:3.11-slim"
+    assert args["BASE"] == "python:3.11.11-slim-bookworm"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     make_torch = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
     assert args["TORCH_SPEC"] == make_torch.group(1) == "torch==2.13.0"
     assert any(l.startswith("FROM ${BASE}") for l in lines)
     assert any("--index-url" in l and "${TORCH_INDEX_URL}" in l and "${TORCH_SPEC}" in l
                for l in lines)
-    assert any(re.search(r"pip install \"?\.\[data\]\"?", l) for l in lines)
     users = [l.split()[1] for l in lines if l.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert lines[-2:] == ['ENTRYPOINT ["python", "-m", "worker"]', 'CMD ["run"]']
@@ -311,6 +326,120 @@ def test_dockerfile_is_slim_cpu_by_default_non_root_and_runs_the_worker():
                     assert (ROOT / src).exists(), src
                     assert src.rstrip("/") not in ignored, f"{src} is in .dockerignore"
     assert (DEPLOY / "README.md").is_file()
+
+
+# --- private by default (issue 26, F9) ----------------------------------------------------
+
+def test_the_compose_stack_is_private_by_default():
+    c = load_compose()
+    s = c["services"]
+    # Host ports only on the loopback interface; none where only containers talk.
+    published = {name: [interpolate(str(p)) for p in svc.get("ports", [])] for name, svc in s.items()}
+    assert {n for n, ports in published.items() if ports} == {"kafka", "prometheus", "grafana"}
+    for name, ports in published.items():
+        for p in ports:
+            assert p.startswith("127.0.0.1:"), f"{name} publishes {p} on every interface"
+    assert "HOST://127.0.0.1:" in env_of(s["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+
+    # Passwords come from the environment, with no default: ${X:?...} makes compose refuse
+    # to start without X.
+    text = COMPOSE.read_text()
+    secrets = re.findall(r"\$\{(\w*PASSWORD\w*)([^}]*)\}", text)
+    assert {name for name, _ in secrets} == {"REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+    for name, modifier in secrets:
+        assert modifier.startswith(":?"), f"${{{name}{modifier}}} has a default or may be empty"
+    cmd = [interpolate(c) for c in s["redis"]["command"]]
+    assert cmd[cmd.index("--requirepass") + 1] == REQUIRED
+    assert env_of(s["worker"])["GRU_REDIS__PASSWORD"] == REQUIRED
+    assert env_of(s["redis-exporter"])["REDIS_PASSWORD"] == REQUIRED
+    assert "GRU_REDIS__PASSWORD" not in env_of(s["init"])  # init never talks to Redis
+    genv = env_of(s["grafana"])
+    assert genv["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED
+    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "GF_AUTH_ANONYMOUS_ORG_ROLE" not in genv
+
+    # Prometheus: no lifecycle API (an unauthenticated POST /-/quit stops it).
+    assert not any("lifecycle" in str(a) for a in s["prometheus"]["command"])
+    assert "--web.enable-lifecycle" not in text.replace("# No --web.enable-lifecycle", "")
+
+    # Every image pinned to an exact version, in the file itself (no variable, no floating tag).
+    exact = re.compile(r"^[\w./-]+:v?\d+\.\d+\.\d+([-.][\w.-]+)?(@sha256:[0-9a-f]{64})?$")
+    for name, svc in s.items():
+        if "build" in svc:
+            continue
+        assert exact.match(svc["image"]), f"{name}: image {svc['image']!r} is not pinned"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=(\S+)", dockerfile, re.M).group(1)
+    assert exact.match(base), base
+
+    example = (DEPLOY / "env.example").read_text()
+    assert re.search(r"^REDIS_PASSWORD=$", example, re.M)
+    assert re.search(r"^GRAFANA_ADMIN_PASSWORD=$", example, re.M)
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+LOCKS = {"worker": DEPLOY / "requirements.lock", "train": DEPLOY / "requirements-train.lock"}
+
+
+def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) for every requirement of a pip-compile style lock file."""
+    out, name = {}, None
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
+        if m:
+            name = m.group(1).lower().replace("_", "-")
+            out[name] = (m.group(2), [])
+        for h in re.findall(r"--hash=sha256:([0-9a-f]{64})", line):
+            out[name][1].append(h)
+    return out
+
+
+def test_the_image_installs_from_lock_files_with_hashes():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = [Requirement(d) for d in project["dependencies"]]
+    data = [Requirement(d) for d in project["optional-dependencies"]["data"]]
+    worker, train = read_lock(LOCKS["worker"]), read_lock(LOCKS["train"])
+    for lock, path in ((worker, LOCKS["worker"]), (train, LOCKS["train"])):
+        assert path.read_text().startswith("# This file was autogenerated by uv")
+        assert "deploy/lock.sh" in path.read_text().splitlines()[1]
+        assert lock and all(hashes for _, hashes in lock.values()), "a requirement without hashes"
+        # torch comes from the CPU index by exact version, and none of the CUDA wheels' deps.
+        assert "torch" not in lock
+        assert not [n for n in lock if n.startswith(("nvidia-", "triton"))]
+    # Every dependency pinned at a version it allows; the training-only ones not in the image.
+    for req in core:
+        name = req.name.lower()
+        if name == "torch":
+            continue
+        assert name in worker, f"{name} is not in {LOCKS['worker'].name}"
+        assert req.specifier.contains(worker[name][0]), (name, worker[name][0])
+    for req in data:
+        assert req.name.lower() not in worker and req.name.lower() in train
+    # The train lock adds to the worker's: the packages they share are the same versions.
+    assert set(worker) < set(train)
+    assert all(train[n][0] == v for n, (v, _) in worker.items())
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    lines = [l.strip() for l in re.sub(r"\\\n", " ", text).splitlines()
+             if l.strip() and not l.strip().startswith("#")]
+    installs = [l for l in lines if "pip install" in l]
+    locked = [l for l in installs if "--require-hashes" in l]
+    assert [re.search(r"-r (\S+)", l).group(1) for l in locked] == [
+        "/tmp/requirements.lock", "/tmp/requirements-train.lock"]
+    assert all("--only-binary=:all:" in l and "--no-deps" in l for l in locked)
+    [torch_step] = [l for l in installs if l not in locked]
+    assert '--index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"' in torch_step
+    assert not any(re.search(r"pip install [^&]*\s\"?\.(\[|\"|\s|$)", l) for l in installs)
+    for src in ("deploy/requirements.lock", "deploy/requirements-train.lock"):
+        assert any(l.startswith(f"COPY {src} ") for l in lines)
+    stages = [l.split()[-1] for l in lines if l.startswith("FROM ")]
+    assert stages == ["base", "train", "worker"]  # the default target is the worker
+    train_stage = text[text.index("AS train"):text.index("AS worker")]
+    assert "requirements-train.lock" in train_stage
 
 
 # --- metric names --------------------------------------------------------------------------

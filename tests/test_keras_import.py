@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -191,3 +192,84 @@ def test_gate_order_is_not_an_accident(corpus, single, tmp_path):
                        - m.predict(np.array([ids[k]], np.int32), verbose=0)[0]).max()
                 for k in range(0, len(toks), 10))
     assert worst > 1e-2
+
+
+# --- crafted files fail before anything large is allocated (issue 26, F4) ------------------
+
+def _sequential_config() -> dict:
+    layer = lambda cls, **cfg: {"class_name": cls, "config": cfg}
+    return {"class_name": "Sequential", "config": {"layers": [
+        layer("InputLayer", name="input"), layer("Embedding", name="embedding"),
+        layer("GRU", name="gru", units=4), layer("Dense", name="dense", activation="softmax",
+                                                 units=5)]}}
+
+
+def _huge_dataset_h5(path, where: str, attrs: dict | None = None) -> None:
+    """An HDF5 file that declares a 20000 x 20000 float32 dataset (1.6 GB) and stores none of
+    it: HDF5 allocates a dataset's storage when it is written, and this one never is."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        f.create_dataset(where, shape=(20_000, 20_000), dtype="float32")
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+
+
+def _assert_fails_fast(path, match):
+    from model.keras_import import read_keras
+
+    from .peak import measure
+    cost = measure(lambda: read_keras(path))
+    print(cost)
+    assert isinstance(cost.error, KerasImportError), cost.error
+    assert re.search(match, str(cost.error)) and "\n" not in str(cost.error), str(cost.error)
+    assert cost.seconds < 0.5, cost
+    assert cost.rss_growth < 32 * 2**20 and cost.traced_peak < 4 * 2**20, cost
+
+
+def test_a_tiny_keras_file_declaring_a_huge_dataset_fails_fast(tmp_path):
+    import zipfile
+    _huge_dataset_h5(tmp_path / "w.h5", "layers/embedding/vars/0")
+    path = tmp_path / "huge.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("config.json", json.dumps(_sequential_config()))
+        z.write(tmp_path / "w.h5", "model.weights.h5")
+    assert path.stat().st_size < 1500
+    _assert_fails_fast(path, r"dataset /layers/embedding/vars/0 declares shape \(20000, 20000\), "
+                             r"more than the 100,000,000 weights allowed")
+
+
+def test_a_legacy_h5_declaring_a_huge_dataset_fails_fast(tmp_path):
+    path = tmp_path / "huge.h5"
+    _huge_dataset_h5(path, "model_weights/embedding/embedding/embeddings:0",
+                     {"model_config": json.dumps(_sequential_config())})
+    _assert_fails_fast(path, r"declares shape \(20000, 20000\)")
+
+
+@pytest.fixture(scope="module")
+def zip_bomb(tmp_path_factory):
+    """A 1 MB .keras whose config.json inflates to 1 GiB (deflate's ratio is about 1000:1)."""
+    import zipfile
+    path = tmp_path_factory.mktemp("bomb") / "bomb.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        with z.open("config.json", "w", force_zip64=True) as f:
+            chunk = b" " * 2**20
+            for _ in range(1024):
+                f.write(chunk)
+        z.writestr("model.weights.h5", b"")
+    return path
+
+
+def test_a_zip_bomb_config_fails_on_its_declared_size(zip_bomb):
+    assert zip_bomb.stat().st_size < 2 * 2**20
+    _assert_fails_fast(zip_bomb, r"config.json inflates to 1,073,741,824 bytes, over the limit "
+                                 r"of 1,048,576")
+
+
+def test_the_weight_budget_is_a_setting(single, tmp_path, corpus):
+    itos, *_ = corpus
+    m, d = single
+    n = sum(int(np.prod(w.shape)) for w in m.weights)
+    vocab = write_vocab(tmp_path, itos)
+    assert import_keras(d / "model.keras", vocab, LABELS, tmp_path / "ok", max_parameters=n)
+    with pytest.raises(KerasImportError, match=f"more than the {n - 1:,} weights allowed"):
+        import_keras(d / "model.keras", vocab, LABELS, tmp_path / "no", max_parameters=n - 1)

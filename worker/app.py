@@ -96,7 +96,8 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     torch.set_num_threads(settings.model.threads)
     device = resolve_device(settings.model.device)
     try:
-        clf = model_pkg.load(settings.model.dir, device=device)
+        clf = model_pkg.load(settings.model.dir, device=device,
+                             max_parameters=settings.model.max_parameters)
     except ArtifactError as e:
         raise ArtifactError(f"(--model-dir / GRU_MODEL__DIR): {e}") from None
     log.info("model %s from %s on %s: %d labels, vocab %d, hidden %d x %d layers",
@@ -111,7 +112,8 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     previous = None
     if settings.model.previous_dir is not None:
         try:
-            old = model_pkg.load(settings.model.previous_dir, device=device)
+            old = model_pkg.load(settings.model.previous_dir, device=device,
+                                 max_parameters=settings.model.max_parameters)
         except ArtifactError as e:
             raise ArtifactError(f"(--previous-model-dir / GRU_MODEL__PREVIOUS_DIR): {e}") from None
         if old.model_id != clf.model_id:
@@ -145,7 +147,8 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
         ok, details = worker.ready()
         return redis_ok and kafka_ok and ok, {"redis": redis_ok, "kafka": kafka_ok, **details}
 
-    health = HealthServer(registry, settings.metrics.host, settings.metrics.port, ready).start()
+    health = HealthServer(registry, settings.metrics.host, settings.metrics.port, ready,
+                          settings.metrics.max_connections, settings.metrics.timeout_s).start()
     unwatch = watch_gc(metrics)
     if settings.batch.gc_freeze:
         quiet_gc()

@@ -62,6 +62,13 @@ class KafkaSettings(BaseModel):
                                 "and did not shorten the tail (docs/latency.md)")
     fetch_max_wait_ms: int = Field(20, ge=0, description="broker-side wait for a fetch to fill; "
                                    "bounds the latency an idle partition adds")
+    fetch_max_bytes: int = Field(16 << 20, ge=1024, description="most (compressed) bytes one "
+                                 "fetch response may carry, all partitions together; a batch "
+                                 "larger than this still comes when it is first in line, up "
+                                 "to the topic's max.message.bytes (docs/security.md)")
+    max_partition_fetch_bytes: int = Field(1 << 20, ge=1024, description="most (compressed) "
+                                           "bytes one fetch takes from one partition, same "
+                                           "exception")
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "lz4", description="compression of what the worker produces (predictions, dead "
         "letters); every codec is decoded on input whatever this says")
@@ -145,6 +152,9 @@ class ModelSettings(BaseModel):
         "new sessions go to --model-dir", json_schema_extra=flag("--previous-model-dir"))
     drain_check_s: float = Field(60.0, gt=0, description="how often the sessions left under "
                                  "the previous model are counted (a scan of the state store)")
+    max_parameters: int = Field(100_000_000, ge=1, description="the most parameters a model "
+                                "artifact may declare; checked before anything is allocated "
+                                "for it (docs/security.md)")
 
 
 class BatchSettings(BaseModel):
@@ -197,6 +207,10 @@ class MetricsSettings(BaseModel):
     host: str = Field("0.0.0.0", json_schema_extra=flag("--metrics-host"))
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port",
                       json_schema_extra=flag("--metrics-port"))
+    max_connections: int = Field(64, ge=1, description="most open connections to the metrics "
+                                 "port; a new one closes the oldest still sending its request")
+    timeout_s: float = Field(5.0, gt=0, description="a connection's time to send its request, "
+                             "and again to take the answer; then it is closed")
 
 
 class RetrySettings(BaseModel):
@@ -232,6 +246,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        if self.kafka.max_partition_fetch_bytes > self.kafka.fetch_max_bytes:
+            raise ValueError("kafka.max_partition_fetch_bytes must be at most "
+                             "kafka.fetch_max_bytes")
         if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
             raise ValueError("kafka.heartbeat_interval_ms must be at most a third of "
                              "kafka.session_timeout_ms")

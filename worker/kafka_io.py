@@ -60,6 +60,17 @@ def _drain_failed_batches() -> None:
 _drain_failed_batches()
 
 
+def fetch_bounds(settings: KafkaSettings) -> dict:
+    """What one fetch may bring, for every consumer of ours. Both bounds count compressed
+    bytes, as the broker stores them; a batch bigger than either still comes when it is first
+    in line (so a partition cannot stall on it), up to the topic's max.message.bytes.
+    kafka-python then inflates each batch whole, with no bound of its own: what one batch can
+    inflate to is bounded only on the broker (docs/security.md, "Compressed input")."""
+    return {"fetch_max_wait_ms": settings.fetch_max_wait_ms,
+            "fetch_max_bytes": settings.fetch_max_bytes,
+            "max_partition_fetch_bytes": settings.max_partition_fetch_bytes}
+
+
 def missing_codecs() -> list[str]:
     """Compression codecs kafka-python cannot decode here (their libraries are missing)."""
     from kafka import codec
@@ -97,7 +108,7 @@ class KafkaSource:
                 session_timeout_ms=settings.session_timeout_ms,
                 heartbeat_interval_ms=settings.heartbeat_interval_ms,
                 max_poll_interval_ms=settings.max_poll_interval_ms,
-                fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                **fetch_bounds(settings),
                 **settings.client_options())
         except kerr.KafkaError as e:
             raise DependencyError("kafka", f"cannot connect to {settings.bootstrap_servers}: {e!r}")
@@ -251,7 +262,7 @@ class KafkaSource:
         try:
             if self._reader is None:
                 self._reader = KafkaConsumer(group_id=None, enable_auto_commit=False,
-                                             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+                                             **fetch_bounds(self.settings),
                                              **self.settings.client_options())
             reader = self._reader
             reader.assign([tp])

@@ -6,16 +6,23 @@ back with ``registry.get_sample_value``.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import io
 import json
 import logging
+import queue
+import selectors
+import socket
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
+from datasketches import HLL_8, hll_sketch, hll_union
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -112,8 +119,6 @@ def _le(bound: float) -> str:
 
 
 class Metrics:
-    PRUNE_PER_CALL = 2000
-
     def __init__(self, registry: CollectorRegistry, active_window_s: float = 300.0) -> None:
         self.registry = registry
         r = registry
@@ -249,9 +254,9 @@ class Metrics:
             "gru_models_unloaded_total", "Previous models unloaded once no session was left "
             "under them", registry=r)
         self._labels: dict[str, tuple[str, ...]] = {}
-        self._seen_by_model: dict[str, OrderedDict[str, float]] = {}
         self._window = active_window_s
-        self._seen: OrderedDict[str, float] = OrderedDict()  # least recently seen first
+        self._active = ActiveSessions(active_window_s)
+        self._active_by_model: dict[str, ActiveSessions] = {}
 
 
     def add_model(self, model_id: str, labels, prior: dict[str, float] | None, device: str,
@@ -299,34 +304,70 @@ class Metrics:
     def saw_sessions(self, session_ids, now: float | None = None,
                      models: dict[str, list[str]] | None = None) -> None:
         """Sessions that had a message now; ``models``: the same, by the model serving them.
-        Prunes from the least recently seen end, a bounded number of entries per call: a pass
-        over every session (100k of them) was a pause of tens of milliseconds."""
+        The gauges are approximate (``ActiveSessions``): a few percent, in bounded memory."""
         now = time.monotonic() if now is None else now
-        cutoff = now - self._window
-        _touch(self._seen, session_ids, now, cutoff, self.PRUNE_PER_CALL)
+        self._active.add(session_ids, now)
         for mid, sids in (models or {}).items():
-            _touch(self._seen_by_model.setdefault(mid, OrderedDict()), sids, now, cutoff,
-                   self.PRUNE_PER_CALL)
-        for mid, seen in self._seen_by_model.items():
-            if mid not in (models or {}):
-                _touch(seen, (), now, cutoff, self.PRUNE_PER_CALL)
-            self.model_active_sessions.labels(mid).set(len(seen))
-        self.active_sessions.set(len(self._seen))
+            if mid not in self._active_by_model:
+                self._active_by_model[mid] = ActiveSessions(self._window)
+            self._active_by_model[mid].add(sids, now)
+        for mid, active in self._active_by_model.items():
+            self.model_active_sessions.labels(mid).set(active.count(now))
+        self.active_sessions.set(self._active.count(now))
 
 
-def _touch(seen: OrderedDict, session_ids, now: float, cutoff: float, limit: int) -> None:
-    """Mark ``session_ids`` seen at ``now`` (least recently seen first); forget at most
-    ``limit`` entries older than ``cutoff`` (the gauge catches up over a few calls)."""
-    for sid in session_ids:
-        seen[sid] = now
-        seen.move_to_end(sid)
-    for _ in range(limit):
-        if not seen:
-            break
-        sid, t = next(iter(seen.items()))
-        if t >= cutoff:
-            break
-        del seen[sid]
+class ActiveSessions:
+    """How many distinct session ids were seen in the last ``window_s`` seconds, approximately,
+    in memory that does not grow with them: a HyperLogLog sketch (Apache DataSketches; lg_k 12
+    is 4 KB and about 1.6 % relative standard error) for each of ``slices`` slices of the
+    window, and their running union, which the count reads. A slice leaves whole: an id counts
+    for between ``window_s`` and ``window_s`` plus one slice after it was last seen. Kept
+    exactly, 500,000 ids cost 230 MB; this costs about 130 KB whatever their number."""
+
+    def __init__(self, window_s: float, slices: int = 30, lg_k: int = 12) -> None:
+        self.width = window_s / slices
+        self.slices, self.lg_k = slices, lg_k
+        self._sketches: deque[tuple[int, hll_sketch]] = deque()  # (slice number, sketch)
+        self._union = hll_union(lg_k)
+        _LIVE_COUNTERS.add(self)
+
+    def add(self, session_ids, now: float) -> None:
+        current = self._expire(now)
+        if not self._sketches or self._sketches[-1][0] != current:
+            self._sketches.append((current, hll_sketch(self.lg_k, HLL_8)))
+        add_to_slice, add_to_union = self._sketches[-1][1].update, self._union.update
+        for sid in session_ids:
+            add_to_slice(sid)
+            add_to_union(sid)
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return round(self._union.get_estimate())
+
+    def _expire(self, now: float) -> int:
+        """Drop the slices older than the window (the union is rebuilt from the others);
+        returns the current slice's number."""
+        current = int(now // self.width)
+        if self._sketches and self._sketches[0][0] < current - self.slices:
+            while self._sketches and self._sketches[0][0] < current - self.slices:
+                self._sketches.popleft()
+            self._union = hll_union(self.lg_k)
+            for _, sketch in self._sketches:
+                self._union.update(sketch)
+        return current
+
+
+_LIVE_COUNTERS: weakref.WeakSet[ActiveSessions] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_counters() -> None:
+    """Free the sketches of every counter still alive at exit: the library's bindings
+    (nanobind) report each C++ object still alive when the interpreter ends as a leak, a few
+    lines of stderr each (a test run's counters, held by late garbage, printed hundreds)."""
+    for counter in list(_LIVE_COUNTERS):
+        counter._sketches.clear()
+        counter._union = None
 
 
 def watch_gc(metrics: Metrics) -> Callable[[], None]:
@@ -356,13 +397,32 @@ def quiet_gc() -> None:
 
 
 class HealthServer:
-    """Serves /metrics, /healthz (alive) and /readyz (``ready()`` returns (ok, details))."""
+    """Serves /metrics, /healthz (alive) and /readyz (``ready()`` returns (ok, details)).
+
+    Nobody who reaches the port can tie it up (issue 26, F6):
+
+    1. One thread accepts connections and reads their request heads without blocking: a
+       connection holds no thread until its whole head (at most 16 KB) has arrived.
+    2. At most ``max_connections`` are open; a new one closes the oldest still waiting.
+    3. Each has ``timeout_s`` from its accept to a complete head (idle, half-open or slow
+       connections are closed then), and as long again to take its answer.
+    4. ``threads`` threads answer complete requests; while they are all busy and as many
+       requests wait, more are refused (closed).
+    """
+
+    MAX_HEAD_BYTES = 16 * 1024
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
-                 ready: Callable[[], tuple[bool, dict]]) -> None:
+                 ready: Callable[[], tuple[bool, dict]], max_connections: int = 64,
+                 timeout_s: float = 5.0, threads: int = 2) -> None:
         registry_, ready_ = registry, ready
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:  # the head was read by the acceptor; answer on the socket
+                self.connection, head = self.request
+                self.rfile = io.BytesIO(head)
+                self.wfile = self.connection.makefile("wb")
+
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -389,17 +449,129 @@ class HealthServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="health-http",
-                                        daemon=True)
+        self._handler = Handler
+        self.max_connections, self.timeout_s = max_connections, timeout_s
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family,
+                                              backlog=max(128, max_connections))
+        self._listener.setblocking(False)
+        self.server_address = self._listener.getsockname()[:2]
+        self.port = self.server_address[1]
+        self._selector = selectors.DefaultSelector()
+        self._waiting: OrderedDict[socket.socket, tuple[float, bytearray, tuple]] = OrderedDict()
+        self._requests: queue.Queue = queue.Queue(maxsize=threads)
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._threads = [threading.Thread(target=self._accept_and_read, name="health-http",
+                                          daemon=True)]
+        self._threads += [threading.Thread(target=self._answer, name=f"health-http-{i}",
+                                           daemon=True) for i in range(threads)]
 
     def start(self) -> "HealthServer":
-        self._thread.start()
-        log.info("metrics and health on http://%s:%d/metrics", *self.server.server_address[:2])
+        for t in self._threads:
+            t.start()
+        log.info("metrics and health on http://%s:%d/metrics", *self.server_address)
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._stopping.set()
+        self._wake_w.send(b"x")
+        for _ in self._threads[1:]:
+            self._requests.put(None)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(self.timeout_s + 1)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
+
+    # --- the acceptor: connections wait here, without a thread, until their head is in ---
+
+    def _accept_and_read(self) -> None:
+        sel = self._selector
+        sel.register(self._listener, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select(timeout=0.25):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "read":
+                        self._read(key.fileobj)
+                self._expire(time.monotonic())
+        finally:
+            for conn in list(self._waiting):
+                self._drop(conn)
+            sel.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors: make room, or wait for some
+                log.debug("health server cannot accept: %r", e)
+                if self._waiting:
+                    self._drop(next(iter(self._waiting)))
+                else:
+                    self._stopping.wait(0.05)
+                return
+            if len(self._waiting) >= self.max_connections:
+                self._drop(next(iter(self._waiting)))  # the oldest
+            conn.setblocking(False)
+            self._waiting[conn] = (time.monotonic() + self.timeout_s, bytearray(), addr)
+            self._selector.register(conn, selectors.EVENT_READ, "read")
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        _, head, addr = self._waiting[conn]
+        head += data
+        if b"\r\n\r\n" in head or b"\n\n" in head:
+            self._selector.unregister(conn)
+            del self._waiting[conn]
+            try:
+                self._requests.put_nowait((conn, bytes(head), addr))
+            except queue.Full:  # every answering thread is busy and as many wait: refuse
+                conn.close()
+        elif len(head) > self.MAX_HEAD_BYTES:
+            self._drop(conn)
+
+    def _expire(self, now: float) -> None:
+        while self._waiting:
+            conn, (deadline, _, _) = next(iter(self._waiting.items()))
+            if deadline > now:
+                return
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._waiting.pop(conn, None)
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    # --- the answering threads -------------------------------------------------------------
+
+    def _answer(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            conn, head, addr = item
+            try:
+                conn.setblocking(True)
+                conn.settimeout(self.timeout_s)
+                self._handler((conn, head), addr, self)
+            except Exception as e:  # noqa: BLE001 - a client that went away, or too slow
+                log.debug("health request from %s failed: %r", addr, e)
+            finally:
+                conn.close()
