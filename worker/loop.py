@@ -8,13 +8,13 @@ loaded and stepped, and always before batch N+1 writes anything.
    callback, so a Redis outage never blocks the group's heartbeats; after finishing the batch
    in flight, so its commit counts): take a new, never reused fencing token per partition (any
    older owner is now fenced) and read ``next_offset``, the offset up to which Redis holds
-   the partition's effects. Each claimed partition resumes at the group's committed offset,
-   set explicitly (kafka-python keeps the position of a partition handed back to the same
-   member). If ``next_offset`` is behind the committed offset, Redis lost writes: resume at
-   ``next_offset``. If Redis has no record while Kafka has a committed offset, Redis lost
-   everything: resume at the first offset inside the state TTL. Records from there up to the
-   committed offset are *rebuilt*: applied again, their outputs suppressed (they were
-   produced before). Polled records of partitions not ours are dropped.
+   the partition's effects, and the partition's checkpoint record in Kafka. Each claimed
+   partition resumes at the group's committed offset, set explicitly (kafka-python keeps the
+   position of a partition handed back to the same member), or earlier when Redis lost
+   writes or everything (``worker.recovery``: the plan, and an operator's skip told from a
+   rollback). Records from there up to the group's progress are *rebuilt*: applied again,
+   their outputs suppressed (they were produced before). Polled records of partitions not
+   ours are dropped.
    *Crash here:* nothing was written; the next owner claims again.
 1. **Load states.** One MGET for every session in the batch. Nothing is written yet.
    *Crash here:* nothing of N happened; N is redelivered. Batch N-1 may still be in flight
@@ -22,7 +22,8 @@ loaded and stepped, and always before batch N+1 writes anything.
    duplicates and its predictions are re-emitted from the outboxes (step 3 below).
 2. **Step.** The pure engine drops duplicates (position at or before the stored one),
    advances each session through its new messages and encodes the new states, each with
-   an outbox holding this batch's predictions for that session.
+   an outbox holding this batch's predictions for that session, and those re-emitted from
+   its old outbox in this batch (they stay until acknowledged).
    *Crash here:* as in 1.
 2'. **Settle batch N-1**: wait for every acknowledgement of its outputs (4), then commit its
    offsets (5). No session is written again before the predictions in its outbox are
@@ -35,8 +36,10 @@ loaded and stepped, and always before batch N+1 writes anything.
    does not land, its partition is rewound to its first message and committed only below it.
    *Crash here (after the write, before its acknowledgements):* on redelivery every message
    is a duplicate, so no state changes again; the predictions are re-emitted from the outboxes.
-4. **Produce** predictions, dead letters and re-emitted predictions: handed to the producer,
-   not awaited here (2' of the next batch, or the loop when no batch follows, waits). A dead
+4. **Produce** predictions, dead letters and re-emitted predictions, and about once per
+   commit interval the checkpoint records of the batch's partitions (``worker.checkpoint``):
+   handed to the producer, not awaited here (2' of the next batch, or the loop when no
+   batch follows, waits). A dead
    letter refused for good (too large) is replaced by one with its reason and coordinates only;
    nothing refused for good is retried for ever.
    *Crash here:* as in 3; consumers may see a prediction twice.
@@ -44,7 +47,9 @@ loaded and stepped, and always before batch N+1 writes anything.
    the batch's outputs are acknowledged (2' of the next batch, or when the poll comes back
    empty, or at shutdown). Settled batches are committed together, at most every
    ``kafka.commit_interval_ms`` (100 ms), and always before a claim, when the poll comes back
-   empty and at shutdown: a commit costs a broker round trip, as much as a small batch.
+   empty and at shutdown: a commit costs a broker round trip, as much as a small batch. No
+   commit goes past the offset of an acknowledged checkpoint record of its partition: one
+   not yet covered waits for the next batch's records, or sends its own first.
    With ``kafka.async_commits`` (off by default) the loop's own commits are sent and not
    waited for: the answer arrives during a later poll, and a failed one is sent again with
    the next commit, as all offsets not yet confirmed are. The commits before a claim and at
