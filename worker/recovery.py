@@ -99,6 +99,11 @@ class Recovery:
         if done is None:
             return resume
         now_ms = int(self.clock.time() * 1000)
+        if found is None and done > 0:
+            # Progress from before any checkpoint record: sessions of unknown start may live
+            # for another TTL, so a loss meanwhile replays the whole retained log.
+            lineage.note(-1, now_ms + max(self.settings.ttl_seconds,
+                                          self.settings.end_ttl_seconds) * 1000)
         ours = done if found is None else min(done, found.offset)  # this group's progress
         if found is not None and done > found.offset:
             lineage.skips.append((done, now_ms))
@@ -110,7 +115,7 @@ class Recovery:
         if nxt is not None:
             start, reason = (nxt, "rollback") if nxt < ours else (None, "")
         elif ours > 0:
-            start = lineage.replay_from(now_ms) if found is not None else self._ttl_window_start(tp)
+            start = lineage.replay_from(now_ms)
             start = None if start is None or start >= ours else start
             reason = "loss"
         else:
@@ -126,10 +131,6 @@ class Recovery:
                   "Redis lost writes" if reason == "rollback" else "Redis lost everything",
                   start, ours - 1)
         return start
-
-    def _ttl_window_start(self, tp: TopicPartition) -> int | None:
-        since = int(self.clock.time() * 1000) - self.settings.ttl_seconds * 1000
-        return self.retry.call(lambda: self.source.offsets_for_time([tp], since)).get(tp)
 
     def _begin(self, tp: TopicPartition, reason: str, start: int, until: int,
                resume: int | None = None) -> None:
@@ -183,7 +184,8 @@ class Recovery:
             done = max(first[tp], self.rebuilds[tp].until if tp in self.rebuilds else 0)
             start = stored
             if start is None:
-                found = self._ttl_window_start(tp)
+                lineage = self.checkpoint.lineage.get(tp)
+                found = lineage.replay_from(int(self.clock.time() * 1000)) if lineage else 0
                 start = done if found is None else min(found, done)
             self.source.seek(tp, start)
             self.ownership.recorded[tp] = stored
