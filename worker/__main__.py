@@ -13,7 +13,6 @@ import signal
 import sys
 import types
 import typing
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 

@@ -144,20 +144,27 @@ def _quiet_kafka_logs() -> Iterator[_Captured]:
         logger.setLevel(saved[1])
 
 
-def _kafka_line(k: KafkaSettings, verdict_reason: str, error: BaseException | None,
-                permanent: bool, timeout_s: float) -> str:
-    where = f"kafka at {k.bootstrap_servers}"
-    detail = f" ({one_line(error)})" if error is not None else ""
-    if permanent:
-        check = "GRU_KAFKA__BOOTSTRAP_SERVERS (--bootstrap)"
-        if "authentic" in verdict_reason:
-            check = ("GRU_KAFKA__SASL_MECHANISM, GRU_KAFKA__SASL_PLAIN_USERNAME and "
-                     "GRU_KAFKA__SASL_PLAIN_PASSWORD")
-        elif "authoriz" in verdict_reason:
-            check = "the ACLs of GRU_KAFKA__SASL_PLAIN_USERNAME"
-        return f"{where}: {verdict_reason}{detail}; check {check}"
-    return (f"{where}: no broker answered within {timeout_s:g}s (GRU_STARTUP_TIMEOUT_S){detail}; "
-            f"check GRU_KAFKA__BOOTSTRAP_SERVERS (--bootstrap) and that Kafka is up")
+def kafka_error(bootstrap_servers: str, error: BaseException, timeout_s: float,
+                also: list[BaseException] = ()) -> StartupError:
+    """The line for a Kafka client that could not start or answer: a permanent failure
+    found in ``error`` or in ``also`` (what kafka-python logged meanwhile) names the setting
+    to fix; anything else says no broker answered in time."""
+    hosts = kafka_hosts(bootstrap_servers)
+    where = f"kafka at {bootstrap_servers}"
+    for err in [*also, error]:
+        verdict = classify(err, hosts)
+        if verdict.permanent:
+            check = "GRU_KAFKA__BOOTSTRAP_SERVERS (--bootstrap)"
+            if "authentic" in verdict.reason:
+                check = ("GRU_KAFKA__SASL_MECHANISM, GRU_KAFKA__SASL_PLAIN_USERNAME and "
+                         "GRU_KAFKA__SASL_PLAIN_PASSWORD")
+            elif "authoriz" in verdict.reason:
+                check = "the ACLs of GRU_KAFKA__SASL_PLAIN_USERNAME"
+            return StartupError(f"{where}: {verdict.reason} ({one_line(err)}); check {check}")
+    last = also[-1] if also else error
+    return StartupError(f"{where}: no broker answered within {timeout_s:g}s "
+                        f"(GRU_STARTUP_TIMEOUT_S) ({one_line(last)}); check "
+                        f"GRU_KAFKA__BOOTSTRAP_SERVERS (--bootstrap) and that Kafka is up")
 
 
 def _admin(k: KafkaSettings, timeout_s: float):
@@ -188,13 +195,7 @@ def check_kafka(settings: Settings, create: bool | None = None) -> list[str]:
             if admin is not None:
                 with contextlib.suppress(Exception):
                     admin.close()
-            for err in [*captured.errors, e]:
-                verdict = classify(err, hosts)
-                if verdict.permanent:
-                    raise StartupError(_kafka_line(k, verdict.reason, err, True, timeout_s)) \
-                        from None
-            last = captured.errors[-1] if captured.errors else e
-            raise StartupError(_kafka_line(k, "", last, False, timeout_s)) from None
+            raise kafka_error(k.bootstrap_servers, e, timeout_s, captured.errors) from None
         try:
             topics = [("input", k.input_topic, "GRU_KAFKA__INPUT_TOPIC / --input-topic"),
                       ("output", k.output_topic, "GRU_KAFKA__OUTPUT_TOPIC / --output-topic"),
@@ -210,9 +211,7 @@ def check_kafka(settings: Settings, create: bool | None = None) -> list[str]:
                     f"or set GRU_KAFKA__CREATE_TOPICS=true")
             return _create(k)
         except kerr.KafkaError as e:
-            verdict = classify(e, hosts)
-            raise StartupError(_kafka_line(k, verdict.reason, e, verdict.permanent, timeout_s)) \
-                from None
+            raise kafka_error(k.bootstrap_servers, e, timeout_s) from None
         finally:
             with contextlib.suppress(Exception):
                 admin.close()
