@@ -72,7 +72,8 @@ def _one(error: BaseException, addresses: Iterable[str]) -> Failure | None:
             Failure(False, "name resolution failed (temporarily)")
     # TLS: a certificate that does not verify will not verify on the next try either.
     if isinstance(error, ssl.SSLCertVerificationError):
-        return Failure(True, f"TLS certificate rejected ({error.verify_message})")
+        detail = getattr(error, "verify_message", None)
+        return Failure(True, "TLS certificate rejected" + (f" ({detail})" if detail else ""))
     if module.startswith("redis"):
         if names & {"AuthenticationError", "AuthenticationWrongNumberOfArgsError"}:
             return Failure(True, "authentication failed")
