@@ -266,3 +266,13 @@ def test_a_normal_start_logs_json_lines_without_client_chatter(broker, tiny_mode
     assert records and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
     assert any(r["message"].startswith("worker stopped:") for r in records)
     assert not [r for r in records if r["logger"].startswith("kafka") and r["level"] == "INFO"]
+
+
+def test_a_supervisor_whose_workers_refuse_to_start_exits_2_instead_of_restarting_them():
+    code, lines, took = run_worker("--processes", "2", "--model-dir", "/nonexistent",
+                                   "--metrics-port", "0", timeout=60)
+    assert code == 2 and took < 45, (took, lines)
+    errors = [l for l in lines if l.startswith("error:")]
+    assert errors and all("cannot load the model" in l for l in errors), lines
+    assert any("refused to start (exit code 2): stopping the others" in l for l in lines)
+    assert not any("restarting in" in l for l in lines), lines
