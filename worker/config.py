@@ -366,11 +366,8 @@ def explain(error: ValidationError, from_flags: frozenset[tuple[str, ...]] = fro
             lines.append(f"{where}: {contract}" if where else contract)
             continue
         given = e.get("input")
-        got = ""
-        if _secret(info):
-            got = ""
-        elif isinstance(given, (str, int, float, bool)) and e["type"] != "value_error":
-            got = f", got {given!r}"
+        shown = isinstance(given, (str, int, float, bool)) and e["type"] != "value_error"
+        got = f", got {given!r}" if shown and not _secret(info) else ""
         lines.append(f"{setting_name(info, info.path in from_flags)}: {contract}{got}")
     return lines
 
