@@ -43,7 +43,7 @@ def test_json_logs_are_one_object_per_line_with_the_extra_fields(restore_logging
     assert first["level"] == "INFO" and first["logger"] == "worker.loop"
     assert first["message"] == "claimed tokens[0]"
     assert first["topic"] == "tokens" and first["partition"] == 0
-    assert first["ts"].endswith("Z") and first["ts"][10] == "T"
+    assert first["timestamp"].endswith("Z") and first["timestamp"][10] == "T"
     assert second["level"] == "ERROR" and "ValueError: bad\nvalue" in second["exception"]
 
 

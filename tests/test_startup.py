@@ -263,7 +263,7 @@ def test_a_normal_start_logs_json_lines_without_client_chatter(broker, tiny_mode
                                      "GRU_LOG_FORMAT": "json"})
     assert code == 0, lines
     records = [json.loads(l) for l in lines]
-    assert records and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    assert records and all({"timestamp", "level", "logger", "message"} <= set(r) for r in records)
     assert any(r["message"].startswith("worker stopped:") for r in records)
     assert not [r for r in records if r["logger"].startswith("kafka") and r["level"] == "INFO"]
 

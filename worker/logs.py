@@ -23,12 +23,12 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ``ts`` (ISO 8601, UTC, milliseconds), ``level``,
+    """One JSON object per record: ``timestamp`` (ISO 8601, UTC, milliseconds), ``level``,
     ``logger``, ``message``, the record's ``extra`` fields, and ``exception`` (the formatted
     traceback) when there is one. Newlines stay inside the JSON string: one line per event."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": _iso(record.created), "level": record.levelname, "logger": record.name,
+        out = {"timestamp": _iso(record.created), "level": record.levelname, "logger": record.name,
                "message": record.getMessage()}
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_") and key not in out:
@@ -66,5 +66,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text", library_level: str
 def json_line(level: str, message: str, logger: str = "worker", **fields) -> str:
     """A JSON log line without a configured logger (for the fatal lines printed before or
     instead of logging)."""
-    return json.dumps({"ts": _iso(time.time()), "level": level, "logger": logger,
+    return json.dumps({"timestamp": _iso(time.time()), "level": level, "logger": logger,
                        "message": message, **fields}, default=str, ensure_ascii=False)
