@@ -276,3 +276,13 @@ def test_a_supervisor_whose_workers_refuse_to_start_exits_2_instead_of_restartin
     assert errors and all("cannot load the model" in l for l in errors), lines
     assert any("refused to start (exit code 2): stopping the others" in l for l in lines)
     assert not any("restarting in" in l for l in lines), lines
+
+
+def test_cuda_without_a_gpu_is_refused_naming_the_setting(tiny_model_dir):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code, lines, _ = run_worker(*model_args(tiny_model_dir, "--device", "cuda"))
+    assert code == 2
+    assert the_error(lines) == ("error: GRU_MODEL__DEVICE (--device) is cuda, but torch sees no "
+                                "CUDA device")

@@ -85,4 +85,6 @@ def supervise(argv: Sequence[str], processes: int, base_port: int,
                 start(i)
         time.sleep(0.1)
     log.info("all %d workers stopped: exit codes %s", processes, [codes[i] for i in range(processes)])
+    if REFUSED in codes.values():  # the others were stopped for it, by a signal maybe
+        return REFUSED
     return max((abs(c) for c in codes.values()), default=0)
