@@ -61,7 +61,7 @@ def test_every_flag_reaches_its_setting(monkeypatch):
                   "--metrics-host": "127.0.0.1",
               "--metrics-port": "0", "--log-level": "debug", "--max-messages": "9",
               "--idle-exit": "1.5", "--emit": "change", "--min-confidence": "0.6",
-              "--previous-model-dir": "/old"}
+              "--previous-model-dir": "/old", "--log-format": "json"}
     assert set(values) == {i.flag for i in settings_info() if i.flag}
     parser_ran = main(["run", *[x for kv in values.items() for x in kv]])
     assert parser_ran == 0
@@ -76,7 +76,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
                    "--target-latency-ms": 12.5,
                    "--metrics-host": "127.0.0.1", "--metrics-port": 0, "--log-level": "DEBUG",
                    "--max-messages": 9, "--idle-exit": 1.5, "--emit": "change",
-                   "--min-confidence": 0.6, "--previous-model-dir": Path("/old")}
+                   "--min-confidence": 0.6, "--previous-model-dir": Path("/old"),
+                   "--log-format": "json"}
 
 
 def test_flags_override_env_which_overrides_defaults(monkeypatch):
@@ -93,7 +94,7 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch):
 
 
 def test_require_key_off_is_refused_with_a_redis_cluster():
-    with pytest.raises(ValueError, match="require_key"):
+    with pytest.raises(ValueError, match="GRU_LIMITS__REQUIRE_KEY=false"):
         Settings(redis={"url": "redis+cluster://h:1"}, limits={"require_key": False})
 
 
@@ -109,3 +110,80 @@ def test_one_torch_thread_unless_asked(monkeypatch):
     monkeypatch.setenv("GRU_MODEL__THREADS", "0")
     with pytest.raises(pydantic.ValidationError):
         Settings()
+
+
+# --- settings that cannot be right: one line each, naming the env var or flag ----------------
+
+def _problems(monkeypatch, env: dict[str, str], argv: list[str] = ()) -> list[str]:
+    import argparse
+
+    from worker.__main__ import add_setting_flags, settings_from_args
+    from worker.config import ConfigError
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    p = argparse.ArgumentParser()
+    add_setting_flags(p)
+    with pytest.raises(ConfigError) as e:
+        settings_from_args(p.parse_args(list(argv)))
+    return e.value.lines
+
+
+@pytest.mark.parametrize("env, argv, line", [
+    ({"GRU_BATCH__MAX_RECORDS": "abc"}, [],
+     "GRU_BATCH__MAX_RECORDS (--batch-size): must be an integer, got 'abc'"),
+    ({}, ["--batch-size", "abc"],
+     "--batch-size (GRU_BATCH__MAX_RECORDS): must be an integer, got 'abc'"),
+    ({"GRU_OUTPUT__EMIT": "sometimes"}, [],
+     "GRU_OUTPUT__EMIT (--emit): must be one of 'every', 'change' or 'final', got 'sometimes'"),
+    ({"GRU_STATE__END_TTL_SECONDS": "5"}, [], "GRU_STATE__END_TTL_SECONDS: must be at least 60, got '5'"),
+    ({}, ["--metrics-port", "70000"],
+     "--metrics-port (GRU_METRICS__PORT): must be at most 65535, got '70000'"),
+    ({"GRU_BATCH__GC_FREEZE": "maybe"}, [], "GRU_BATCH__GC_FREEZE: must be true or false, got 'maybe'"),
+    ({"GRU_REDIS__PREFIX": "a b"}, [], "GRU_REDIS__PREFIX (--redis-prefix): must match "
+     "^[A-Za-z0-9_.\\-]{1,64}$, got 'a b'"),
+    ({"GRU_KAFKA__HEARTBEAT_INTERVAL_MS": "5000"}, [],
+     "GRU_KAFKA__HEARTBEAT_INTERVAL_MS (--heartbeat-interval-ms) 5000 must be at most a third "
+     "of GRU_KAFKA__SESSION_TIMEOUT_MS (--session-timeout-ms) 10000"),
+    ({}, ["--input-topic", "x", "--output-topic", "x"],
+     "GRU_KAFKA__INPUT_TOPIC (--input-topic) 'x', GRU_KAFKA__OUTPUT_TOPIC (--output-topic) 'x', "
+     "GRU_KAFKA__DLQ_TOPIC 'tokens.dlq' and GRU_KAFKA__CHECKPOINT_TOPIC 'x.checkpoints' must be "
+     "four different topics"),
+])
+def test_a_bad_setting_is_one_line_naming_it(monkeypatch, env, argv, line):
+    assert _problems(monkeypatch, env, argv) == [line]
+
+
+def test_every_bad_setting_gets_its_own_line_and_no_secret_is_echoed(monkeypatch):
+    lines = _problems(monkeypatch, {"GRU_BATCH__MAX_RECORDS": "0", "GRU_OUTPUT__EMIT": "x",
+                                    "GRU_KAFKA__SASL_PLAIN_PASSWORD": "s3cret"},
+                      ["--threads", "-1"])
+    assert len(lines) == 3 and all("s3cret" not in l for l in lines)
+    assert lines[0].startswith("GRU_MODEL__THREADS") is False  # came from the flag
+    assert any(l.startswith("--threads (GRU_MODEL__THREADS): must be at least 1") for l in lines)
+
+
+def test_a_mistyped_env_var_is_named_with_the_closest_setting():
+    from worker.config import unknown_env
+    assert unknown_env({"GRU_BATCH__MAX_RECORD": "3", "GRU_KAFKA__BOOTSTRAP_SERVERS": "k:1",
+                        "GRU_KAFKA": "{}", "PATH": "/bin"}) == [
+        "GRU_BATCH__MAX_RECORD is not a setting and is ignored (did you mean "
+        "GRU_BATCH__MAX_RECORDS?)"]
+
+
+def test_run_help_describes_every_flag_and_shows_its_default():
+    """Every option of ``run`` (and the common options of produce/tail/topics) has a
+    description and names its default."""
+    from worker.__main__ import build_parser
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = action.option_strings[-1]
+            assert action.help and len(action.help) > 12, f"{name} {flag}: no description"
+            if name == "run" or action.dest in {i.dest for i in settings_info()}:
+                assert "default" in action.help, f"{name} {flag}: no default shown"
+    run_help = sub.choices["run"].format_help()
+    for needle in ("[default: 9108; env GRU_METRICS__PORT]", "[default: 1]",
+                   "[default: tokens; env GRU_KAFKA__INPUT_TOPIC]", "where the model runs"):
+        assert needle in " ".join(run_help.split()), needle

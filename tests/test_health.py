@@ -1,152 +1,249 @@
-"""Tier 1: the /metrics, /healthz and /readyz server, and what a client that reaches its port
-cannot do to it: idle, half-open and slow connections hold no thread and are closed, and the
-threads that answer are few and bounded (issue 26, F6)."""
+"""Tier 1: the pieces that make health mean something, alone: which dependency failures are
+permanent (worker/failures.py), each dependency's own state and the loop's progress
+(worker/health.py), over a fake clock and a fresh registry."""
 
 from __future__ import annotations
 
-import re
+import logging
 import socket
-import threading
-import time
-import urllib.error
-import urllib.request
+import ssl
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+import redis.exceptions as rex
+from kafka import errors as kerr
+from prometheus_client import CollectorRegistry
 
-from worker.metrics import HealthServer
+from worker.errors import DependencyError
+from worker.failures import (
+    PermanentFailure,
+    classify,
+    is_permanent,
+    redis_address,
+    split_host_port,
+    unresolvable_hosts,
+)
+from worker.health import DependencyHealth, Progress, ready_gauge, watched
+from worker.metrics import Metrics
 
 
-def os_threads() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"^Threads:\s+(\d+)", f.read(), re.M).group(1))
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
 
-def get(server: HealthServer, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def wrapped(error: BaseException, dependency: str = "redis") -> DependencyError:
+    """As the adapters raise it: ``DependencyError(...) from`` the client's error."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-@pytest.fixture
-def registry():
-    r = CollectorRegistry()
-    Counter("gru_test_total", "a counter", registry=r).inc(3)
-    return r
-
-
-@pytest.fixture
-def serve(registry):
-    servers = []
-
-    def start(ready=lambda: (True, {"partitions": 2}), **kw) -> HealthServer:
-        servers.append(HealthServer(registry, "127.0.0.1", 0, ready, **kw).start())
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-def test_metrics_health_and_readiness_answer(serve):
-    s = serve()
-    assert get(s, "/healthz") == (200, b'{"status":"ok"}')
-    status, body = get(s, "/metrics")
-    assert status == 200 and b"gru_test_total 3.0" in body
-    assert get(s, "/readyz?verbose=1") == (200, b'{"ready": true, "partitions": 2}')
-    assert get(s, "/nothing")[0] == 404
-    req = urllib.request.Request(f"http://127.0.0.1:{s.port}/healthz", data=b"x", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=2)
-    assert e.value.code == 501
-
-
-def test_a_failing_readiness_check_still_answers(serve):
-    def broken():
-        raise RuntimeError("redis went away")
-    status, body = get(serve(ready=broken), "/readyz")
-    assert status == 503 and b"redis went away" in body
-
-
-def _closed_by_server(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def test_a_thousand_idle_connections_hold_no_thread_and_are_closed(serve):
-    s = serve(max_connections=64, timeout_s=1.0)
-    before = os_threads()
-    conns = []
-    try:
-        for _ in range(1000):
-            conns.append(socket.create_connection(("127.0.0.1", s.port), timeout=2))
-        time.sleep(0.3)  # let the server accept them all
-        during = os_threads()
-        t0 = time.monotonic()
-        assert get(s, "/healthz", timeout=1.0) == (200, b'{"status":"ok"}')
-        answered = time.monotonic() - t0
-        print(f"threads {before} -> {during} with 1000 idle connections; GET in "
-              f"{answered * 1000:.1f} ms")
-        assert during <= before + 1 and answered < 1.0
-        for c in conns:
-            c.setblocking(False)
-        open_now = sum(not _closed_by_server(c) for c in conns)
-        assert open_now <= 64, open_now  # the oldest were closed to make room
-        time.sleep(1.6)  # past timeout_s: the rest are closed as idle
-        assert sum(not _closed_by_server(c) for c in conns) == 0
-    finally:
-        for c in conns:
-            c.close()
-
-
-def test_a_slow_head_is_cut_off_at_the_deadline(serve):
-    s = serve(timeout_s=1.0)
-    c = socket.create_connection(("127.0.0.1", s.port), timeout=3)
-    t0 = time.monotonic()
-    try:
-        for part in (b"GET /hea", b"lthz HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n"):
-            c.sendall(part)  # a byte now and then keeps no connection alive past its deadline
-            time.sleep(0.4)
-        assert c.recv(100) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    finally:
-        c.close()
-    assert time.monotonic() - t0 < 2.5
-
-
-def test_answering_threads_are_bounded_and_excess_requests_refused(serve):
-    release = threading.Event()
-
-    def slow_ready():
-        release.wait(5)
-        return True, {}
-
-    s = serve(ready=slow_ready, threads=2, timeout_s=5.0)
-    before = os_threads()
-    results: list = []
-
-    def ask():
         try:
-            results.append(get(s, "/readyz", timeout=6)[0])
-        except (urllib.error.URLError, ConnectionError, OSError):
-            results.append("refused")
+            raise error
+        except BaseException as e:
+            raise DependencyError(dependency, f"call failed: {e!r}") from e
+    except DependencyError as d:
+        return d
 
-    askers = [threading.Thread(target=ask) for _ in range(6)]
-    for a in askers:
-        a.start()
-        time.sleep(0.1)
-    # 2 answering (blocked in ready), 2 waiting for a thread, 2 refused; the server added
-    # no thread (the 6 are this test's clients).
-    assert os_threads() <= before + 6
-    assert sorted(results, key=str) == ["refused", "refused"]
-    release.set()
-    for a in askers:
-        a.join(10)
-    assert sorted(results, key=str) == [200, 200, 200, 200, "refused", "refused"]
+
+def gaierror(code: int) -> socket.gaierror:
+    return socket.gaierror(code, "name lookup")
+
+
+def redis_conn_error(cause: BaseException) -> rex.ConnectionError:
+    """redis-py's ConnectionError with the OSError it keeps as its cause."""
+    try:
+        try:
+            raise cause
+        except OSError as e:
+            raise rex.ConnectionError(f"Error connecting: {e}") from e
+    except rex.ConnectionError as c:
+        return c
+
+
+# --- permanent or transient ----------------------------------------------------------------
+
+@pytest.mark.parametrize("error, permanent, reason", [
+    (rex.AuthenticationError("invalid username-password pair"), True, "authentication failed"),
+    (rex.AuthenticationWrongNumberOfArgsError("wrong number"), True, "authentication failed"),
+    (rex.AuthorizationError("no permission"), True, "not authorized (ACL)"),
+    (rex.NoPermissionError("NOPERM this user has no permissions"), True, "not authorized (ACL)"),
+    (redis_conn_error(gaierror(socket.EAI_NONAME)), True, "unknown host"),
+    (redis_conn_error(gaierror(socket.EAI_AGAIN)), False, "name resolution failed (temporarily)"),
+    (redis_conn_error(ConnectionRefusedError(111, "Connection refused")), False, "unavailable"),
+    (rex.TimeoutError("Timeout reading from socket"), False, "unavailable"),
+    (rex.BusyLoadingError("LOADING"), False, "unavailable"),
+    (redis_conn_error(ssl.SSLCertVerificationError(1, "certificate verify failed")), True,
+     "TLS certificate rejected"),
+    (kerr.SaslAuthenticationFailedError("bad creds"), True, "authentication failed"),
+    (kerr.TopicAuthorizationFailedError(), True,
+     "not authorized (TopicAuthorizationFailedError)"),
+    (kerr.GroupAuthorizationFailedError(), True,
+     "not authorized (GroupAuthorizationFailedError)"),
+    (kerr.KafkaConnectionError("unable to connect: refused"), False, "unavailable"),
+    (kerr.KafkaTimeoutError("Unable to bootstrap from ['127.0.0.1:1']"), False, "unavailable"),
+    (kerr.RequestTimedOutError(), False, "unavailable"),
+    (ValueError("not a client error"), False, "unavailable"),
+])
+def test_classify_through_the_adapters_wrapping(error, permanent, reason):
+    for e in (error, wrapped(error)):
+        verdict = classify(e)
+        assert (verdict.permanent, verdict.reason) == (permanent, reason)
+
+
+def test_a_kafka_bootstrap_failure_is_permanent_only_for_a_host_that_does_not_exist():
+    dns = kerr.KafkaConnectionError("DNS Resolution failure")
+    assert is_permanent(dns, ["kafka.invalid:9092"])
+    assert classify(dns, ["kafka.invalid:9092"]).reason == "unknown host kafka.invalid"
+    assert not is_permanent(dns, ["127.0.0.1:9092"])  # resolves: it may come back
+
+    class NoBrokersAvailable(kerr.KafkaError):  # the name older kafka-python raises
+        __module__ = "kafka.errors"
+    assert is_permanent(NoBrokersAvailable(), ["kafka.invalid:9092"])
+    assert not is_permanent(NoBrokersAvailable(), ["localhost:9092"])
+
+
+def test_librdkafka_errors_are_classified_by_name():
+    class FakeKafkaError:
+        def __init__(self, name: str, fatal: bool = False) -> None:
+            self._name, self._fatal = name, fatal
+
+        def name(self) -> str:
+            return self._name
+
+        def fatal(self) -> bool:
+            return self._fatal
+
+    KafkaException = type("KafkaException", (Exception,), {"__module__": "cimpl"})
+    assert classify(KafkaException(FakeKafkaError("_AUTHENTICATION"))).reason == \
+        "authentication failed"
+    assert classify(KafkaException(FakeKafkaError("TOPIC_AUTHORIZATION_FAILED"))).permanent
+    assert not classify(KafkaException(FakeKafkaError("_TRANSPORT"))).permanent
+    assert classify(KafkaException(FakeKafkaError("_FENCED", fatal=True))).permanent
+
+
+def test_addresses_never_carry_a_secret():
+    assert redis_address("redis://:s3cret@cache:6380/2") == "cache:6380/2"
+    assert redis_address("rediss://user:pw@cache") == "cache:6379/0"
+    assert split_host_port("[::1]:9092") == ("::1", 9092)
+    assert split_host_port("kafka:9092") == ("kafka", 9092)
+    assert unresolvable_hosts(["localhost:1", "nothing.invalid:1"]) == ["nothing.invalid"]
+    line = str(PermanentFailure("redis", "cache:6380/2", "authentication failed",
+                                "GRU_REDIS__PASSWORD", rex.AuthenticationError("WRONGPASS")))
+    assert line == ("redis at cache:6380/2: authentication failed: AuthenticationError: "
+                    "WRONGPASS; check GRU_REDIS__PASSWORD")
+
+
+# --- each dependency's own state -----------------------------------------------------------
+
+def test_a_dependency_goes_down_once_and_comes_back_with_how_long(caplog):
+    clock = StepClock()
+    m = Metrics(CollectorRegistry())
+    h = DependencyHealth(m, clock, addresses={"redis": "cache:6379/0"})
+    up = lambda d: m.registry.get_sample_value("gru_dependency_up", {"dependency": d})
+    assert (up("redis"), up("kafka")) == (1.0, 1.0) and h.all_up()
+    h.ok("redis")
+    with caplog.at_level(logging.WARNING, logger="worker.health"):
+        h.failed("redis", wrapped(ConnectionRefusedError(111, "refused")))
+        clock.now += 10
+        h.failed("redis", wrapped(ConnectionRefusedError(111, "refused")))
+        assert up("redis") == 0.0 and not h.all_up() and h.down_for("redis") == 10.0
+        ready = h.readiness()
+        assert ready["kafka"] == {"up": True} and ready["redis"]["up"] is False
+        assert ready["redis"]["failures"] == 2 and ready["redis"]["down_for_s"] == 10.0
+        clock.now += 21.5
+        h.ok("redis")
+        h.ok("redis")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # one when it went down, one when it came back
+    assert lines[0].startswith("redis at cache:6379/0 is down: DependencyError: redis: call failed")
+    assert lines[1].startswith("redis at cache:6379/0 is back after 31.5s down (2 failed calls; "
+                               "last error: DependencyError: redis: ")
+    assert up("redis") == 1.0 and h.down_for("redis") is None and h.state("redis").failures == 0
+
+
+def test_watched_ports_report_to_the_dependency_health():
+    clock = StepClock()
+    h = DependencyHealth(None, clock)
+
+    class Store:
+        fail = False
+
+        def load(self, x):
+            if self.fail:
+                raise DependencyError("redis", "load failed")
+            return [x]
+
+        def close(self):
+            raise AssertionError("close is passed through untouched")
+
+    class Sink:
+        def send(self, messages):
+            return "sending"
+
+        def wait(self, sending):
+            raise DependencyError("kafka", "not acknowledged")
+
+    store, raw = watched(Store(), "redis", h), None
+    assert store.load(1) == [1] and h.state("redis").last_ok == clock.now
+    store._port.fail = True
+    with pytest.raises(DependencyError):
+        store.load(1)
+    assert not h.state("redis").up
+    store._port.fail = False
+    store.load(2)
+    assert h.state("redis").up
+    sink = watched(Sink(), "kafka", h, successes=("wait",))
+    with pytest.raises(DependencyError):
+        sink.wait(sink.send([]))
+    assert not h.state("kafka").up
+    sink.send([])  # a send only buffers: not a sign that Kafka is back
+    assert not h.state("kafka").up
+    del raw
+
+
+# --- progress ------------------------------------------------------------------------------
+
+def test_progress_is_unhealthy_only_when_holding_partitions_with_input_waiting():
+    clock = StepClock()
+    m = Metrics(CollectorRegistry())
+    p = Progress(stall_after_s=60, clock=clock, metrics=m)
+    stamp = lambda part: m.registry.get_sample_value(
+        "gru_partition_progress_timestamp_seconds", {"topic": "in", "partition": part})
+    assert p.healthy()[0]
+    clock.now += 1000
+    assert p.healthy()[0]  # holds nothing: idle is healthy however long
+    p.assigned([("in", 0), ("in", 1)])
+    assert stamp("0") == clock.time()  # a claim is progress
+    p.input_waiting(0)
+    clock.now += 1000
+    assert p.healthy()[0]  # holds partitions, nothing waiting: idle
+    p.input_waiting(5)  # input arrives: the stall clock starts now, not at the last progress
+    clock.now += 59
+    assert p.healthy()[0]
+    clock.now += 2
+    ok, details = p.healthy()
+    assert not ok and details == {"partitions": 2, "input_waiting": True,
+                                  "no_progress_for_s": 61.0, "stall_after_s": 60}
+    p.advanced([("in", 1)])
+    assert p.healthy()[0] and stamp("1") == clock.time() and stamp("0") < stamp("1")
+    clock.now += 61
+    assert not p.healthy()[0] and p.stalled_for() == 61.0
+    p.input_waiting(None)  # unknown changes nothing
+    assert not p.healthy()[0]
+    p.released([("in", 0), ("in", 1)])
+    assert p.healthy()[0] and stamp("0") is None and stamp("1") is None
+
+
+def test_the_ready_gauge_never_fails_a_scrape():
+    assert ready_gauge(lambda: (True, {}))() == 1.0
+    assert ready_gauge(lambda: (False, {}))() == 0.0
+
+    def broken():
+        raise RuntimeError("dictionary changed size during iteration")
+    assert ready_gauge(broken)() == 0.0

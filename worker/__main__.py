@@ -8,67 +8,116 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import types
 import typing
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from .config import Settings, settings_info
+from .config import ConfigError, Settings, load_settings, settings_info, unknown_env
+from .logs import configure_logging, json_line
 
 log = logging.getLogger("worker")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``error: ...``) and exit code 2, as for
+    every other setting that cannot be right. Subcommands inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _flag_type(annotation) -> dict:
-    """argparse options for a setting's type: Literal -> choices, Optional[X] -> X."""
+    """argparse options for a setting's type. Values reach the Settings model as text, so
+    that a bad one is reported as any bad setting is (worker/config.py, ``explain``);
+    Literal choices show in the help, Optional[X] is X, a bool is --x/--no-x."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
         choices = list(typing.get_args(annotation))
         upper = all(isinstance(c, str) and c.isupper() for c in choices)
-        return {"choices": choices, **({"type": str.upper} if upper else {})}
+        return {"metavar": "{" + ",".join(map(str, choices)) + "}",
+                "type": str.upper if upper else str}
     if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return _flag_type(args[0])
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
-    return {"type": annotation if annotation in (int, float, Path) else str}
+    return {"type": str}
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def setting_help(info) -> str:
+    """A flag's help: what the setting does, its default and its env var."""
+    desc = (info.field.description or "").strip()
+    default = info.field.get_default(call_default_factory=True)
+    return f"{desc + ' ' if desc else ''}[default: {_shown(default)}; env {info.env}]" \
+        .replace("%", "%%")
 
 
 def add_setting_flags(p: argparse.ArgumentParser, common_only: bool = False) -> None:
     """The flags the Settings model declares (worker/config.py), help text included."""
     for info in settings_info():
         if info.flag and (info.common or not common_only):
-            desc = info.field.description
             kind = _flag_type(info.field.annotation)
-            if "choices" not in kind and "action" not in kind:
+            if "metavar" not in kind and "action" not in kind:
                 kind["metavar"] = info.path[-1].upper()
-            p.add_argument(info.flag, dest=info.dest, default=None,
-                           help=f"{desc + ' ' if desc else ''}({info.env})", **kind)
+            p.add_argument(info.flag, dest=info.dest, default=None, help=setting_help(info),
+                           **kind)
 
 
 def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
-    """Flags override env vars, which override defaults."""
+    """Flags override env vars, which override defaults. ``ConfigError`` names each setting
+    that cannot be right (the flag when the value came from one)."""
     over: dict = {}
+    flagged: set[tuple[str, ...]] = set()
     for info in settings_info():
         value = getattr(args, info.dest, None)
         if value is None:
             continue
+        flagged.add(info.path)
         node = over
         for part in info.path[:-1]:
             node = node.setdefault(part, {})
         node[info.path[-1]] = value
     for section, values in extra.items():
         over.setdefault(section, {}).update(values)
-    return Settings(**over)
+    return load_settings(over, frozenset(flagged))
+
+
+def _setup_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format, settings.library_log_level)
+    for line in unknown_env(os.environ):
+        log.warning(line)
+
+
+def _json_requested(args: argparse.Namespace) -> bool:
+    fmt = getattr(args, "log_format", None) or os.environ.get("GRU_LOG_FORMAT", "")
+    return str(fmt).lower() == "json"
+
+
+def fatal(lines: list[str], as_json: bool = False) -> int:
+    """Print why the command cannot go on, one line per problem, and return exit code 2.
+    With GRU_LOG_FORMAT=json each line is a JSON log record, as the log shipper expects."""
+    for line in lines:
+        print(json_line("CRITICAL", line) if as_json else f"error: {line}", file=sys.stderr,
+              flush=True)
+    return 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from model.artifact import ArtifactError
 
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(settings)
     if args.processes > 1:
         from .supervisor import supervise
         return supervise(args.argv, args.processes, settings.metrics.port)
@@ -89,8 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         app = build_worker(settings, CollectorRegistry())
     except ArtifactError as e:  # missing, not a directory, or not a valid model artifact
-        print(f"error: cannot load the model {e}", file=sys.stderr)
-        return 2
+        return fatal([f"cannot load the model {e}"], settings.log_format == "json")
     if stopping:
         app.worker.stop()
     try:
@@ -101,40 +149,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from .kafka_io import create_topics
+    from .preflight import check_kafka
     settings = settings_from_args(args, **({"kafka": {"partitions": args.partitions}}
                                            if args.partitions else {}))
-    created = create_topics(settings.kafka, args.partitions)
+    _setup_logging(settings)
+    created = check_kafka(settings, create=True)  # bounded: one line if Kafka does not answer
     k = settings.kafka
     for name in (k.input_topic, k.output_topic, k.dlq_topic, k.checkpoint_topic):
         print(f"{name}: {'created' if name in created else 'exists'}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from .client import add_produce, add_tail
-    ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m worker", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="consume tokens, advance session states, emit predictions")
+    run = sub.add_parser("run", help="consume tokens, advance session states, emit predictions",
+                         description="Consume token messages, advance each session's state, "
+                         "produce predictions. Every flag has an env var; flags win.")
     add_setting_flags(run)
     run.add_argument("--processes", type=int, default=1,
-                     help="run N worker processes in the group (metrics on port, port+1, ...)")
+                     help="run N worker processes in the group (metrics on port, port+1, ...) "
+                     "[default: 1]")
     run.set_defaults(func=cmd_run)
 
     topics = sub.add_parser("topics", help="create the input, output and dead-letter topics")
-    topics.add_argument("action", choices=["create"])
+    topics.add_argument("action", choices=["create"], help="create the topics that do not exist")
     add_setting_flags(topics, common_only=True)
     topics.add_argument("--partitions", type=int, default=None,
-                        help="partitions per topic (default GRU_KAFKA__PARTITIONS, 6)")
+                        help="partitions per topic [default: GRU_KAFKA__PARTITIONS, 6]")
     topics.set_defaults(func=cmd_topics)
 
     common = lambda p: add_setting_flags(p, common_only=True)  # noqa: E731
     add_produce(sub, common, settings_from_args)
     add_tail(sub, common, settings_from_args)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as e:  # settings that cannot be right, or a start-up check that failed
+        return fatal(e.lines, _json_requested(args))
 
 
 if __name__ == "__main__":

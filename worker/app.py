@@ -20,12 +20,15 @@ from model.artifact import ArtifactError
 
 from .config import CLUSTER_SCHEMES, Settings
 from .engine import Engine
+from .failures import redis_address
+from .health import DependencyHealth, ready_gauge, watched
 from .kafka_io import KafkaSink, KafkaSource, ensure_checkpoint_topic, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
 from .models import DrainWatcher, ModelSet, ServedModel
 from .output import OutputPolicy
 from .ports import StateStore
+from .preflight import StartupError, check_kafka, check_redis, port_error
 from .state import Keys, MemoryStateStore, RedisStateStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("model.device=cuda but torch sees no CUDA device")
+        raise StartupError("GRU_MODEL__DEVICE (--device) is cuda, but torch sees no CUDA device")
     return device
 
 
@@ -74,6 +77,7 @@ class App:
     registry: CollectorRegistry
     drain: DrainWatcher | None = None
     unwatch_gc: Callable[[], None] = lambda: None
+    dependencies: DependencyHealth | None = None
 
     def close(self) -> None:
         if self.drain is not None:
@@ -93,8 +97,31 @@ def build_engine(settings: Settings, clf, device: str) -> Engine:
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
+    """Start-up, in the order of worker/preflight.py: the metrics port (bound and serving
+    before the model loads: a port in use is named at once, and /readyz answers 503 while
+    loading), the model, Redis and Kafka checked, then the clients and the worker. Raises
+    ``StartupError`` (or ``ArtifactError``) with the line to print."""
+    readiness: list[Callable[[], tuple[bool, dict]]] = [lambda: (False, {"starting": True})]
+    try:
+        health = HealthServer(registry, settings.metrics.host, settings.metrics.port,
+                              lambda: readiness[0](), settings.metrics.max_connections,
+                              settings.metrics.timeout_s).start()
+    except OSError as e:
+        raise port_error(settings.metrics, e) from None
+    try:
+        return _build(settings, registry, health, readiness)
+    except BaseException:
+        health.stop()
+        raise
+
+
+def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer,
+           readiness: list) -> App:
     torch.set_num_threads(settings.model.threads)
     device = resolve_device(settings.model.device)
+    if settings.model.dtype == "float16" and device != "cuda":
+        raise StartupError("GRU_MODEL__DTYPE (--dtype) float16 needs GRU_MODEL__DEVICE "
+                           "(--device) cuda, or auto with a GPU")
     try:
         clf = model_pkg.load(settings.model.dir, device=device,
                              max_parameters=settings.model.max_parameters)
@@ -103,11 +130,8 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     log.info("model %s from %s on %s: %d labels, vocab %d, hidden %d x %d layers",
              clf.model_id, settings.model.dir, device, len(clf.labels), len(clf.vocab),
              clf.model.config.hidden_size, clf.model.config.num_layers)
-    store = build_store(settings, clf.model_id)
     metrics = Metrics(registry)
     metrics.add_model(clf.model_id, clf.labels, clf.label_prior, device, "current")
-    if settings.model.dtype == "float16" and device != "cuda":
-        raise SystemExit("model.dtype=float16 needs model.device=cuda (or auto with a GPU)")
     engine = build_engine(settings, clf, device)
     previous = None
     if settings.model.previous_dir is not None:
@@ -129,9 +153,22 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
         log.error("kafka-python cannot decode %s: input compressed with them will stall its "
                   "partition (gru_undecodable_batches_total). Install the project's "
                   "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
-    ensure_checkpoint_topic(settings.kafka)
-    source = KafkaSource(settings.kafka)
-    sink = KafkaSink(settings.kafka)
+    # The dependencies, checked before the group is joined: what cannot heal ends start-up
+    # with one line naming it; what may heal is waited for up to startup_timeout_s.
+    k = settings.kafka
+    if settings.redis.url != "memory":
+        check_redis(settings, lambda: redis_client(settings))
+    check_kafka(settings)
+    dependencies = DependencyHealth(metrics, addresses={
+        "redis": redis_address(settings.redis.url) if settings.redis.url != "memory" else "memory",
+        "kafka": k.bootstrap_servers})
+    for topic in (k.output_topic, k.dlq_topic):
+        metrics.undeliverable.labels(topic)  # every known label value starts at zero
+    store = watched(build_store(settings, clf.model_id), "redis", dependencies)
+    ensure_checkpoint_topic(k)
+    source = KafkaSource(k)
+    # A send only buffers: acknowledgements (wait) say Kafka is back, not sends.
+    sink = watched(KafkaSink(k), "kafka", dependencies, successes=("wait", "deliver"))
     current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),
                           tuple(clf.vocab.itos), device)
     models = ModelSet(current, previous, settings.limits, metrics)
@@ -147,9 +184,15 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
         ok, details = worker.ready()
         return redis_ok and kafka_ok and ok, {"redis": redis_ok, "kafka": kafka_ok, **details}
 
-    health = HealthServer(registry, settings.metrics.host, settings.metrics.port, ready,
-                          settings.metrics.max_connections, settings.metrics.timeout_s).start()
+    def ready_now() -> tuple[bool, dict]:
+        """Readiness without I/O, for gru_ready at each scrape: the worker's own state and
+        each dependency's last result."""
+        ok, details = worker.ready()
+        return ok and dependencies.all_up(), details
+
+    readiness[0] = ready
+    metrics.ready.set_function(ready_gauge(ready_now))
     unwatch = watch_gc(metrics)
     if settings.batch.gc_freeze:
         quiet_gc()
-    return App(worker, health, registry, drain, unwatch)
+    return App(worker, health, registry, drain, unwatch, dependencies)

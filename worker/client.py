@@ -65,9 +65,68 @@ def dataset_sessions(split_name: str, n: int, model_dir: Path | None, seed: int,
              tokenize(docs[doc_id].text)[:max_tokens]) for doc_id in chosen]
 
 
-def _producer(client_options: dict):
+def _producer(client_options: dict, timeout_s: float = 30.0):
+    """A producer, or ``StartupError`` with one line when no broker answers in time."""
     from kafka import KafkaProducer
-    return KafkaProducer(acks="all", linger_ms=5, **client_options)
+
+    from .preflight import kafka_error
+    try:
+        return KafkaProducer(acks="all", linger_ms=5,
+                             bootstrap_timeout_ms=max(1, int(timeout_s * 1000)),
+                             **client_options)
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
+        raise kafka_error(",".join(client_options["bootstrap_servers"]), e, timeout_s) from None
+
+
+class SendProgress:
+    """Progress of a long ``produce`` on a terminal: messages sent of all, the rate and the
+    time elapsed (rich), redrawn at most ten times a second. Quiet when ``stream`` (stderr)
+    is not a terminal: a pipe or a log file gets the summary line only."""
+
+    def __init__(self, total: int, stream=None, what: str = "produce") -> None:
+        self.stream = stream or sys.stderr
+        self.total, self.what = total, what
+        self._bar = None
+        self._pending = 0
+        self._next_draw = 0.0
+
+    def __enter__(self) -> "SendProgress":
+        isatty = getattr(self.stream, "isatty", None)
+        if isatty is not None and isatty():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("messages"),
+                                 TextColumn("{task.fields[rate]:>8} msg/s"),
+                                 TimeElapsedColumn(),
+                                 console=Console(file=self.stream, force_terminal=True),
+                                 transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(self.what, total=self.total, rate="-")
+            self._t0 = time.monotonic()
+        return self
+
+    def sent(self, n: int = 1) -> None:
+        if self._bar is None:
+            return
+        self._pending += n
+        now = time.monotonic()
+        if now >= self._next_draw:
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        task = self._bar.tasks[0]
+        done = task.completed + self._pending
+        rate = done / (now - self._t0) if now > self._t0 else 0.0
+        self._bar.update(self._task, advance=self._pending, rate=f"{rate:,.0f}")
+        self._pending = 0
+        self._next_draw = now + 0.1
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._draw(time.monotonic())
+            self._bar.stop()
 
 
 def cmd_produce(args: argparse.Namespace, settings_from_args: Callable) -> int:
@@ -83,17 +142,19 @@ def cmd_produce(args: argparse.Namespace, settings_from_args: Callable) -> int:
         sid = args.session_id or "session-1"
         streams = [chunk_messages(sid, tokenize(text)[:args.max_tokens], args.chunk_size,
                                   args.seq, args.end)]
-    producer = _producer(k.client_options())
+    producer = _producer(k.client_options(), settings.startup_timeout_s)
     sent, t0 = 0, time.monotonic()
-    for msg in interleave(streams, args.seed):
-        producer.send(k.input_topic, key=msg["session_id"].encode(),
-                      value=json.dumps(msg).encode())
-        sent += 1
-        if args.rate:
-            delay = t0 + sent / args.rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-    producer.flush()
+    with SendProgress(sum(len(s) for s in streams)) as progress:
+        for msg in interleave(streams, args.seed):
+            producer.send(k.input_topic, key=msg["session_id"].encode(),
+                          value=json.dumps(msg).encode())
+            sent += 1
+            progress.sent()
+            if args.rate:
+                delay = t0 + sent / args.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        producer.flush()
     producer.close()
     print(f"produced {sent} messages for {len(streams)} sessions to {k.input_topic} "
           f"in {time.monotonic() - t0:.1f}s", file=sys.stderr)
@@ -176,30 +237,39 @@ def add_produce(sub, common: Callable, settings_from_args: Callable) -> None:
     p = sub.add_parser("produce", help="publish token messages from a file, stdin or a dataset")
     common(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--file", help="text file for one session (default: stdin)")
-    src.add_argument("--dataset", choices=["bbc-news"], help="many sessions from a dataset split")
-    p.add_argument("--session-id", help="session id for --file/stdin (default session-1)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--sessions", type=int, default=20, help="sessions to publish with --dataset")
+    src.add_argument("--file", help="text file for one session [default: stdin]")
+    src.add_argument("--dataset", choices=["bbc-news"], help="many sessions from a dataset "
+                     "split [default: none, read --file or stdin]")
+    p.add_argument("--session-id", help="session id for --file/stdin [default: session-1]")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the dataset split to draw sessions from [default: %(default)s]")
+    p.add_argument("--sessions", type=int, default=20,
+                   help="sessions to publish with --dataset [default: %(default)s]")
     p.add_argument("--model-dir", type=Path, default=Path("artifacts/bbc-gru"),
-                   help="use this artifact's recorded split")
-    p.add_argument("--chunk-size", type=int, default=16, help="tokens per message")
-    p.add_argument("--max-tokens", type=int, default=None, help="cut each text to N tokens")
-    p.add_argument("--rate", type=float, default=0, help="messages per second (0: unthrottled)")
+                   help="use this artifact's recorded split [default: %(default)s]")
+    p.add_argument("--chunk-size", type=int, default=16,
+                   help="tokens per message [default: %(default)s]")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cut each text to N tokens [default: no cut]")
+    p.add_argument("--rate", type=float, default=0,
+                   help="messages per second (0: unthrottled) [default: %(default)s]")
     p.add_argument("--seq", action=argparse.BooleanOptionalAction, default=True,
-                   help="number messages with seq (default on)")
+                   help="number messages with seq [default: on]")
     p.add_argument("--end", action=argparse.BooleanOptionalAction, default=True,
-                   help="flag each session's last message end=true (default on)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="flag each session's last message end=true [default: on]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="picks the sessions and their interleaving [default: %(default)s]")
     p.set_defaults(func=lambda a: cmd_produce(a, settings_from_args))
 
 
 def add_tail(sub, common: Callable, settings_from_args: Callable) -> None:
     p = sub.add_parser("tail", help="follow the predictions topic")
     common(p)
-    p.add_argument("--topic", help="topic to follow (default: the output topic)")
-    p.add_argument("--json", action="store_true", help="print raw JSON lines")
-    p.add_argument("--latest", action="store_true", help="start at the end, not the beginning")
-    p.add_argument("--max", type=int, help="stop after N predictions")
-    p.add_argument("--timeout", type=float, help="stop after S seconds without a prediction")
+    p.add_argument("--topic", help="topic to follow [default: the output topic]")
+    p.add_argument("--json", action="store_true", help="print raw JSON lines [default: off]")
+    p.add_argument("--latest", action="store_true",
+                   help="start at the end, not the beginning [default: off]")
+    p.add_argument("--max", type=int, help="stop after N predictions [default: no limit]")
+    p.add_argument("--timeout", type=float,
+                   help="stop after S seconds without a prediction [default: never]")
     p.set_defaults(func=lambda a: cmd_tail(a, settings_from_args))

@@ -10,13 +10,14 @@ anywhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import difflib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 
 def flag(name: str, common: bool = False) -> dict:
@@ -28,9 +29,12 @@ def flag(name: str, common: bool = False) -> dict:
 class KafkaSettings(BaseModel):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers",
                                    json_schema_extra=flag("--bootstrap", common=True))
-    input_topic: str = Field("tokens", json_schema_extra=flag("--input-topic", common=True))
-    output_topic: str = Field("predictions", json_schema_extra=flag("--output-topic", common=True))
-    dlq_topic: str = "tokens.dlq"
+    input_topic: str = Field("tokens", description="the topic of token messages to consume",
+                             json_schema_extra=flag("--input-topic", common=True))
+    output_topic: str = Field("predictions", description="the topic predictions are produced to",
+                              json_schema_extra=flag("--output-topic", common=True))
+    dlq_topic: str = Field("tokens.dlq", description="the dead-letter topic: rejected input "
+                           "with its reason")
     checkpoint_topic: str = Field("", description="where each commit's checkpoint record "
                                   "goes (recovery's replay start, who moved the offsets, "
                                   "rollouts); created with the input's partition count if "
@@ -38,11 +42,18 @@ class KafkaSettings(BaseModel):
     group_id: str = Field("gru-worker", description="consumer group id",
                           json_schema_extra=flag("--group"))
     client_id: str = "gru-worker"
-    partitions: int = Field(6, ge=1, description="partition count used by `topics create`")
+    partitions: int = Field(6, ge=1, description="partition count used by `topics create` "
+                            "and create_topics")
     replication_factor: int = Field(1, ge=1)
-    session_timeout_ms: int = Field(10_000, ge=1000,
+    create_topics: bool = Field(False, description="at start, create the input, output and "
+                                "dead-letter topics that do not exist (partitions, "
+                                "replication_factor), as `topics create` does; off: a missing "
+                                "topic stops the worker with one line naming it")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="the group drops a member "
+                                    "it has not heard from for this long",
                                     json_schema_extra=flag("--session-timeout-ms"))
-    heartbeat_interval_ms: int = Field(3_000, ge=100,
+    heartbeat_interval_ms: int = Field(3_000, ge=100, description="heartbeats to the group "
+                                       "coordinator; at most a third of the session timeout",
                                        json_schema_extra=flag("--heartbeat-interval-ms"))
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -110,6 +121,7 @@ class RedisSettings(BaseModel):
     ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS (rediss://)")
     ssl_keyfile: str | None = None
     prefix: str = Field("gru", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+                        description="the first part of every key the worker writes",
                         json_schema_extra=flag("--redis-prefix"))
     socket_timeout_s: float = Field(5.0, gt=0)
 
@@ -136,7 +148,9 @@ class StateSettings(BaseModel):
 class ModelSettings(BaseModel):
     dir: Path = Field(Path("artifacts/bbc-gru"), description="the model artifact directory",
                       json_schema_extra=flag("--model-dir"))
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", json_schema_extra=flag("--device"))
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model runs "
+                                                   "(auto: cuda when torch sees a GPU)",
+                                                   json_schema_extra=flag("--device"))
     threads: int = Field(1, ge=1, description="torch intra-op threads. 1 by default: the "
                          "worker's Kafka and Redis threads share the cores, and on a 2-core VM a "
                          "second torch thread took ~30 us more CPU a message for the same msg/s and "
@@ -204,7 +218,8 @@ class OutputSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    host: str = Field("0.0.0.0", json_schema_extra=flag("--metrics-host"))
+    host: str = Field("0.0.0.0", description="address of the /metrics, /healthz and /readyz "
+                      "server", json_schema_extra=flag("--metrics-host"))
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port",
                       json_schema_extra=flag("--metrics-port"))
     max_connections: int = Field(64, ge=1, description="most open connections to the metrics "
@@ -232,36 +247,55 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     retry: RetrySettings = RetrySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", json_schema_extra=flag("--log-level", common=True))
+        "INFO", description="the worker's own log level",
+        json_schema_extra=flag("--log-level", common=True))
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line (timestamp, level, logger, "
+        "message and the record's extra fields), for log shippers",
+        json_schema_extra=flag("--log-format", common=True))
+    library_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="log level of the Kafka and Redis client libraries (their INFO "
+        "is connection chatter)")
+    startup_timeout_s: float = Field(15.0, gt=0, description="how long start-up waits for "
+                                     "Kafka and Redis to answer before it stops with one line "
+                                     "naming the unreachable one (exit code 2)")
     max_messages: int | None = Field(None, ge=1, description="stop after this many input messages",
                                      json_schema_extra=flag("--max-messages"))
     idle_exit_s: float | None = Field(None, gt=0, description="stop after this long with no "
                                       "input (while holding partitions)",
                                       json_schema_extra=flag("--idle-exit"))
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "library_log_level", mode="before")
     @classmethod
     def _upper(cls, v: str) -> str:
         return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.kafka.max_partition_fetch_bytes > self.kafka.fetch_max_bytes:
-            raise ValueError("kafka.max_partition_fetch_bytes must be at most "
-                             "kafka.fetch_max_bytes")
-        if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
-            raise ValueError("kafka.heartbeat_interval_ms must be at most a third of "
-                             "kafka.session_timeout_ms")
-        if not self.kafka.checkpoint_topic:
-            self.kafka.checkpoint_topic = f"{self.kafka.input_topic}.checkpoints"
+        # Checks across settings: their messages name the env vars (and flags) involved.
         k = self.kafka
+        if k.max_partition_fetch_bytes > k.fetch_max_bytes:
+            raise ValueError(
+                f"GRU_KAFKA__MAX_PARTITION_FETCH_BYTES {k.max_partition_fetch_bytes} must be at "
+                f"most GRU_KAFKA__FETCH_MAX_BYTES {k.fetch_max_bytes}")
+        if k.heartbeat_interval_ms * 3 > k.session_timeout_ms:
+            raise ValueError(
+                f"GRU_KAFKA__HEARTBEAT_INTERVAL_MS (--heartbeat-interval-ms) "
+                f"{k.heartbeat_interval_ms} must be at most a third of "
+                f"GRU_KAFKA__SESSION_TIMEOUT_MS (--session-timeout-ms) {k.session_timeout_ms}")
+        if not k.checkpoint_topic:
+            k.checkpoint_topic = f"{k.input_topic}.checkpoints"
         topics = {k.input_topic, k.output_topic, k.dlq_topic, k.checkpoint_topic}
         if len(topics) != 4:
-            raise ValueError("kafka input, output, dlq and checkpoint topics must be four "
-                             "different topics")
+            raise ValueError(
+                f"GRU_KAFKA__INPUT_TOPIC (--input-topic) {k.input_topic!r}, "
+                f"GRU_KAFKA__OUTPUT_TOPIC (--output-topic) {k.output_topic!r}, "
+                f"GRU_KAFKA__DLQ_TOPIC {k.dlq_topic!r} and GRU_KAFKA__CHECKPOINT_TOPIC "
+                f"{k.checkpoint_topic!r} must be four different topics")
         if not self.limits.require_key and self.redis.cluster:
-            raise ValueError("limits.require_key=false cannot be used with a Redis Cluster: keys "
-                             "are placed by partition, and unkeyed sessions span partitions")
+            raise ValueError("GRU_LIMITS__REQUIRE_KEY=false cannot be used with a Redis Cluster "
+                             "(GRU_REDIS__URL / --redis-url redis+cluster://): keys are placed "
+                             "by partition, and unkeyed sessions span partitions")
         return self
 
 
@@ -292,3 +326,98 @@ def settings_info(model: type[BaseModel] = Settings, path: tuple[str, ...] = ())
             continue
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
         yield SettingInfo(path + (name,), f, extra.get("flag"), bool(extra.get("common")))
+
+
+# --- settings that cannot be right: one line each, naming the env var or flag ----------------
+
+class ConfigError(Exception):
+    """Settings that cannot be right. ``lines``: one per problem, each naming the env var (or
+    the flag, when the value came from one) and the contract; ``__main__`` prints them and
+    exits with code 2."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def setting_name(info: SettingInfo, from_flag: bool) -> str:
+    """``--batch-size (GRU_BATCH__MAX_RECORDS)`` when the value came from the flag, else
+    ``GRU_BATCH__MAX_RECORDS (--batch-size)`` (or the env name alone)."""
+    if info.flag and from_flag:
+        return f"{info.flag} ({info.env})"
+    return f"{info.env} ({info.flag})" if info.flag else info.env
+
+
+def _contract(error: dict) -> str:
+    """What a pydantic error says the value must be, in a few words."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be an integer"
+    if kind in ("float_parsing", "float_type", "finite_number"):
+        return "must be a number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "must be true or false"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    bounds = {"greater_than_equal": ("at least", "ge"), "greater_than": ("greater than", "gt"),
+              "less_than_equal": ("at most", "le"), "less_than": ("less than", "lt")}
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {ctx[key]}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern']}"
+    if kind == "value_error":
+        return str(ctx.get("error") or error["msg"].removeprefix("Value error, "))
+    msg = error["msg"].removeprefix("Value error, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _secret(info: SettingInfo) -> bool:
+    return "SecretStr" in str(info.field.annotation)
+
+
+def explain(error: ValidationError, from_flags: frozenset[tuple[str, ...]] = frozenset()
+            ) -> list[str]:
+    """One line per error of ``Settings(...)``: the env var or flag, the contract and the
+    value given (never a secret's). ``from_flags``: the paths whose value came from a flag."""
+    infos = {i.path: i for i in settings_info()}
+    lines = []
+    for e in error.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        info = next((infos[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in infos), None)
+        contract = _contract(e)
+        if info is None:  # a check across settings: its message names them
+            where = ".".join(loc)
+            lines.append(f"{where}: {contract}" if where else contract)
+            continue
+        given = e.get("input")
+        shown = isinstance(given, (str, int, float, bool)) and e["type"] != "value_error"
+        got = f", got {given!r}" if shown and not _secret(info) else ""
+        lines.append(f"{setting_name(info, info.path in from_flags)}: {contract}{got}")
+    return lines
+
+
+def load_settings(overrides: dict | None = None,
+                  from_flags: frozenset[tuple[str, ...]] = frozenset()) -> Settings:
+    """``Settings(**overrides)`` (flags) over the environment, or ``ConfigError`` with a line
+    per problem."""
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as e:
+        raise ConfigError(explain(e, from_flags)) from None
+    except SettingsError as e:  # a section given as one env var that is not JSON
+        raise ConfigError([str(e)]) from None
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """``GRU_*`` variables that name no setting (a typo is otherwise silently ignored), each
+    with the closest known name."""
+    known = {i.env for i in settings_info()}
+    known |= {"GRU_" + i.path[0].upper() for i in settings_info() if len(i.path) > 1}
+    out = []
+    for name in sorted(environ):
+        if name.startswith("GRU_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
+            out.append(f"{name} is not a setting and is ignored"
+                       + (f" (did you mean {close[0]}?)" if close else ""))
+    return out

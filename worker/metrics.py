@@ -41,6 +41,8 @@ STAGE_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 OUTCOMES = ("ok", "dead_lettered", "duplicate", "fenced", "replayed", "rebuilt", "deferred")
 SUPPRESSED_REASONS = ("policy", "min_confidence")
+DEPENDENCIES = ("redis", "kafka")
+POLL_RESULTS = ("records", "empty")
 CONFIDENCE_BUCKETS = (.2, .3, .4, .5, .6, .7, .8, .85, .9, .95, .98, .99, 1.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 
@@ -166,6 +168,32 @@ class Metrics:
         self.assigned = Gauge("gru_assigned_partitions", "Partitions owned by this worker", registry=r)
         self.retries = Counter("gru_dependency_retries_total", "Retried calls to a dependency",
                                ["dependency"], registry=r)
+        # Health of the dependencies and of the loop (worker/health.py sets the first and the
+        # partition progress; the loop the others). Counters start at zero for every known
+        # label value: increase() misses the first increment of a series that appears at 1.
+        self.dependency_up = Gauge(
+            "gru_dependency_up", "1 while the dependency's last call succeeded; 0 from its first "
+            "failed call until one succeeds", ["dependency"], registry=r)
+        self.dependency_backoff = Counter(
+            "gru_dependency_backoff_seconds_total", "Seconds the loop slept before retrying a "
+            "call to the dependency", ["dependency"], registry=r)
+        for dependency in DEPENDENCIES:
+            self.retries.labels(dependency)
+            self.dependency_backoff.labels(dependency)
+        self.ready = Gauge(
+            "gru_ready", "1 when the worker is ready (as /readyz): it holds partitions, all "
+            "claimed, none being rebuilt", registry=r)
+        self.partition_progress = Gauge(
+            "gru_partition_progress_timestamp_seconds", "Unix time at which this worker last "
+            "advanced the partition: claimed it, or settled records of it", ["topic", "partition"],
+            registry=r)
+        self.poll_wait = Counter(
+            "gru_poll_wait_seconds_total", "Seconds the loop spent in polls, empty ones "
+            "included: its rate is the share of time spent waiting for the broker", registry=r)
+        self.polls = Counter("gru_polls_total", "Polls of the input by result (records, empty)",
+                             ["result"], registry=r)
+        for result in POLL_RESULTS:
+            self.polls.labels(result)
         self.fenced_partitions = Counter("gru_fenced_partitions_total",
                                          "Partitions dropped because another worker fenced them",
                                          registry=r)
@@ -264,6 +292,11 @@ class Metrics:
         """A model is served: its info, its label names and its training prior."""
         self._labels[model_id] = tuple(labels)
         self.model_info.labels(model_id, device, role).set(1)
+        for label in labels:  # every known label value starts at zero
+            for final in ("true", "false"):
+                self.model_predictions.labels(model_id, label, final)
+        for histogram in (self.confidence, self.tokens_to_final, self.session_length):
+            histogram.labels(model_id)
         for label, share in (prior or {}).items():
             self.label_prior.labels(model_id, label).set(share)
 

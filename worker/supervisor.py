@@ -3,7 +3,9 @@
 Each child is a plain ``python -m worker run`` with the same flags; child i serves its
 metrics on ``port + i`` (or a free port when the port is 0). SIGTERM/SIGINT are passed on
 and the supervisor waits for every child to finish its batch and commit. A child that dies
-with an error is restarted with backoff; one that exits 0 (a bounded run) is not.
+with an error is restarted with backoff; one that exits 0 (a bounded run) is not; one that
+refuses to start (exit code 2: a setting or a dependency that will not heal) stops them all,
+and the supervisor exits 2 too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
+
+REFUSED = 2  # a child's exit code when its settings or dependencies cannot work (__main__)
 
 
 def child_argv(argv: Sequence[str], index: int, base_port: int) -> list[str]:
@@ -65,6 +69,14 @@ def supervise(argv: Sequence[str], processes: int, base_port: int,
             if c.returncode == 0 or stopping:
                 codes[i] = c.returncode
                 continue
+            if c.returncode == REFUSED:
+                # A setting or a dependency that will not heal (its one line is above):
+                # restarting would loop for ever here; stop all, so the orchestrator sees it.
+                log.error("worker %d refused to start (exit code %d): stopping the others",
+                          i, REFUSED)
+                codes[i] = REFUSED
+                on_signal(signal.SIGTERM, None)
+                continue
             failures[i] += 1
             delay = min(30.0, restart_backoff_s * 2 ** (failures[i] - 1))
             log.error("worker %d exited with %d; restarting in %.1fs", i, c.returncode, delay)
@@ -73,4 +85,6 @@ def supervise(argv: Sequence[str], processes: int, base_port: int,
                 start(i)
         time.sleep(0.1)
     log.info("all %d workers stopped: exit codes %s", processes, [codes[i] for i in range(processes)])
+    if REFUSED in codes.values():  # the others were stopped for it, by a signal maybe
+        return REFUSED
     return max((abs(c) for c in codes.values()), default=0)
