@@ -115,7 +115,7 @@ class FakeSource:
         recs = self.log.records[(topic, partition)]
         return list(recs[max(0, len(recs) - count):]) if count else []
 
-    def lag(self):
+    def lag(self, fresh=False):
         return {tp: len(self.log.records[tp]) - pos for tp, pos in self.positions.items()}
 
     def rejoin(self) -> None:

@@ -52,7 +52,7 @@ def serve(registry):
 
 def test_metrics_health_and_readiness_answer(serve):
     s = serve()
-    assert get(s, "/healthz") == (200, b'{"status":"ok"}')
+    assert get(s, "/healthz") == (200, b'{"alive": true}')
     status, body = get(s, "/metrics")
     assert status == 200 and b"gru_test_total 3.0" in body
     assert get(s, "/readyz?verbose=1") == (200, b'{"ready": true, "partitions": 2}')
@@ -89,7 +89,7 @@ def test_a_thousand_idle_connections_hold_no_thread_and_are_closed(serve):
         time.sleep(0.3)  # let the server accept them all
         during = os_threads()
         t0 = time.monotonic()
-        assert get(s, "/healthz", timeout=1.0) == (200, b'{"status":"ok"}')
+        assert get(s, "/healthz", timeout=1.0) == (200, b'{"alive": true}')
         answered = time.monotonic() - t0
         print(f"threads {before} -> {during} with 1000 idle connections; GET in "
               f"{answered * 1000:.1f} ms")

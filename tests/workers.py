@@ -29,7 +29,7 @@ def make_worker(clf, log, store, sink=None, source=None, clock=None, **settings)
     every batch is committed once settled unless a test sets a commit interval."""
     settings["batch"] = {"target_latency_ms": 0, **settings.get("batch", {})}
     settings["kafka"] = {"commit_interval_ms": 0, **settings.get("kafka", {})}
-    s = Settings(idle_exit_s=0.05, **settings)
+    s = Settings(**{"idle_exit_s": 0.05, **settings})
     engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
                     end_ttl_ms=s.state.end_ttl_seconds * 1000,
                     output=OutputPolicy(s.output.emit, s.output.min_confidence),
@@ -121,7 +121,7 @@ def split_stream(sessions, seed):
 def rollout_worker(new, old, log, store, source=None, clock=None, **settings):
     """A worker serving ``new``, with ``old`` as the previous model (as app.build_worker
     wires ``--model-dir NEW --previous-model-dir OLD``)."""
-    s = Settings(idle_exit_s=0.05, **settings)
+    s = Settings(**{"idle_exit_s": 0.05, **settings})
     metrics = Metrics(CollectorRegistry())
     metrics.add_model(new.model_id, new.labels, new.label_prior, "cpu", "current")
     metrics.add_model(old.model_id, old.labels, old.label_prior, "cpu", "previous")

@@ -116,6 +116,9 @@ def fatal(lines: list[str], as_json: bool = False) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from model.artifact import ArtifactError
 
+    from .errors import Stalled
+    from .failures import PermanentFailure
+
     settings = settings_from_args(args)
     _setup_logging(settings)
     if args.processes > 1:
@@ -143,6 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         app.worker.stop()
     try:
         app.worker.run()
+    except PermanentFailure as e:  # the group was left; the orchestrator sees the crash
+        return fatal([str(e)], settings.log_format == "json")
+    except Stalled as e:
+        fatal([str(e)], settings.log_format == "json")
+        return Stalled.exit_code
     finally:
         app.close()
     return 0

@@ -231,6 +231,12 @@ class MetricsSettings(BaseModel):
 class RetrySettings(BaseModel):
     initial_backoff_s: float = Field(0.1, gt=0)
     max_backoff_s: float = Field(5.0, gt=0)
+    stall_after_s: float = Field(300.0, gt=0, description="/healthz fails when the worker holds "
+                                 "partitions with input waiting and has advanced none of them "
+                                 "for this long")
+    release_after_s: float = Field(900.0, gt=0, description="a worker retrying a dependency "
+                                   "with no progress for this long leaves the group and exits "
+                                   "(code 3), so that a healthy member takes its partitions")
 
 
 class Settings(BaseSettings):

@@ -32,3 +32,11 @@ class UndecodableInput(DependencyError):
 
 class ShutdownRequested(Exception):
     """Raised out of a retry loop when the worker is asked to stop mid-outage."""
+
+
+class Stalled(Exception):
+    """The worker held partitions with input waiting and made no progress for
+    ``retry.release_after_s`` while retrying a dependency: it leaves the group (exit code 3)
+    so that a healthy member takes the partitions over."""
+
+    exit_code = 3

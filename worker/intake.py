@@ -13,22 +13,30 @@ import logging
 import sys
 import time
 
+from collections.abc import Callable
+
 from .budget import BatchBudget
 from .clock import Clock
 from .config import BatchSettings
 from .errors import DependencyError, UndecodableInput
+from .health import Progress
 from .metrics import Metrics
-from .ports import Record, Source
+from .ports import Record, Source, TopicPartition
 from .retry import Retrier
+
+LAG_REFRESH_S = 5.0  # while waiting out an outage, the lag is asked of the broker this often
 
 log = logging.getLogger("worker.loop")
 
 
 class Intake:
     def __init__(self, settings: BatchSettings, source: Source, retrier: Retrier,
-                 metrics: Metrics, clock: Clock) -> None:
+                 held: Callable[[], set[TopicPartition]], progress: Progress, metrics: Metrics,
+                 clock: Clock) -> None:
         self.settings, self.source, self.retry = settings, source, retrier
-        self.metrics, self.clock = metrics, clock
+        self.held, self.progress, self.metrics, self.clock = held, progress, metrics, clock
+        self._exported: set[TopicPartition] = set()  # partitions with a lag series
+        self._fresh_at = float("-inf")
         self.budget = BatchBudget(settings.target_latency_ms / 1000, settings.max_records)
         self.last_poll_ok = 0.0  # monotonic time of the last poll that did not fail
         self._waiting: int | None = None  # consumer lag after the last poll
@@ -48,23 +56,30 @@ class Intake:
         t0 = time.perf_counter()
         try:
             records = self.source.poll(limit.records, self.settings.max_wait_ms)
-        except UndecodableInput as e:
-            m.undecodable.labels(e.topic or "unknown",
-                                 "unknown" if e.partition is None else str(e.partition)).inc()
-            log.error("%s. The partition cannot advance past this batch; the others go on. "
-                      "See docs/reliability.md, 'Undecodable input'", e)
-            self.retry.wait(e, self._undecodable_backoff)
-            self._undecodable_backoff = self.retry.next_backoff(self._undecodable_backoff)
-            return []
         except DependencyError as e:
-            self.retry.wait(e, self.retry.settings.initial_backoff_s)
+            m.poll_wait.inc(time.perf_counter() - t0)
+            self._failed(e)
             return []
+        m.poll_wait.inc(time.perf_counter() - t0)
+        m.polls.labels("records" if records else "empty").inc()
         if records:
             m.poll_seconds.observe(time.perf_counter() - t0)
         self._undecodable_backoff = self.retry.settings.initial_backoff_s
         self.last_poll_ok = self.clock.monotonic()
         self._update_lag()
         return records
+
+    def _failed(self, e: DependencyError) -> None:
+        if not isinstance(e, UndecodableInput):
+            self.retry.wait(e, self.retry.settings.initial_backoff_s)
+            return
+        # Not the broker's fault: counted apart, and Kafka is not marked down for it.
+        self.metrics.undecodable.labels(
+            e.topic or "unknown", "unknown" if e.partition is None else str(e.partition)).inc()
+        log.error("%s. The partition cannot advance past this batch; the others go on. "
+                  "See docs/reliability.md, 'Undecodable input'", e)
+        self.retry.pause(self._undecodable_backoff)
+        self._undecodable_backoff = self.retry.next_backoff(self._undecodable_backoff)
 
     def observe(self, messages: int, sessions: int, seconds: float) -> None:
         """A batch's own processing time, for the budget's cost model."""
@@ -83,12 +98,38 @@ class Intake:
             else b.switch_interval_ms
         sys.setswitchinterval(ms / 1000)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, fresh: bool = False) -> None:
         try:
-            lags = self.source.lag()
+            lags = self.source.lag(fresh)
         except DependencyError:
             self._waiting = None
             return
+        held = self.held()
+        lags = {tp: n for tp, n in lags.items() if tp in held}
+        for tp in self._exported - set(lags):  # a partition no longer ours: its series goes
+            try:
+                self.metrics.lag.remove(tp[0], str(tp[1]))
+            except KeyError:
+                pass
         for (topic, p), lag in lags.items():
             self.metrics.lag.labels(topic, str(p)).set(lag)
+        self._exported = set(lags)
         self._waiting = sum(lags.values()) if lags else None
+        self.progress.input_waiting(self._waiting)
+
+    def refresh_lag(self) -> None:
+        """While the loop waits out an outage: the lag from the broker, at most every
+        ``LAG_REFRESH_S`` (the fetches that would refresh it have stopped)."""
+        now = self.clock.monotonic()
+        if now - self._fresh_at >= LAG_REFRESH_S:
+            self._fresh_at = now
+            self._update_lag(fresh=True)
+
+    def forget(self, partitions) -> None:
+        for tp in partitions:
+            if tp in self._exported:
+                self._exported.discard(tp)
+                try:
+                    self.metrics.lag.remove(tp[0], str(tp[1]))
+                except KeyError:
+                    pass

@@ -283,14 +283,21 @@ class KafkaSource:
                                   f"failed: {e!r}") from e
         raise DependencyError("kafka", f"reading the tail of {topic}[{partition}] timed out")
 
-    def lag(self) -> dict[TopicPartition, int]:
-        out = {}
-        for tp in self.consumer.assignment():
-            hw = self.consumer.highwater(tp)
-            nxt = self._next.get((tp.topic, tp.partition))
-            if hw is not None and nxt is not None:
-                out[(tp.topic, tp.partition)] = max(0, hw - nxt)
-        return out
+    def lag(self, fresh: bool = False) -> dict[TopicPartition, int]:
+        tps = list(self.consumer.assignment())
+        try:
+            ends = self.consumer.end_offsets(tps, timeout_ms=self.timeout_ms) if fresh else {}
+            out = {}
+            for tp in tps:
+                hw = ends.get(tp) if fresh else self.consumer.highwater(tp)
+                nxt = self._next.get((tp.topic, tp.partition))
+                if nxt is None and fresh:
+                    nxt = self.consumer.committed(tp, timeout_ms=self.timeout_ms)
+                if hw is not None and nxt is not None:
+                    out[(tp.topic, tp.partition)] = max(0, hw - nxt)
+            return out
+        except kerr.KafkaError as e:
+            raise DependencyError("kafka", f"reading the lag failed: {e!r}") from e
 
     def assignment(self) -> list[TopicPartition]:
         return [(tp.topic, tp.partition) for tp in self.consumer.assignment()]

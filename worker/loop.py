@@ -72,7 +72,9 @@ from .checkpoint import Checkpointer, Commit
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .delivery import Delivery, InFlight
-from .errors import ShutdownRequested
+from .errors import ShutdownRequested, Stalled
+from .failures import PermanentFailure
+from .health import DependencyHealth, Progress
 from .intake import Intake
 from .messages import TokenMessage
 from .metrics import Metrics
@@ -92,10 +94,14 @@ class Worker:
     (claims and rebuilds), ``StateWriter`` (3), ``Delivery`` (4), ``Checkpointer`` (5)."""
 
     def __init__(self, settings: Settings, models: ModelSet, store: StateStore, source: Source,
-                 sink: Sink, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
+                 sink: Sink, metrics: Metrics, clock: Clock = SYSTEM_CLOCK,
+                 health: DependencyHealth | None = None) -> None:
         self.settings, self.models, self.store = settings, models, store
         self.source, self.sink, self.metrics, self.clock = source, sink, metrics, clock
-        self.retry = Retrier(settings.retry, metrics, clock)
+        self.health = health or DependencyHealth(metrics, clock)
+        self.progress = Progress(settings.retry.stall_after_s, clock, metrics)
+        self.retry = Retrier(settings.retry, metrics, clock, self.health, self.progress,
+                             self.health.addresses)
         self.ownership = Ownership(metrics)
         st = settings.state
         self.checkpoint = Checkpointer(settings.kafka, st.namespace or settings.kafka.group_id,
@@ -108,7 +114,9 @@ class Worker:
                                   self.retry, metrics)
         self.delivery = Delivery(settings.kafka, sink, models, self.recovery, self.retry,
                                  metrics, clock)
-        self.intake = Intake(settings.batch, source, self.retry, metrics, clock)
+        self.intake = Intake(settings.batch, source, self.retry, lambda: self.ownership.owned,
+                             self.progress, metrics, clock)
+        self.retry.on_wait = self.intake.refresh_lag
         self.summary = RunSummary()
         self._stopping = False
         self._inflight: InFlight | None = None
@@ -131,6 +139,9 @@ class Worker:
             self.settle(Commit.ALL)
         except ShutdownRequested:
             log.info("shutdown requested during an outage; the batch in hand was not committed")
+        except (PermanentFailure, Stalled) as e:  # closing the source leaves the group
+            log.critical("%s", e)
+            raise
         finally:
             self.summary.seconds = self.clock.monotonic() - start
             self.source.close()
@@ -158,14 +169,16 @@ class Worker:
         return True
 
     def ready(self) -> tuple[bool, dict]:
-        """Holds partitions, all claimed, none being rebuilt (for /readyz)."""
+        """Holds partitions, all claimed, none being rebuilt, every dependency's last call
+        answered (for /readyz; no I/O)."""
         own, rebuilding = self.ownership, self.recovery.rebuilding
-        ok = bool(own.owned) and not own.unclaimed and not rebuilding
-        return ok, {"assigned_partitions": len(own.owned), "rebuilding": rebuilding}
+        ok = bool(own.owned) and not own.unclaimed and not rebuilding and self.health.all_up()
+        return ok, {"assigned_partitions": len(own.owned), "rebuilding": rebuilding,
+                    **self.health.readiness()}
 
-    @property
-    def last_poll_ok(self) -> float:
-        return self.intake.last_poll_ok
+    def alive(self) -> tuple[bool, dict]:
+        """For /healthz: not stuck (``worker.health.Progress``)."""
+        return self.progress.healthy()
 
     # --- rebalance callbacks: note what changed, nothing more -----------------------------
 
@@ -176,11 +189,8 @@ class Worker:
         self.ownership.revoked(partitions)
         self.recovery.forget(partitions)
         self.checkpoint.forget(partitions)  # redelivered to the next owner, deduplicated
-        for tp in partitions:
-            try:
-                self.metrics.lag.remove(tp[0], str(tp[1]))
-            except KeyError:
-                pass
+        self.intake.forget(partitions)
+        self.progress.released(partitions)
         if partitions:
             log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)))
 
@@ -241,6 +251,7 @@ class Worker:
             account(f, lambda r: self.delivery.live(r, f.written), self.recovery, self.metrics,
                     self.summary, f.acked_at or self.clock.time())
             self.recovery.advanced(f.offsets)
+            self.progress.advanced(f.offsets)
         self.checkpoint.commit(when, self.ownership.holds)              # 5. commit
 
     @staticmethod
@@ -268,6 +279,7 @@ class Worker:
         if self.ownership.unclaimed:
             self.settle(Commit.ALL)  # its commit first, so that the resume points include it
             starts = self.recovery.claim(sorted(self.ownership.unclaimed))
+            self.progress.assigned(starts)
             first: dict[TopicPartition, int] = {}
             for r in records:
                 first.setdefault((r.topic, r.partition), r.offset)

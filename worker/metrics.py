@@ -447,8 +447,11 @@ class HealthServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
                  ready: Callable[[], tuple[bool, dict]], max_connections: int = 64,
-                 timeout_s: float = 5.0, threads: int = 2) -> None:
+                 timeout_s: float = 5.0, threads: int = 2,
+                 alive: Callable[[], tuple[bool, dict]] | None = None) -> None:
         registry_, ready_ = registry, ready
+        self.alive = alive  # /healthz: (ok, details); None: alive while it answers
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def setup(self) -> None:  # the head was read by the acceptor; answer on the socket
@@ -460,14 +463,14 @@ class HealthServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(registry_), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b'{"status":"ok"}', "application/json")
-                elif path == "/readyz":
+                elif path in ("/healthz", "/readyz"):
+                    probe = ready_ if path == "/readyz" else server.alive
                     try:
-                        ok, details = ready_()
+                        ok, details = probe() if probe is not None else (True, {})
                     except Exception as e:  # a probe must answer, whatever broke
                         ok, details = False, {"error": repr(e)}
-                    body = json.dumps({"ready": ok, **details}).encode()
+                    key = "ready" if path == "/readyz" else "alive"
+                    body = json.dumps({key: ok, **details}).encode()
                     self._send(200 if ok else 503, body, "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")

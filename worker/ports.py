@@ -59,7 +59,10 @@ class Source(Protocol):
     def read_tail(self, topic: str, partition: int, count: int) -> list[Record]:
         """The last ``count`` records of ``topic[partition]`` (fewer when the log holds
         fewer), read outside the group: no commit, and the group's positions are untouched."""
-    def lag(self) -> dict[TopicPartition, int]: ...
+    def lag(self, fresh: bool = False) -> dict[TopicPartition, int]:
+        """Per assigned partition: messages after our position (after the committed offset
+        where we have none yet). ``fresh``: ask the broker for the end offsets (while the loop
+        waits out an outage) instead of the watermarks of the last fetch."""
     def rejoin(self) -> None: ...
     def close(self) -> None: ...
 

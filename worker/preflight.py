@@ -200,6 +200,8 @@ def check_kafka(settings: Settings, create: bool | None = None) -> list[str]:
             topics = [("input", k.input_topic, "GRU_KAFKA__INPUT_TOPIC / --input-topic"),
                       ("output", k.output_topic, "GRU_KAFKA__OUTPUT_TOPIC / --output-topic"),
                       ("dead-letter", k.dlq_topic, "GRU_KAFKA__DLQ_TOPIC")]
+            if create:  # `topics create` makes the checkpoint topic too (the worker would)
+                topics.append(("checkpoint", k.checkpoint_topic, "GRU_KAFKA__CHECKPOINT_TOPIC"))
             missing = [t for t in topics if t[1] not in existing]
             if not missing:
                 return []
