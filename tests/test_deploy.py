@@ -768,3 +768,61 @@ def test_alert_rules_load_and_evaluate_on_real_worker_metrics(scraped):
     referenced = {n for _, e in dashboard_targets() for n in METRIC_NAME.findall(e)}
     referenced |= {n for r in all_rules() for n in METRIC_NAME.findall(r["expr"])}
     assert referenced <= exported, referenced - exported
+
+
+@pytest.mark.services
+@pytest.mark.slow
+@needs_prometheus
+def test_a_redis_outage_under_load_pages_and_resolves(broker, tiny_model_dir):
+    """Redis stopped for 60 s under load: GruDependencyDown goes pending in a real Prometheus,
+    the lag gauge rises while the loop waits, and the alert resolves after Redis is back."""
+    from devtools.services import RedisServer
+
+    names = unique_names()
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
+    with RedisServer() as redis_srv:
+        worker = WorkerProcess(
+            ["--bootstrap", broker.bootstrap, "--group", names["group"], "--input-topic",
+             names["in"], "--output-topic", names["out"], "--redis-url", redis_srv.url,
+             "--model-dir", str(tiny_model_dir), "--threads", "1", *TEST_GROUP_TIMEOUTS],
+            env={"GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_RETRY__MAX_BACKOFF_S": "1"})
+        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                             "evaluation_interval": "1s"},
+                  "rule_files": ["alerts.yml"],
+                  "scrape_configs": [{"job_name": "worker", "static_configs": [
+                      {"targets": [f"127.0.0.1:{worker.port}"]}]}]}
+        prom = Prometheus(config, {"alerts.yml": PROM_DIR / "alerts.yml"})
+        load = PacedLoad(broker.bootstrap, names["in"], rate=50)
+
+        def alert_state() -> str | None:
+            alerts = prom.api("alerts")["data"]["alerts"]
+            return next((a["state"] for a in alerts
+                         if a["labels"]["alertname"] == "GruDependencyDown"), None)
+
+        def lag() -> float:
+            m = worker.metrics()
+            return sum(v for k, v in m.items() if k.startswith("gru_consumer_lag_messages"))
+        try:
+            prom.start()
+            worker.start().wait_ready()
+            load.start()
+            wait_for(lambda: worker.outcome("ok") >= 100, 40, 0.2, "the worker under load")
+            assert alert_state() is None
+            redis_srv.kill()
+            down_at = time.monotonic()
+            wait_for(lambda: alert_state() in ("pending", "firing"), 30, 0.5,
+                     "GruDependencyDown pending")
+            lags = []
+            while time.monotonic() - down_at < 60:
+                lags.append(lag())
+                time.sleep(5)
+            assert worker.get("/readyz")[0] == 503
+            redis_srv.start()
+            wait_for(lambda: worker.get("/readyz")[0] == 200, 60, 0.5, "ready again")
+            wait_for(lambda: alert_state() is None, 150, 1.0, "GruDependencyDown resolved")
+        finally:
+            load.stop()
+            worker.__exit__()
+            prom.close()
+    assert lags[-1] > lags[0] + 100, lags  # 50 msg/s waiting for a minute
+    assert "is back after" in worker.log_text()

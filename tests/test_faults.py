@@ -675,3 +675,59 @@ def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_mode
     rep = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
     report("zombie from before a rollback", messages=len(pairs), zombie_records=len(held),
            zombie_token=z_token.split(":")[0], new_token=n_token.split(":")[0], **vars(rep))
+
+
+def test_revoked_redis_credentials_end_a_worker_and_another_takes_over(cluster, tiny_model_dir):
+    """Worker a's Redis user is disabled under load (a rotated password, a revoked ACL): a's
+    next connection is refused for good. It must leave the group and exit with code 2 in
+    bounded time, holding no partition, while worker b takes every partition and loses
+    nothing."""
+    client = cluster.redis.client()
+    for user in ("alice", "bob"):
+        client.acl_setuser(user, enabled=True, passwords=[f"+{user}-pw"], keys=["*"],
+                           commands=["+@all"])
+    sessions, pairs = stream(20, seed=95)
+    creds = lambda u: {"GRU_REDIS__USERNAME": u, "GRU_REDIS__PASSWORD": f"{u}-pw",  # noqa: E731
+                       **FAST}
+    a = cluster.worker("a", env=creds("alice")).wait_ready(60)
+    b = cluster.worker("b", env=creds("bob")).wait_ready(60)
+    feeder = cluster.feed(pairs, seconds=12)
+    feeder.wait_progress(0.3)
+    client.acl_setuser("alice", enabled=False)
+    client.client_kill_filter(user="alice")
+    t0 = time.monotonic()
+    wait_for(lambda: not a.alive, 60, 0.2, "worker a to exit")
+    exited_s = time.monotonic() - t0
+    assert a.proc.returncode == 2
+    log_text = a.log_text()
+    assert "redis at 127.0.0.1" in log_text and "alice-pw" not in log_text
+    expected = finish(cluster, pairs, feeder, timeout=120)
+    oracle = check_oracle(cluster, tiny_model_dir, expected, cluster.predictions())
+    assert b.metrics()["gru_assigned_partitions"] == cluster.partitions
+    client.close()
+    report("revoked credentials", exited_s=round(exited_s, 1), sessions=oracle.sessions,
+           max_diff=f"{oracle.max_diff:.1e}")
+
+
+def test_after_a_rebalance_no_worker_exports_lag_for_a_partition_it_does_not_own(cluster):
+    sessions, pairs = stream(16, seed=96)
+    a = cluster.worker("a").wait_ready(60)
+    feeder = cluster.feed(pairs, seconds=10)
+    feeder.wait_progress(0.3)
+    b = cluster.worker("b").wait_ready(60)
+
+    def lag_partitions(w) -> set[str]:
+        return {re.search(r'partition="(\d+)"', k).group(1) for k in w.metrics()
+                if k.startswith("gru_consumer_lag_messages")}
+
+    def settled() -> bool:
+        la, lb = lag_partitions(a), lag_partitions(b)
+        na, nb = a.metrics()["gru_assigned_partitions"], b.metrics()["gru_assigned_partitions"]
+        return na + nb == cluster.partitions and na and nb and len(la) <= na and len(lb) <= nb
+    wait_for(settled, 60, 0.5, "both workers holding partitions")
+    for _ in range(10):  # over a few seconds of load, the series stay disjoint
+        la, lb = lag_partitions(a), lag_partitions(b)
+        assert not la & lb, (la, lb)
+        assert len(la) <= a.metrics()["gru_assigned_partitions"]
+        time.sleep(0.5)
+    feeder.finish()
