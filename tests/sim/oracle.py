@@ -213,8 +213,7 @@ class Ideal:
                 continue
             order = np.argsort(probs)
             label, conf = int(order[-1]), float(probs[order[-1]])
-            tie = probs[order[-1]] - probs[order[-2]] < TIE or (
-                floor > 0 and abs(conf - floor) < TIE)
+            tie = floor > 0 and abs(conf - floor) < TIE  # the floor decides by a hair
             confident = conf >= floor
             if emit == "every":
                 e: bool | None = confident
@@ -225,8 +224,9 @@ class Ideal:
                 if confident:
                     prev = label
                 # GRS2 holds no last label: with a confidence floor its outbox may not tell
-                if tie or (up is not None and floor > 0 and self._ms_to_t(m.record) > up):
-                    unsure = True
+                tie = tie or probs[order[-1]] - probs[order[-2]] < TIE  # the label, by a hair
+                unsure = tie or (up is not None and floor > 0 and self._ms_to_t(m.record) > up)
+                tie = unsure
             c.emits.append(None if tie else e)
 
     @staticmethod
@@ -345,6 +345,8 @@ class Checker:
         now_ms = (EPOCH + self.trace.end) * 1000
         for sid, c in sorted(self.ideal.final.items()):
             age = now_ms - c.last_ts
+            if self.deleted(c, len(c.msgs) - 1, self.trace.end):
+                continue  # retention took all of it: a Redis loss cannot be rebuilt from the log
             if c.ended and age < (END_TTL_S - MARGIN_S) * 1000:
                 raw = self.trace.redis.value(sid, c.model.model_id)
                 st = None if raw is None else self._decode(raw, c)
