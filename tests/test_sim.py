@@ -47,7 +47,7 @@ def test_a_batch_of_seeds_keeps_every_invariant():
     run = subprocess.run(
         [sys.executable, "-m", "tests.sim", "--seeds", str(SEEDS), "--jobs", "2", "--no-shrink"],
         cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True,
-        timeout=BUDGET_S * 3)
+        timeout=BUDGET_S * 3, check=False)
     took = time.monotonic() - t0
     tail = run.stdout[-6000:] + run.stderr[-3000:]
     assert run.returncode == 0, f"the simulator found violations ({took:.0f}s):\n{tail}"

@@ -66,7 +66,7 @@ class Group:
     rejoined (the silent ones evicted after the session timeout), the new assignment is
     handed out, each member taking its share at its next poll."""
 
-    def __init__(self, broker: "Broker", group_id: str, topic: str, assignor: str,
+    def __init__(self, broker: Broker, group_id: str, topic: str, assignor: str,
                  session_timeout_s: float) -> None:
         self.broker, self.group_id, self.topic = broker, group_id, topic
         self.assignor, self.session_timeout_s = assignor, session_timeout_s
@@ -80,11 +80,11 @@ class Group:
 
     # --- membership ------------------------------------------------------------------------
 
-    def join(self, m: "Member") -> None:
+    def join(self, m: Member) -> None:
         self.members[m.member_id] = m
         self._rebalance()
 
-    def leave(self, m: "Member") -> None:
+    def leave(self, m: Member) -> None:
         if self.members.pop(m.member_id, None) is not None:
             self._rebalance()
 
@@ -100,11 +100,11 @@ class Group:
                  if m.silent_since is not None]
         return min(times) if times else None
 
-    def rejoined(self, m: "Member") -> None:
+    def rejoined(self, m: Member) -> None:
         self.waiting.discard(m.member_id)
         self._complete()
 
-    def stable_for(self, m: "Member") -> bool:
+    def stable_for(self, m: Member) -> bool:
         return not self.rebalancing and m.generation == self.generation
 
     def _rebalance(self) -> None:

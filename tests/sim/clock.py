@@ -29,4 +29,4 @@ class SimClock:
 
 def wall_ms(t: float) -> int:
     """The record timestamp (wall milliseconds) of simulated time ``t``."""
-    return int(round((EPOCH + t) * 1000))
+    return round((EPOCH + t) * 1000)

@@ -16,9 +16,10 @@ from .workload import Config
 
 # Every effect boundary of the order of effects (worker/loop.py), and a sleep (a backoff).
 BOUNDARIES = tuple(f"{op}:{phase}" for op in (
-    "source.poll", "store.claim", "source.committed", "source.offsets_for_time",
-    "source.seek", "store.load", "store.store", "sink.send", "sink.wait", "source.commit",
-    "source.commit_async", "source.rejoin", "clock.sleep") for phase in ("before", "after"))
+    "source.poll", "store.claim", "source.committed", "source.reset_offsets",
+    "source.offsets_for_time", "source.read_tail", "source.seek", "store.load", "store.store",
+    "sink.send", "sink.wait", "source.commit", "source.commit_async", "source.rejoin",
+    "clock.sleep") for phase in ("before", "after"))
 
 BOUNDARY_KINDS = ("crash", "pause", "reply_lost", "sink_fail")
 TIMED_KINDS = ("redis_loss", "redis_rollback", "redis_outage", "kafka_outage", "retention",

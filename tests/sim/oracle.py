@@ -453,7 +453,18 @@ class Checker:
                               f"min_confidence={ideal.cfg.min_confidence} suppresses it",
                               c.msgs[i].record)
         self.states()
+        self.commits()
         return self.violations
+
+    def commits(self) -> None:
+        """The group's offsets never go back, but by an operator's hand (worker/loop.py:
+        "Commits never move the group back")."""
+        last: dict[tuple[str, int], int] = {}
+        for at, tp, offset, _meta, by in self.trace.group.history:
+            if tp[0] == INPUT and by != "admin" and offset < last.get(tp, -1):
+                self.fail("commit-backwards", f"{by} committed {tp[0]}[{tp[1]}] at {offset} "
+                          f"(t={at:.3f}), behind the {last[tp]} committed before")
+            last[tp] = offset
 
     def _lenient(self, c: Conversation, i: int) -> bool:
         """Emit decisions after a legitimate partial rebuild follow the history the worker

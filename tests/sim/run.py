@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from worker.errors import DependencyError, ShutdownRequested, UndecodableInput
 
-from .faults import BOUNDARY_KINDS, CONTROL_KINDS, TIMED_KINDS, Fault
 from .clock import wall_ms
+from .faults import BOUNDARY_KINDS, CONTROL_KINDS, TIMED_KINDS, Fault
 from .models import SimModel, model_pair
 from .scenario import Scenario
 from .trace import Skip, Trace, Violation
-from .wiring import INPUT, WorkerParts, build_world, build_worker
+from .wiring import INPUT, WorkerParts, build_worker, build_world
 from .workload import SESSION_TIMEOUT_S
 
 OP_COST_S = 0.0005  # simulated time one port call takes
@@ -46,7 +46,7 @@ class Crash(BaseException):
     """Unwinds a worker the simulation killed. A BaseException: the worker catches
     DependencyError (and the app Exception), never this."""
 
-    def __init__(self, runner: "Runner") -> None:
+    def __init__(self, runner: Runner) -> None:
         super().__init__(runner.name)
         self.runner = runner
 

@@ -34,7 +34,7 @@ class Scenario:
                           ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "Scenario":
+    def from_json(cls, text: str) -> Scenario:
         d = json.loads(text)
         return cls(d["seed"], Config(**d["config"]), tuple(Send(*s) for s in d["sends"]),
                    tuple(Fault(**f) for f in d["faults"]))
@@ -42,11 +42,11 @@ class Scenario:
     def describe(self) -> str:
         """The schedule, one line per fault and per session, for a failure report."""
         c = self.config
-        lines = [f"seed {self.seed}: {c.partitions} partitions, {c.workers} workers, "
-                 f"max_records={c.max_records}, commit_interval_ms={c.commit_interval_ms}, "
-                 f"async_commits={c.async_commits}, emit={c.emit}, "
-                 f"min_confidence={c.min_confidence}, assignor={c.assignor}, "
-                 f"rollout_at={c.rollout_at}"]
+        lines = [(f"seed {self.seed}: {c.partitions} partitions, {c.workers} workers, "
+                  f"max_records={c.max_records}, commit_interval_ms={c.commit_interval_ms}, "
+                  f"async_commits={c.async_commits}, emit={c.emit}, "
+                  f"min_confidence={c.min_confidence}, assignor={c.assignor}, "
+                  f"rollout_at={c.rollout_at}")]
         for f in self.faults:
             args = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(f).items()
                              if k not in ("kind", "at") and v not in ("", -1, 0.0, False))
