@@ -112,7 +112,7 @@ class Ideal:
         self.convs: list[Conversation] = []
         self.final: dict[str, Conversation] = {}  # each session's last conversation
         self.hostile: dict[tuple[int, int], str] = {}
-        for send, rec in zip(trace.scenario.sends, trace.sent):
+        for send, rec in trace.sent:
             if send.hostile and send.hostile != "mixed numbering":
                 self.hostile[(rec.partition, rec.offset)] = send.hostile
         for p, part in enumerate(trace.broker.topic(INPUT)):

@@ -52,7 +52,7 @@ class Crash(BaseException):
 
 
 class Runaway(Exception):
-    pass
+    """The run took more real time than ``WALL_LIMIT_S``: reported as a violation."""
 
 
 @dataclass(eq=False)
@@ -117,6 +117,8 @@ EFFECTS = ("store.claim", "store.store", "sink.send", "source.commit", "source.s
 
 
 class Simulation:
+    """The scheduler of one run (module docstring); ``run`` returns what the oracle reads."""
+
     def __init__(self, scenario: Scenario, verbose: bool = False) -> None:
         self.sc, self.cfg = scenario, scenario.config
         self.verbose = verbose
@@ -126,9 +128,9 @@ class Simulation:
         self.old, self.new = model_pair(self.cfg.model_seed)
         self.current: SimModel = self.old
         self.previous: SimModel | None = None
-        self.sends = list(scenario.sends)
+        self.sends = sorted(scenario.sends, key=lambda s: s.at)
         self.sent = 0
-        self.pending: list[Fault] = list(scenario.faults)
+        self.pending: list[Fault] = sorted(scenario.faults, key=lambda f: f.at)
         self.runners: dict[int, Runner] = {}
         self.restarts: dict[int, float] = {}  # slot -> when a new worker takes it
         self.stack: list[Runner] = []  # workers in the middle of a turn (a zombie's pause)
@@ -163,9 +165,9 @@ class Simulation:
             if t_send <= t_fault:
                 assert send is not None
                 self.sent += 1
-                self.trace.sent.append(self.broker.append(
+                self.trace.sent.append((send, self.broker.append(
                     INPUT, None if send.key is None else send.key.encode(),
-                    None if send.value is None else send.value.encode(), at=send.at))
+                    None if send.value is None else send.value.encode(), at=send.at)))
             else:
                 assert fault is not None
                 self.pending.remove(fault)

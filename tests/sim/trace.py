@@ -10,6 +10,7 @@ from worker.ports import Record
 from .broker import Broker, Group
 from .scenario import Scenario
 from .store import SimRedis
+from .workload import Send
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Trace:
     rollout_offsets: dict[int, int] | None = None  # input offsets served by the old model
     upgraded_at: float | None = None
     skips: list[Skip] = field(default_factory=list)
-    sent: list[Record] = field(default_factory=list)  # the record of each scenario send, in order
+    sent: list[tuple[Send, Record]] = field(default_factory=list)  # each send, as appended
     violations: list[Violation] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # what happened, for --verbose
     turns: int = 0
