@@ -2,7 +2,9 @@
 
 A batch of seeds runs the real worker against the in-memory broker and Redis under seeded
 faults and checks the invariants against the offline oracle; a failing seed is printed with
-its violations and replays exactly (``python -m tests.sim --seed S --shrink``).
+its violations and replays exactly (``python -m tests.sim --seed S --shrink``). The corpus
+(tests/sim/corpus) holds the minimal schedules the simulator found, one per bug, named after
+it: each replays exactly and must keep every invariant once its bug is fixed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tests.sim.scenario import Scenario, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = int(os.environ.get("GRU_SIM_SEEDS", "500"))
+CORPUS = sorted((ROOT / "tests" / "sim" / "corpus").glob("*.json"))
 BUDGET_S = 120.0  # what CI allows the batch (2 cores)
 
 
@@ -37,6 +40,18 @@ def test_a_seed_replays_exactly_and_so_does_its_saved_scenario():
     sc = generate(7)
     assert _signature(sc) == _signature(sc)
     assert _signature(Scenario.from_json(sc.to_json())) == _signature(sc)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 24: found on this tree before the fixes (b*: B1-B8 "
+                   "of the issue, n*: found by the simulator); remove this mark with the fixes")
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_each_minimal_schedule_found_keeps_every_invariant(path: Path):
+    from tests.sim.oracle import check
+    from tests.sim.run import simulate
+    sc = Scenario.from_json(path.read_text())
+    found = check(simulate(sc))
+    assert not found, (f"{path.name}: python -m tests.sim --replay {path} --verbose\n"
+                       + sc.describe() + "\n" + "\n".join(str(v) for v in found))
 
 
 @pytest.mark.slow

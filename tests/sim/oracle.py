@@ -152,15 +152,18 @@ class Ideal:
             ts = r.timestamp_ms or 0
             if c is not None and ts - c.last_ts > (END_TTL_S if c.ended else TTL_S) * 1000:
                 c = None  # expired
-            model = c.model if c is not None and not c.ended else self._current(p, r.offset)
-            ids = self._ids(body, model)
+            pos = seq if seq is not None else r.offset
+            # the model that serves it: its live conversation's; a tombstone's for a replayed
+            # position (worker/models.py, "split"); else the current one
+            served = c is not None and (not c.ended or pos <= c.last_pos)
+            ids = self._ids(body, c.model if served and c is not None else
+                            self._current(p, r.offset))
             if ids is None:
                 self.expect[key] = Expect("dead", reason="token ids out of range")
                 continue
             if c is not None and c.numbered != (seq is not None):
                 self.expect[key] = Expect("dead", reason="mixed numbering")
                 continue
-            pos = seq if seq is not None else r.offset
             if c is not None and pos <= c.last_pos:
                 original = next((i for i in range(len(c.msgs)) if c.position(i) == pos), None)
                 self.expect[key] = (Expect("duplicate", c, original) if original is not None
