@@ -7,10 +7,11 @@ longer than the state TTL, each gap below it), hostile records, and, during a ro
 sessions sending token ids only the previous model knows.
 
 Gaps between two messages of a session stay clear of the TTLs: a gap is either at most
-``SHORT_GAP_S`` (``LONG_GAP_S`` in a long-lived session, which never ends), plus the rollout's
-quiet window, or at least the TTL it crosses plus
-``MARGIN_S``, a margin larger than the processing delays the faults cause. So whether a state
-expired never depends on how late a worker got to a record.
+``SHORT_GAP_S`` (``LONG_GAP_S`` in a long-lived session, which never ends) plus the rollout's
+quiet window, or at least the TTL it crosses plus ``MARGIN_S``, a margin larger than the
+processing delays the faults cause. So whether a state expired never depends on how late a
+worker got to a record (``oracle.lag_too_large`` checks, and a run where it would is
+reported as inconclusive, not as a failure).
 """
 
 from __future__ import annotations
