@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -88,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None,
                    help="shrink a failure to a minimal schedule (a batch: its first failure)")
     p.add_argument("--budget", type=float, default=180.0, help="seconds the shrinking may take")
-    p.add_argument("--save-dir", type=Path, default=Path("."),
-                   help="where a shrunk scenario is written")
+    p.add_argument("--save-dir", type=Path, default=Path(tempfile.gettempdir()),
+                   help="where a shrunk scenario is written (default: the temp directory)")
     args = p.parse_args(argv)
     _setup()
 

@@ -52,7 +52,8 @@ def shrink(sc: Scenario, kind: str | None = None, budget_s: float = 120.0,
                 best = candidate
         if best == before:
             break
-        progress(f"  down to {len(best.faults)} faults and {len(best.sends)} records")
+        progress(f"  down to {len(best.faults)} faults and {len(best.sends)} records"
+                 + (", simpler settings" if best.config != before.config else ""))
     return best
 
 
