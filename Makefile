@@ -9,7 +9,7 @@ MODEL_DIR   ?= artifacts/bbc-gru
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv tools demo test train eval clean
+.PHONY: venv tools demo test train eval sim clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ tools:
 
 test: venv tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The deterministic fault simulator (tests/sim): SEEDS seeds from START; the first failure is
+# shrunk to a minimal schedule. One seed: $(PY) -m tests.sim --seed S --verbose
+SEEDS ?= 500
+START ?= 0
+sim: venv
+	PYTHONHASHSEED=0 $(PY) -m tests.sim --seeds $(SEEDS) --start $(START)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
