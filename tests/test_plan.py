@@ -87,6 +87,16 @@ def test_traffic_needs_sessions_or_concurrency(capsys, small_artifact):
     assert out["profile"]["sessions"] == 300 and out["profile"]["ends_per_s"] == 1
 
 
+@pytest.mark.parametrize("flag", ["--msgs-per-s", "--sessions", "--ttl-s", "--tokens"])
+def test_a_rate_or_count_at_zero_is_a_usage_error(capsys, flag):
+    argv = {"--msgs-per-s": "1", "--sessions": "1", "--hidden": "8", "--layers": "1",
+            "--labels": "2", flag: "0"}
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *(x for kv in argv.items() for x in kv)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag}: 0 is not above zero" in err and err.count("\n") == 1
+
+
 def test_results_file_replaces_the_built_in_constants(capsys, small_artifact):
     from bench.capacity import newest_result
     out = plan_json(capsys, "--model-dir", str(small_artifact), "--results",

@@ -19,8 +19,6 @@ from .codec import HEADER, OUTBOX_ENTRY
 HEADER_BYTES, OUTBOX_FIXED_BYTES = HEADER.size, OUTBOX_ENTRY.size  # (+ f32 x labels per entry)
 TOMBSTONE_OUTBOX = 1  # an ended session keeps its header and the final prediction
 MAX_CONFIG_BYTES = 1 << 20  # as model.artifact reads config.json
-
-
 LEAST = {"layers": 1, "hidden": 1, "labels": 1, "embed": 1, "mean_units": 0}  # ModelShape's
 
 
@@ -534,25 +532,33 @@ Costs come from constants that `python -m bench.capacity measure` measured on
 every formula and assumption."""
 
 
+def positive(text: str) -> float:
+    """A flag's number that must be above zero (a usage error otherwise)."""
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is not above zero")
+    return value
+
+
 def add_plan(sub) -> None:
     from .config import StateSettings
     p = sub.add_parser("plan", help="print the deployment a traffic profile needs",
                        description=DESCRIPTION.format(machine=REFERENCE.machine),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t = p.add_argument_group("traffic")
-    t.add_argument("--msgs-per-s", type=float, required=True, metavar="N",
+    t.add_argument("--msgs-per-s", type=positive, required=True, metavar="N",
                    help="input messages per second [required]")
-    t.add_argument("--sessions", type=float, metavar="N",
+    t.add_argument("--sessions", type=positive, metavar="N",
                    help="session states resident in Redis: live, and idle within the TTL "
                    "[default: from --concurrent]")
-    t.add_argument("--concurrent", type=float, metavar="N",
+    t.add_argument("--concurrent", type=positive, metavar="N",
                    help="instead of --sessions: sessions open at once ... [default: none]")
-    t.add_argument("--session-s", type=float, metavar="S",
+    t.add_argument("--session-s", type=positive, metavar="S",
                    help="... lasting this long on average [default: none]")
     t.add_argument("--send-end", action="store_true",
                    help="... whose last message has end=true; else they idle out after the "
                    "TTL [default: off]")
-    t.add_argument("--tokens", type=float, default=4, metavar="K",
+    t.add_argument("--tokens", type=positive, default=4, metavar="K",
                    help="tokens per message [default: %(default)g]")
     t.add_argument("--ends-per-s", type=float, default=0.0, metavar="N",
                    help="sessions ended per second, each leaving a tombstone for "
@@ -560,7 +566,7 @@ def add_plan(sub) -> None:
     t.add_argument("--session-id-len", type=int, default=16, metavar="N",
                    help="characters of a session id [default: %(default)s]")
     d = p.add_argument_group("deployment")
-    d.add_argument("--ttl-s", type=float, metavar="S",
+    d.add_argument("--ttl-s", type=positive, metavar="S",
                    default=StateSettings.model_fields["ttl_seconds"].default,
                    help="GRU_STATE__TTL_SECONDS [default: %(default)g]")
     d.add_argument("--state-dtype", choices=["float32", "float16"], default="float32",
