@@ -527,9 +527,9 @@ The model's shape (state width, labels, step size) comes from an artifact's conf
 when it exists. Without one, describe the model with --hidden, --layers and --labels
 (and --mean-units, --embed).
 
-Costs come from constants that `python -m bench.capacity measure` measured on
-{machine}; --results FILE uses another measurement. docs/capacity.md gives
-every formula and assumption."""
+Costs come from constants `python -m bench.capacity measure` measured on one
+machine ({machine}); --results FILE uses another
+measurement. docs/capacity.md gives every formula and assumption."""
 
 
 def positive(text: str) -> float:
