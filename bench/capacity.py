@@ -2,7 +2,6 @@
 sessions, how fast a lost Redis is rebuilt; and the deployment those figures imply.
 
     python -m bench.capacity [measure] [--sizes 10000 100000 1000000] [--only mwr]
-    python -m bench.capacity plan --msgs-per-s 20000 --sessions 50000 [--ttl-s 86400] ...
     python -m bench.capacity table     # the sizing table of docs/capacity.md
 
 ``measure`` starts its own services (a private redis-server per layout, a one-node Redis
@@ -19,7 +18,8 @@ bench/results/capacity-<date>.json:
               message of a different session; msg/s, batch p99, Redis CPU and bytes per message;
   r  rebuild  bench/rebuild.py at a smaller scale (replayed messages per second).
 
-``plan`` reads the newest capacity result and prints the deployment (``bench.sizing``).
+The formulas and the constants a plan uses (``REFERENCE``, copied from the newest result) are
+in the installed package, ``worker/capacity.py``: ``python -m worker plan`` prints a deployment.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import common, sizing
+from bench import common
 from bench.common import Bench
+from worker import capacity
 
 SESSION_ID = "call-{:08d}"  # 13 characters, the session ids the measurements use
 LAYOUTS = [("float32", 1), ("float16", 1), ("float32", 4), ("float16", 4)]
@@ -156,6 +157,8 @@ def measure_memory(sizes: list[int], dims, model_id: str, cluster_sizes: list[in
         pop = Populator(client, ckeys, dims, dtype, outbox, "tokens", partitions=64)
         base = plain.info("memory")["used_memory"]
         row = {"dtype": dtype, "outbox": outbox, "partitions": 64, "points": [],
+               "value_bytes": len(state_values(np.random.default_rng(0), 1, dims, dtype,
+                                               outbox)[0]),
                "key_bytes": len(ckeys.session(SESSION_ID.format(0), ("tokens", 0)))}
         done = 0
         for n in cluster_sizes:
@@ -326,39 +329,37 @@ def measure(args) -> int:
                     "machine": earlier.get("machine")}
     res["machine"]["loadavg_end"] = __import__("os").getloadavg()
     with contextlib.suppress(Exception):
-        res["constants"] = sizing.Measured.from_result(res).as_dict()
-    common.write_result("capacity", res, args.out)
+        res["constants"] = capacity.Measured.from_result(res).as_dict()
+    path = common.write_result("capacity", res, args.out)
+    with contextlib.suppress(Exception):  # a partial run (--only) has no constants
+        print(f"python -m worker plan uses worker.capacity.REFERENCE; to plan with this "
+              f"measurement, give it --results {path}, or make it the reference (the fields "
+              f"below; tests/test_sizing.py compares them with the newest result):\n"
+              f"{capacity.Measured.load(path)}")
     return 0
 
 
-def plan(args) -> int:
-    measured = sizing.Measured.load(args.results)
-    sessions, ends = args.sessions, args.ends_per_s
-    if sessions is None:
-        if args.concurrent is None or args.session_s is None:
-            raise SystemExit("give --sessions, or --concurrent and --session-s")
-        sessions, ends = sizing.resident_sessions(args.concurrent, args.session_s, args.ttl_s,
-                                                  args.send_end)
-    profile = sizing.Profile(
-        msgs_per_s=args.msgs_per_s, sessions=sessions, tokens_per_message=args.tokens,
-        ttl_s=args.ttl_s, hidden=args.hidden, layers=args.layers, embed=args.embed,
-        dtype=args.state_dtype, outbox=args.outbox, cluster=not args.single_redis,
-        session_id_len=args.session_id_len, ends_per_s=ends)
-    print(sizing.render(sizing.plan(profile, measured), profile, measured))
-    return 0
+def newest_result() -> Path:
+    """The newest capacity result under bench/results, by the date measured (not mtime)."""
+    found = sorted(common.RESULTS.glob("capacity-*.json"),
+                   key=lambda p: json.loads(p.read_text()).get("date", ""))
+    if not found:
+        raise FileNotFoundError("no bench/results/capacity-*.json: run "
+                                "python -m bench.capacity measure")
+    return found[-1]
 
 
 def table(args) -> int:
     """The docs' sizing table: 10k / 100k / 1M msg/s against 1M / 10M / 100M sessions."""
-    m = sizing.Measured.load(args.results)
+    m = capacity.REFERENCE if args.results is None else capacity.Measured.load(args.results)
+    shape = None if args.model_dir is None else capacity.ModelShape.from_artifact(args.model_dir)
     print("| msg/s | sessions | partitions | worker processes (cores) | Redis shards "
           "(memory / CPU) | Redis used / resident GiB | fullest shard GiB | Kafka in / out "
           "MB/s | Redis MB/s | full rebuild h |")
     print("|" + "---:|" * 10)
     for rate in (10_000, 100_000, 1_000_000):
         for n in (1_000_000, 10_000_000, 100_000_000):
-            p = sizing.Profile(msgs_per_s=rate, sessions=n)
-            pl = sizing.plan(p, m)
+            pl = capacity.plan(capacity.Profile(msgs_per_s=rate, sessions=n, model=shape), m)
             print(f"| {rate:,} | {n:,} | {pl.partitions} | {pl.worker_processes} "
                   f"({pl.worker_cores:g}) | {pl.redis_shards} ({pl.redis_shards_for_memory} / "
                   f"{pl.redis_shards_for_cpu}) | {pl.redis_memory_gib:,.1f} / "
@@ -374,9 +375,11 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="measure on this machine (the default)")
-    p = sub.add_parser("plan", help="print the deployment for a traffic profile")
     t = sub.add_parser("table", help="the sizing table of docs/capacity.md")
-    t.add_argument("--results", default=None, help="a capacity-*.json (default: the newest)")
+    t.add_argument("--results", default=None,
+                   help="a capacity-*.json (default: worker.capacity.REFERENCE)")
+    t.add_argument("--model-dir", default=None,
+                   help="the model to size, an artifact (default: the measured model)")
     for a in (ap, m):
         a.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
         a.add_argument("--cluster-sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -393,30 +396,8 @@ def main(argv=None) -> int:
         a.add_argument("--out", default=None)
         a.add_argument("--merge", default=None,
                        help="an earlier capacity result: take the sections not in --only from it")
-    p.add_argument("--msgs-per-s", type=float, required=True)
-    p.add_argument("--sessions", type=float, default=None,
-                   help="session states resident in Redis (live, and idle within the TTL)")
-    p.add_argument("--concurrent", type=float, default=None,
-                   help="instead of --sessions: sessions open at once ...")
-    p.add_argument("--session-s", type=float, default=None, help="... lasting this long on average")
-    p.add_argument("--send-end", action="store_true",
-                   help="... whose last message has end=true (else they idle out after the TTL)")
-    p.add_argument("--tokens", type=float, default=4, help="tokens per message")
-    p.add_argument("--ttl-s", type=float, default=86_400, help="GRU_STATE__TTL_SECONDS")
-    p.add_argument("--hidden", type=int, default=None, help="default: the measured model's")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--embed", type=int, default=None)
-    p.add_argument("--state-dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--outbox", type=float, default=1, help="mean outbox entries per state")
-    p.add_argument("--session-id-len", type=int, default=16)
-    p.add_argument("--ends-per-s", type=float, default=0.0,
-                   help="sessions ended per second (each leaves a tombstone for 1 h)")
-    p.add_argument("--single-redis", action="store_true", help="one Redis, not a Cluster")
-    p.add_argument("--results", default=None, help="a capacity-*.json (default: the newest)")
     args = ap.parse_args(argv)
-    if args.command == "table":
-        return table(args)
-    return plan(args) if args.command == "plan" else measure(args)
+    return table(args) if args.command == "table" else measure(args)
 
 
 if __name__ == "__main__":

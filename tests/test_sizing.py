@@ -1,16 +1,18 @@
-"""The sizing formulas (bench/sizing.py): pure, on made-up constants, plus a check that the
-committed capacity result still loads."""
+"""The capacity planning formulas (worker/capacity.py): pure, on made-up constants; the model's
+shape read from an artifact's config.json; the built-in constants against the committed
+capacity result."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench import sizing
-from bench.sizing import Measured, Policy, Profile
+from worker import capacity as sizing
+from worker.capacity import REFERENCE, Measured, ModelShape, Policy, Profile
 from worker.codec import OutboxEntry, PosKind, SessionState, encode_state
 from worker.state import Keys
 
@@ -53,7 +55,8 @@ def test_the_measured_profile_gives_back_the_measured_cost():
     cost, step = sizing.process_cost_us(Profile(msgs_per_s=1, sessions=1), M)
     assert cost == pytest.approx(200.0) and step == pytest.approx(40.0)
     assert sizing.process_rate(Profile(msgs_per_s=1, sessions=1), M) == pytest.approx(5000)
-    wider = Profile(msgs_per_s=1, sessions=1, hidden=256, tokens_per_message=8)
+    wider = Profile(msgs_per_s=1, sessions=1, model=ModelShape(1, 256, 5, 512),
+                    tokens_per_message=8)
     # the step: x (256 (512 + 256)) / (128 (512 + 128)) = 2.4, and twice the tokens
     assert sizing.process_cost_us(wider, M) == pytest.approx((160 + 40 * 2.4 * 2, 40 * 2.4 * 2))
 
@@ -123,16 +126,84 @@ def test_whole_partitions_go_to_a_shard():
 
 def test_gpu_pays_only_when_the_step_dominates():
     assert sizing.plan(Profile(msgs_per_s=1e4, sessions=1e6), M).gpu_pays is False  # 20 %
-    heavy = sizing.plan(Profile(msgs_per_s=1e4, sessions=1e6, hidden=1024, embed=1024), M)
+    heavy = sizing.plan(Profile(msgs_per_s=1e4, sessions=1e6,
+                                model=ModelShape(1, 1024, 5, 1024)), M)
     assert heavy.gpu_pays is True and heavy.step_share >= 0.5
 
 
-def test_the_committed_result_loads_and_plans():
-    m = Measured.load()
-    pl = sizing.plan(Profile(msgs_per_s=20_000, sessions=50_000), m)
+def test_the_built_in_constants_are_the_newest_committed_result():
+    from bench.capacity import newest_result
+    path = newest_result()
+    loaded = dataclasses.replace(Measured.load(path), source=REFERENCE.source)
+    assert path.name == Path(REFERENCE.source).name
+    differ = {k: (v, getattr(REFERENCE, k)) for k, v in loaded.as_dict().items()
+              if getattr(REFERENCE, k) != v}
+    assert not differ, f"worker.capacity.REFERENCE is not {path.name}: (measured, built in) " \
+        f"{differ}"
+
+
+def test_the_built_in_constants_plan():
+    pl = sizing.plan(Profile(msgs_per_s=20_000, sessions=50_000))
     assert pl.worker_processes >= 1 and pl.redis_shards >= 1 and pl.partitions >= 4
-    text = sizing.render(pl, Profile(msgs_per_s=20_000, sessions=50_000), m)
+    text = sizing.render(pl, Profile(msgs_per_s=20_000, sessions=50_000), REFERENCE)
     assert "Kafka partitions" in text and "Redis shards" in text
+
+
+def test_the_cluster_overhead_is_taken_against_the_value_as_measured():
+    """The result's values were 601 B (GRS2); sized with today's header they would fall in
+    another jemalloc class and the per-key overhead would come out negative."""
+    assert REFERENCE.measured_value_bytes == 601
+    assert 100 < REFERENCE.cluster_key_overhead < 140
+    assert REFERENCE.redis_key_overhead < REFERENCE.cluster_key_overhead
+
+
+# --- the model's shape -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mean_dim,layers", [(0, 1), (3, 1), (3, 2)])
+def test_the_shape_read_from_an_artifact_is_the_model_s(tmp_path, mean_dim, layers):
+    """config.json alone gives the state width the engine uses (ModelConfig.state_size)."""
+    from model import artifact
+    from model.gru import GRUClassifier, ModelConfig
+    from model.tokenizer import PAD, UNK, Vocab
+    cfg = ModelConfig(vocab_size=6, num_labels=3, embed_dim=4, hidden_size=8,
+                      num_layers=layers, mean_dim=mean_dim)
+    artifact.save(tmp_path, GRUClassifier(cfg), Vocab((PAD, UNK, "a", "b", "c", "d")),
+                  ["x", "y", "z"])
+    shape = ModelShape.from_artifact(tmp_path)
+    assert (shape.layers, shape.hidden, shape.labels, shape.embed, shape.mean_units) == \
+        (layers, 8, 3, 4, mean_dim)
+    assert shape.state_size == cfg.state_size == artifact.load(tmp_path).model.config.state_size
+    st = SessionState(np.zeros((layers, cfg.state_size), np.float32), 0, PosKind.SEQ, 4, 1,
+                      outbox=(OutboxEntry(0, 0, 4, False, 7, (0.2,) * 3),))
+    pl = sizing.plan(Profile(msgs_per_s=1, sessions=1, model=shape), M)
+    assert pl.value_bytes == len(encode_state(st, 3, "float32"))
+
+
+def test_the_default_recipe_s_state_is_193_wide():
+    """The default model (model/train.py): GRU(160) and 32 mean units, 5 labels."""
+    from model.train import TrainConfig
+    t = TrainConfig()
+    shape = ModelShape(t.num_layers, t.hidden_size, 5, t.embed_dim, t.mean_dim)
+    assert shape.state_size == 193
+    # GRS4: 64-byte header, 193 x f32, 5 first-seen counts, one outbox entry (33 + 5 x 4)
+    assert sizing.state_value_bytes(1, 193, 5) == 64 + 772 + 20 + 53 == 909
+
+
+@pytest.mark.parametrize("body,what", [
+    ("{", "not a model config"),
+    ('{"architecture": {"hidden_size": 8}}', "not a model config"),
+    ('{"architecture": {"num_layers": 1, "hidden_size": 0, "num_labels": 5, "embed_dim": 4}}',
+     "hidden is 0"),
+    ('{"architecture": {"num_layers": 1, "hidden_size": 8, "num_labels": true, "embed_dim": 4}}',
+     "labels is True"),
+])
+def test_a_config_that_is_not_a_model_s_is_refused_in_one_line(tmp_path, body, what):
+    (tmp_path / "config.json").write_text(body)
+    with pytest.raises(sizing.PlanError, match=what) as e:
+        ModelShape.from_artifact(tmp_path)
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
+    with pytest.raises(sizing.PlanError, match="has no config.json"):
+        ModelShape.from_artifact(tmp_path / "absent")
 
 
 def test_resident_sessions_count_the_ttl_unless_sessions_end():

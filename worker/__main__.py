@@ -1,4 +1,4 @@
-"""Command line: ``python -m worker run | topics create | produce | tail``.
+"""Command line: ``python -m worker run | topics create | produce | tail | plan``.
 
 ``run`` builds the Settings once (env ``GRU_*`` plus flags), wires the model, the state
 store, Kafka and metrics together, and runs the loop until SIGTERM/SIGINT or a bound.
@@ -169,6 +169,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .capacity import add_plan
     from .client import add_produce, add_tail
     ap = Parser(prog="python -m worker", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = lambda p: add_setting_flags(p, common_only=True)  # noqa: E731
     add_produce(sub, common, settings_from_args)
     add_tail(sub, common, settings_from_args)
+    add_plan(sub)
     return ap
 
 

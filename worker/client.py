@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from model.tokenizer import tokenize
-
 
 def chunk_messages(session_id: str, tokens: list[str], chunk_size: int, seq: bool = True,
                    end: bool = True) -> list[dict]:
@@ -53,6 +51,7 @@ def dataset_sessions(split_name: str, n: int, model_dir: Path | None, seed: int,
     """(session_id, true label, tokens) for ``n`` documents of a split of BBC News.
     With a model dir, its recorded split is used, so "test" is truly held out."""
     from model import data
+    from model.tokenizer import tokenize
     docs = {d.doc_id: d for d in data.load_bbc()}
     ids = None
     if model_dir is not None and (model_dir / "config.json").is_file():
@@ -138,6 +137,9 @@ def cmd_produce(args: argparse.Namespace, settings_from_args: Callable) -> int:
         streams = [chunk_messages(sid, toks, args.chunk_size, args.seq, args.end)
                    for sid, _, toks in sessions]
     else:
+        # Here, not at the top: the model package imports torch, which `plan` and `tail` do
+        # not need.
+        from model.tokenizer import tokenize
         text = Path(args.file).read_text() if args.file else sys.stdin.read()
         sid = args.session_id or "session-1"
         streams = [chunk_messages(sid, tokenize(text)[:args.max_tokens], args.chunk_size,

@@ -1,21 +1,29 @@
-"""Sizing formulas: a traffic profile and the constants measured by ``bench.capacity`` in, a
-deployment (Kafka partitions, worker processes, Redis shards and memory, bytes on the wire)
-out. Pure: no services, no I/O except ``Measured.load``. docs/capacity.md states every formula
-in words and names every assumption (``Policy``); tests/test_sizing.py checks them.
+"""Capacity planning: a traffic profile, a model's shape and measured constants in, a deployment
+out (Kafka partitions, worker processes, Redis shards and memory, bytes on the wire), printed by
+``python -m worker plan``. Pure formulas: no services, no torch; a model's shape comes from its
+artifact's config.json. ``REFERENCE`` holds the constants ``python -m bench.capacity measure``
+measured; docs/capacity.md states every formula in words and names every assumption (``Policy``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from worker.codec import HEADER, OUTBOX_ENTRY
+from .codec import HEADER, OUTBOX_ENTRY
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HEADER_BYTES, OUTBOX_FIXED_BYTES = HEADER.size, OUTBOX_ENTRY.size  # (+ f32 x labels per entry)
 TOMBSTONE_OUTBOX = 1  # an ended session keeps its header and the final prediction
+MAX_CONFIG_BYTES = 1 << 20  # as model.artifact reads config.json
+LEAST = {"layers": 1, "hidden": 1, "labels": 1, "embed": 1, "mean_units": 0}  # ModelShape's
+
+
+class PlanError(ValueError):
+    """An input the plan cannot use: a missing or malformed artifact, flags that disagree."""
 
 
 # --- what a state costs in Redis -----------------------------------------------------------
@@ -37,13 +45,13 @@ def sds_bytes(length: int) -> int:
     return jemalloc_class(length + header + 1)
 
 
-def state_value_bytes(layers: int, hidden: int, labels: int, dtype: str = "float32",
+def state_value_bytes(layers: int, width: int, labels: int, dtype: str = "float32",
                       outbox: float = 1, ended: bool = False) -> float:
-    """A state value (worker.codec): header, h, the tokens at which each label was first
-    predicted (a live state only: u32 x labels), and ``outbox`` entries of
-    ``OUTBOX_ENTRY`` + 4 x labels."""
-    width = 2 if dtype == "float16" else 4
-    live = 0 if ended else layers * hidden * width + 4 * labels
+    """A state value (worker.codec): header, the state (``layers`` x ``width`` floats, see
+    ``ModelShape.state_size``), the tokens at which each label was first predicted (a live
+    state only: u32 x labels), and ``outbox`` entries of ``OUTBOX_ENTRY`` + 4 x labels."""
+    size = 2 if dtype == "float16" else 4
+    live = 0 if ended else layers * width * size + 4 * labels
     return HEADER_BYTES + live + outbox * (OUTBOX_FIXED_BYTES + 4 * labels)
 
 
@@ -60,15 +68,65 @@ def allocated_bytes(value_bytes: float, key_bytes: int) -> int:
     return sds_bytes(round(value_bytes)) + sds_bytes(key_bytes)
 
 
+# --- the model ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs of a model: the state's size (layers x ``state_size`` floats, plus
+    per-label fields) and the step's size (layers x H(E + H) multiply-adds per token)."""
+
+    layers: int
+    hidden: int  # GRU units
+    labels: int
+    embed: int
+    mean_units: int = 0
+    source: str = ""  # the config.json it was read from; "" if given by hand
+
+    @property
+    def state_size(self) -> int:
+        """Floats per layer and session, as ``model.gru.ModelConfig.state_size``: h, then the
+        mean units and their token count."""
+        return self.hidden + (self.mean_units + 1 if self.mean_units else 0)
+
+    def describe(self) -> str:
+        mean = f" + {self.mean_units} mean units" if self.mean_units else ""
+        return (f"L={self.layers}, H={self.hidden}{mean} (state {self.state_size} floats), "
+                f"E={self.embed}, {self.labels} labels")
+
+    @classmethod
+    def from_artifact(cls, model_dir: str | Path) -> ModelShape:
+        """Read DIR/config.json's architecture (model/artifact.py); nothing else is read and
+        no model is built."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise PlanError(f"model dir {str(model_dir)!r} has no config.json")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise PlanError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes, not a model config")
+        try:
+            config = json.loads(path.read_bytes())
+            arch = config["architecture"]
+            shape = cls(layers=arch["num_layers"], hidden=arch["hidden_size"],
+                        labels=arch["num_labels"], embed=arch["embed_dim"],
+                        mean_units=arch.get("mean_dim", 0), source=str(path))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PlanError(f"{path} is not a model config ({type(e).__name__}: {e})") from None
+        for name, least in LEAST.items():
+            v = getattr(shape, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise PlanError(f"{path}: the architecture's {name} is {v!r}, not an integer "
+                                f">= {least}")
+        return shape
+
+
 # --- the measured constants ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Measured:
-    """What ``python -m bench.capacity`` measured on one machine, reduced to constants."""
+    """What ``python -m bench.capacity measure`` measured on one machine, reduced to constants."""
 
     source: str
     machine: str
-    hidden: int
+    hidden: int  # the measured model: no mean units, so its state was ``hidden`` wide
     layers: int
     embed: int
     labels: int
@@ -93,25 +151,31 @@ class Measured:
     gpu_engine_ms_512: tuple[float, float] | None = None  # engine per 512 batch, GPU vs CPU
     notes: dict = field(default_factory=dict)
 
+    @property
+    def model(self) -> ModelShape:
+        return ModelShape(self.layers, self.hidden, self.labels, self.embed, source="measured")
+
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Measured":
-        """From a capacity result file (default: the newest under bench/results)."""
-        if path is None:
-            found = sorted(RESULTS.glob("capacity-*.json"),  # by the date measured, not mtime
-                           key=lambda p: json.loads(p.read_text()).get("date", ""))
-            if not found:
-                raise FileNotFoundError("no bench/results/capacity-*.json: run "
-                                        "python -m bench.capacity measure")
-            path = found[-1]
-        res = json.loads(Path(path).read_text())
-        return cls.from_result(res, str(path), _gpu_figures(RESULTS), _process_cores(RESULTS))
+    def load(cls, path: str | Path) -> Measured:
+        """From a capacity result file; the H100 step and the cores per process are read from
+        the result files beside it, when they are there."""
+        path = Path(path)
+        try:
+            res = json.loads(path.read_text())
+            return cls.from_result(res, str(path), _gpu_figures(path.parent),
+                                   _process_cores(path.parent))
+        except OSError as e:
+            raise PlanError(f"cannot read the results {str(path)!r}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise PlanError(f"{path} is not a capacity result ({type(e).__name__}: {e})") \
+                from None
 
     @classmethod
     def from_result(cls, res: dict, source: str = "", gpu: dict | None = None,
-                    processes: dict | None = None) -> "Measured":
+                    processes: dict | None = None) -> Measured:
         m = res["model"]
         mem = res["memory"]
         layouts = mem["layouts"]
@@ -124,9 +188,11 @@ class Measured:
             over.append(p["bytes_per_session"] - allocated_bytes(row["value_bytes"],
                                                                  row["key_bytes"]))
             ratio.append(p["used_memory_rss"] / p["used_memory"])
+        # The values as they were measured (the format may have grown since): the cluster row's
+        # own size, else that of the plain layout with its dtype and outbox.
         crow = mem["cluster"][0]
-        cvalue = state_value_bytes(m["layers"], m["hidden"], m["labels"], crow["dtype"],
-                                   crow["outbox"])
+        same = {(r["dtype"], r["outbox"]): r["value_bytes"] for r in layouts}
+        cvalue = crow.get("value_bytes", same[(crow["dtype"], crow["outbox"])])
         cover = crow["points"][-1]["bytes_per_session"] - allocated_bytes(cvalue,
                                                                           crow["key_bytes"])
         wide = [r for r in res["worker"] if r["case"] == "1M-distinct"]
@@ -147,7 +213,7 @@ class Measured:
                                                 for r in wide]), 2),
             redis_net_in_per_msg=_median([r["redis_net_in_per_msg"] for r in wide]),
             redis_net_out_per_msg=_median([r["redis_net_out_per_msg"] for r in wide]),
-            measured_value_bytes=state_value_bytes(m["layers"], m["hidden"], m["labels"]),
+            measured_value_bytes=same[("float32", 1)],
             kafka_in_bytes_per_msg=_median([r["input_bytes_per_msg"] for r in wide]),
             kafka_in_bytes_per_token=res.get("input_bytes_per_token", 8.0),
             kafka_out_bytes_per_msg=_median([r["output_bytes_per_msg"] for r in wide]),
@@ -156,6 +222,27 @@ class Measured:
             notes={"gpu_source": g.get("source"),
                    "cores_per_process_source": (processes or {}).get("source")})
 
+
+# The constants every plan uses unless given --results: an AMD EPYC VM, 2 vCPU, 23.5 GiB RAM,
+# Python 3.11, redis-server 7.0.15 (jemalloc 5.3.0), tansu as the broker, 2026-11-27
+# (docs/capacity.md, "What was measured"). The measured model: E 512, H 128, 1 layer, 5
+# labels, no mean units; a float32 value of 601 B (the GRS2 format). The H100 figures are the
+# step alone on one H100 (fp32, CUDA graph). tests/test_sizing.py checks that this equals
+# ``Measured.load`` of the newest bench/results/capacity-*.json.
+REFERENCE = Measured(
+    source="bench/results/capacity-2026-11-27-033459.json",
+    machine="AMD EPYC, 2 vCPU, 2026-11-27 03:31",
+    hidden=128, layers=1, embed=512, labels=5,
+    redis_key_overhead=97.2, cluster_key_overhead=118.1, redis_shard_fixed=257071,
+    rss_ratio=1.059, worker_cpu_us_per_msg=94.3, worker_cores_per_process=0.95,
+    worker_tokens=4, step_share=0.107, worker_msgs_per_s_wall=5420,
+    redis_cpu_us_per_msg=15.7, redis_net_in_per_msg=738.4, redis_net_out_per_msg=613.1,
+    measured_value_bytes=601, kafka_in_bytes_per_msg=94.9, kafka_in_bytes_per_token=8.27,
+    kafka_out_bytes_per_msg=303.9, rebuild_msgs_per_s=13097.0,
+    gpu_tokens_per_s=59862325.0, gpu_engine_ms_512=(6.11, 7.3),
+    notes={"gpu_source": "gpu_step-2026-11-26-h100-fused.json",
+           "cores_per_process_source": ["processes-2026-11-26-160904.json",
+                                        "processes-2026-11-26.json"]})
 
 GPU_RESULT = "gpu_step-2026-11-26-h100-fused.json"  # the H100 re-run after the fused step
 
@@ -181,7 +268,7 @@ def _gpu_figures(results: Path) -> dict:
 
 def _process_cores(results: Path) -> dict:
     """Cores one saturated worker process used: the single-process runs of bench/processes.py
-    (a quiet 2-core box, 2026-11-26), median."""
+    (a quiet 2-core box), median."""
     cores, names = [], []
     for path in sorted(results.glob("processes-*.json")):
         for r in json.loads(path.read_text()).get("runs", []):
@@ -214,9 +301,7 @@ class Profile:
     sessions: float
     tokens_per_message: float = 4
     ttl_s: float = 86_400
-    hidden: int | None = None  # None: the measured model's
-    layers: int | None = None
-    embed: int | None = None
+    model: ModelShape | None = None  # None: the measured model's
     dtype: str = "float32"
     outbox: float = 1
     session_id_len: int = 16
@@ -277,11 +362,16 @@ class Plan:
     gpu_pays: bool
 
 
+def shape_of(p: Profile, m: Measured) -> ModelShape:
+    return p.model or m.model
+
+
 def step_scale(p: Profile, m: Measured) -> float:
     """The model step per token of the profile's model over the measured one's: the GRU's
     multiply-adds per token, layers x H(E + H) (input and recurrent projections)."""
-    h, e, l = p.hidden or m.hidden, p.embed or m.embed, p.layers or m.layers
-    return (l * h * (e + h)) / (m.layers * m.hidden * (m.embed + m.hidden))
+    s = shape_of(p, m)
+    return (s.layers * s.hidden * (s.embed + s.hidden)) / (m.layers * m.hidden
+                                                           * (m.embed + m.hidden))
 
 
 def process_cost_us(p: Profile, m: Measured) -> tuple[float, float]:
@@ -299,8 +389,8 @@ def process_rate(p: Profile, m: Measured) -> float:
 
 def bytes_per_session(p: Profile, m: Measured, partitions: int = 64) -> tuple[float, float]:
     """(value bytes, used_memory bytes) of one resident state."""
-    h, l = p.hidden or m.hidden, p.layers or m.layers
-    value = state_value_bytes(l, h, m.labels, p.dtype, p.outbox)
+    s = shape_of(p, m)
+    value = state_value_bytes(s.layers, s.state_size, s.labels, p.dtype, p.outbox)
     key = state_key_bytes(p.session_id_len, p.cluster, p.key_prefix, p.namespace, p.topic,
                           partitions)
     over = m.cluster_key_overhead if p.cluster else m.redis_key_overhead
@@ -315,7 +405,7 @@ def redis_used_bytes(p: Profile, m: Measured, shards: int, partitions: int = 64)
 
 
 def tombstone_bytes(p: Profile, m: Measured) -> float:
-    value = state_value_bytes(0, 0, m.labels, outbox=TOMBSTONE_OUTBOX, ended=True)
+    value = state_value_bytes(0, 0, shape_of(p, m).labels, outbox=TOMBSTONE_OUTBOX, ended=True)
     key = state_key_bytes(p.session_id_len, p.cluster, p.key_prefix, p.namespace, p.topic)
     return allocated_bytes(value, key) + (m.cluster_key_overhead if p.cluster
                                           else m.redis_key_overhead)
@@ -327,7 +417,7 @@ def fullest_shard_share(partitions: int, shards: int) -> float:
     return math.ceil(partitions / shards) / partitions
 
 
-def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
+def plan(p: Profile, m: Measured = REFERENCE, policy: Policy = Policy()) -> Plan:
     cost, step = process_cost_us(p, m)
     rate = process_rate(p, m)
     workers = max(1, math.ceil(p.msgs_per_s / (rate * policy.worker_utilisation)))
@@ -385,11 +475,12 @@ def plan(p: Profile, m: Measured, policy: Policy = Policy()) -> Plan:
 
 def render(pl: Plan, p: Profile, m: Measured) -> str:
     mbps = lambda b: f"{p.msgs_per_s * b / 1e6:.1f} MB/s"  # noqa: E731
+    shape = shape_of(p, m)
     lines = [
         f"traffic: {p.msgs_per_s:,.0f} msg/s x {p.tokens_per_message:g} tokens, "
-        f"{p.sessions:,.0f} resident sessions, TTL {p.ttl_s:,.0f} s, "
-        f"H={p.hidden or m.hidden} L={p.layers or m.layers}, state {p.dtype}, "
+        f"{p.sessions:,.0f} resident sessions, TTL {p.ttl_s:,.0f} s, state {p.dtype}, "
         f"{'Redis Cluster' if p.cluster else 'one Redis'}",
+        f"model: {shape.describe()} ({shape.source or 'given'})",
         f"measured on: {m.machine} ({Path(m.source).name or 'given constants'})",
         "",
         f"Kafka partitions     {pl.partitions}",
@@ -416,3 +507,146 @@ def render(pl: Plan, p: Profile, m: Measured) -> str:
             f"{pl.gpu_worker_processes} processes instead of {pl.worker_processes} (from the "
             f"H100 step rate alone: not measured end to end)")
     return "\n".join(lines)
+
+
+# --- python -m worker plan ------------------------------------------------------------------
+
+def default_model_dir() -> Path:
+    """The artifact ``python -m worker run`` would load: GRU_MODEL__DIR, else its default."""
+    from .config import ModelSettings
+    return Path(os.environ.get("GRU_MODEL__DIR") or ModelSettings.model_fields["dir"].default)
+
+
+DESCRIPTION = """\
+Print the deployment a traffic profile needs: Kafka partitions, worker processes, Redis
+shards and memory, network bytes, the time of a full rebuild. Give the traffic as
+--sessions (states resident in Redis), or as --concurrent and --session-s.
+
+The model's shape (state width, labels, step size) comes from an artifact's config.json:
+--model-dir, else the artifact `run` would load (GRU_MODEL__DIR, else artifacts/bbc-gru)
+when it exists. Without one, describe the model with --hidden, --layers and --labels
+(and --mean-units, --embed).
+
+Costs come from constants `python -m bench.capacity measure` measured on one
+machine ({machine}); --results FILE uses another
+measurement. docs/capacity.md gives every formula and assumption."""
+
+
+def positive(text: str) -> float:
+    """A flag's number that must be above zero (a usage error otherwise)."""
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is not above zero")
+    return value
+
+
+def add_plan(sub) -> None:
+    from .config import StateSettings
+    p = sub.add_parser("plan", help="print the deployment a traffic profile needs",
+                       description=DESCRIPTION.format(machine=REFERENCE.machine),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = p.add_argument_group("traffic")
+    t.add_argument("--msgs-per-s", type=positive, required=True, metavar="N",
+                   help="input messages per second [required]")
+    t.add_argument("--sessions", type=positive, metavar="N",
+                   help="session states resident in Redis: live, and idle within the TTL "
+                   "[default: from --concurrent]")
+    t.add_argument("--concurrent", type=positive, metavar="N",
+                   help="instead of --sessions: sessions open at once ... [default: none]")
+    t.add_argument("--session-s", type=positive, metavar="S",
+                   help="... lasting this long on average [default: none]")
+    t.add_argument("--send-end", action="store_true",
+                   help="... whose last message has end=true; else they idle out after the "
+                   "TTL [default: off]")
+    t.add_argument("--tokens", type=positive, default=4, metavar="K",
+                   help="tokens per message [default: %(default)g]")
+    t.add_argument("--ends-per-s", type=float, default=0.0, metavar="N",
+                   help="sessions ended per second, each leaving a tombstone for "
+                   "GRU_STATE__END_TTL_SECONDS [default: %(default)g]")
+    t.add_argument("--session-id-len", type=int, default=16, metavar="N",
+                   help="characters of a session id [default: %(default)s]")
+    d = p.add_argument_group("deployment")
+    d.add_argument("--ttl-s", type=positive, metavar="S",
+                   default=StateSettings.model_fields["ttl_seconds"].default,
+                   help="GRU_STATE__TTL_SECONDS [default: %(default)g]")
+    d.add_argument("--state-dtype", choices=["float32", "float16"], default="float32",
+                   help="GRU_STATE__DTYPE [default: %(default)s]")
+    d.add_argument("--outbox", type=float, default=1, metavar="N",
+                   help="mean outbox entries per state [default: %(default)g]")
+    d.add_argument("--single-redis", action="store_true",
+                   help="one Redis, not a Redis Cluster [default: a Cluster]")
+    m = p.add_argument_group("model")
+    m.add_argument("--model-dir", type=Path, metavar="DIR",
+                   help="a model artifact; only its config.json is read [default: "
+                   "GRU_MODEL__DIR, else artifacts/bbc-gru, if it exists]")
+    m.add_argument("--hidden", type=int, metavar="H",
+                   help="GRU units, to describe a model without an artifact [default: the "
+                   "artifact's]")
+    m.add_argument("--layers", type=int, metavar="L",
+                   help="GRU layers [default: the artifact's]")
+    m.add_argument("--labels", type=int, metavar="C",
+                   help="output labels [default: the artifact's]")
+    m.add_argument("--mean-units", type=int, metavar="M",
+                   help="mean units beside the GRU [default: 0]")
+    m.add_argument("--embed", type=int, metavar="E", help="token embedding width; only the CPU "
+                   f"estimate uses it [default: {REFERENCE.embed}, the measured model's]")
+    o = p.add_argument_group("output")
+    o.add_argument("--results", type=Path, metavar="FILE",
+                   help="a bench/results/capacity-*.json to take the constants from "
+                   f"[default: the built-in ones, {REFERENCE.machine}]")
+    o.add_argument("--json", action="store_true",
+                   help="print the plan, the model and the constants as JSON [default: off]")
+    p.set_defaults(func=cmd_plan)
+
+
+def model_from_args(args: argparse.Namespace) -> ModelShape:
+    """The artifact's shape, or the one the flags describe; never a mix of the two."""
+    flags = {"hidden": args.hidden, "layers": args.layers, "labels": args.labels,
+             "mean_units": args.mean_units, "embed": args.embed}
+    given = [k for k, v in flags.items() if v is not None]
+    if given:
+        if args.model_dir is not None:
+            raise PlanError("give --model-dir or --hidden/--layers/--labels, not both")
+        missing = [f"--{k}" for k in ("hidden", "layers", "labels") if flags[k] is None]
+        if missing:
+            raise PlanError(f"without a model artifact, give {' and '.join(missing)} too "
+                            f"(--hidden, --layers and --labels describe the model)")
+        bad = [f"--{k.replace('_', '-')}={v} must be >= {LEAST[k]}" for k, v in flags.items()
+               if v is not None and v < LEAST[k]]
+        if bad:
+            raise PlanError("; ".join(bad))
+        return ModelShape(args.layers, args.hidden, args.labels,
+                          args.embed or REFERENCE.embed, args.mean_units or 0)
+    model_dir = args.model_dir or default_model_dir()
+    if args.model_dir is None and not (model_dir / "config.json").is_file():
+        raise PlanError(f"no model artifact at {model_dir} (GRU_MODEL__DIR): give --model-dir "
+                        f"DIR, or --hidden, --layers and --labels")
+    return ModelShape.from_artifact(model_dir)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan; an input it cannot use is a ``ConfigError`` (one line, exit 2)."""
+    from .config import ConfigError
+    try:
+        shape = model_from_args(args)
+        measured = REFERENCE if args.results is None else Measured.load(args.results)
+        sessions, ends = args.sessions, args.ends_per_s
+        if sessions is None:
+            if args.concurrent is None or args.session_s is None:
+                raise PlanError("give --sessions, or --concurrent and --session-s")
+            sessions, ends = resident_sessions(args.concurrent, args.session_s, args.ttl_s,
+                                               args.send_end)
+    except (PlanError, OSError) as e:  # OSError: a config.json that cannot be read
+        raise ConfigError([str(e)]) from None
+    profile = Profile(
+        msgs_per_s=args.msgs_per_s, sessions=sessions, tokens_per_message=args.tokens,
+        ttl_s=args.ttl_s, model=shape, dtype=args.state_dtype, outbox=args.outbox,
+        cluster=not args.single_redis, session_id_len=args.session_id_len, ends_per_s=ends)
+    result = plan(profile, measured)
+    if args.json:
+        print(json.dumps({"plan": asdict(result), "profile": asdict(replace(profile, model=None)),
+                          "model": {**asdict(shape), "state_size": shape.state_size},
+                          "measured": measured.as_dict()}, indent=2))
+    else:
+        print(render(result, profile, measured))
+    return 0
