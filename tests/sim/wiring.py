@@ -14,7 +14,7 @@ from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
-from worker.models import ServedModel
+from worker.models import ModelSet, ServedModel
 from worker.output import OutputPolicy
 
 from .broker import Broker, BrokerSink, Group, Member
@@ -87,9 +87,10 @@ def build_worker(world: World, cfg: Config, current: SimModel, previous: SimMode
         metrics.add_model(previous.model_id, previous.labels, None, "cpu", "previous")
         served = ServedModel(previous.model_id, _engine(s, previous), previous.labels,
                              previous.encode, previous.vocab_size, previous.vocab.itos)
-    worker = Worker(s, _engine(s, current), wrap("store", StoreView(world.redis, current.model_id)),
-                    wrap("source", member), wrap("sink", sink), metrics, current.labels,
-                    current.model_id, current.encode, current.vocab_size,
-                    clock=wrap("clock", world.clock), previous=served,
-                    vocab_key=current.vocab.itos)
+    models = ModelSet(ServedModel(current.model_id, _engine(s, current), current.labels,
+                                  current.encode, current.vocab_size, current.vocab.itos),
+                      served, s.limits, metrics)
+    worker = Worker(s, models, wrap("store", StoreView(world.redis, current.model_id)),
+                    wrap("source", member), wrap("sink", sink), metrics,
+                    clock=wrap("clock", world.clock))
     return WorkerParts(worker, member, sink)
