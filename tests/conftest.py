@@ -29,3 +29,16 @@ def tiny_model_dir_b(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-gru-b")
     train(TrainConfig(**{**TINY, "seed": 1}), out)
     return out
+
+
+KAFKA_CLIENTS = ["kafka-python", "confluent"]
+
+
+@pytest.fixture(params=KAFKA_CLIENTS)
+def kafka_client(request) -> str:
+    """The worker's Kafka client (``kafka.client``): a test that asks for it runs once with
+    each. A test of one client's own workaround pins it with
+    ``@pytest.mark.parametrize("kafka_client", ["kafka-python"])``."""
+    if request.param == "confluent":
+        pytest.importorskip("confluent_kafka")
+    return request.param

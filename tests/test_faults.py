@@ -32,8 +32,8 @@ FAST = {"GRU_BATCH__MAX_RECORDS": "64"}  # small batches: more batch boundaries 
 
 
 @pytest.fixture
-def cluster(tiny_model_dir):
-    with Cluster(tiny_model_dir) as c:
+def cluster(tiny_model_dir, kafka_client):
+    with Cluster(tiny_model_dir, client=kafka_client) as c:
         yield c
 
 
@@ -623,7 +623,8 @@ def test_zombie_with_a_token_from_before_a_rollback_is_fenced(cluster, tiny_mode
                             "input_topic": cluster.names["in"], "output_topic": cluster.names["out"],
                             "dlq_topic": cluster.names["dlq"], "group_id": cluster.names["group"],
                             "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-                            "max_poll_interval_ms": 1000, "client_id": name},
+                            "max_poll_interval_ms": 1000, "client_id": name,
+                            "client": cluster.client},
                      redis={"url": cluster.redis.url, "prefix": cluster.names["prefix"]},
                      model={"dir": tiny_model_dir, "threads": 1},
                      metrics={"host": "127.0.0.1", "port": 0}, idle_exit_s=3.0,

@@ -101,9 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from .kafka_io import create_topics
     settings = settings_from_args(args, **({"kafka": {"partitions": args.partitions}}
                                            if args.partitions else {}))
+    if settings.kafka.client == "confluent":
+        from .rdkafka_io import create_topics
+    else:
+        from .kafka_io import create_topics
     created = create_topics(settings.kafka, args.partitions)
     k = settings.kafka
     for name in (k.input_topic, k.output_topic, k.dlq_topic):

@@ -18,14 +18,13 @@ from prometheus_client import CollectorRegistry
 import model as model_pkg
 from model.artifact import ArtifactError
 
-from .config import CLUSTER_SCHEMES, Settings
+from .config import CLUSTER_SCHEMES, KafkaSettings, Settings
 from .engine import Engine
-from .kafka_io import KafkaSink, KafkaSource, missing_codecs
 from .loop import Worker
 from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
 from .models import DrainWatcher, ServedModel
 from .output import OutputPolicy
-from .ports import StateStore
+from .ports import Sink, Source, StateStore
 from .state import Keys, MemoryStateStore, RedisStateStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,21 @@ def build_store(settings: Settings, model_id: str) -> StateStore:
                 settings.state.namespace or settings.kafka.group_id,
                 cluster=settings.redis.cluster)
     return RedisStateStore(redis_client(settings), keys)
+
+
+def build_kafka(settings: KafkaSettings) -> tuple[Source, Sink]:
+    """The consumer-group source and the acknowledged sink of the client ``kafka.client``
+    names: kafka-python (worker.kafka_io) or confluent-kafka (worker.rdkafka_io)."""
+    if settings.client == "confluent":
+        from .rdkafka_io import RdKafkaSink, RdKafkaSource
+        return RdKafkaSource(settings), RdKafkaSink(settings)
+    from .kafka_io import KafkaSink, KafkaSource, missing_codecs
+    missing = missing_codecs()
+    if missing:
+        log.error("kafka-python cannot decode %s: input compressed with them will stall its "
+                  "partition (gru_undecodable_batches_total). Install the project's "
+                  "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
+    return KafkaSource(settings), KafkaSink(settings)
 
 
 @dataclass
@@ -122,13 +136,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
             previous = ServedModel(old.model_id, build_engine(settings, old, device),
                                    tuple(old.labels), old.encode, len(old.vocab),
                                    tuple(old.vocab.itos), device)
-    missing = missing_codecs()
-    if missing:
-        log.error("kafka-python cannot decode %s: input compressed with them will stall its "
-                  "partition (gru_undecodable_batches_total). Install the project's "
-                  "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
-    source = KafkaSource(settings.kafka)
-    sink = KafkaSink(settings.kafka)
+    source, sink = build_kafka(settings.kafka)
     worker = Worker(settings, engine, store, source, sink, metrics, clf.labels, clf.model_id,
                     clf.encode, len(clf.vocab), previous=previous,
                     vocab_key=tuple(clf.vocab.itos))
