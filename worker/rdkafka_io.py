@@ -475,11 +475,20 @@ class RdKafkaSource:
         return sorted(self._assigned)
 
     def rejoin(self) -> None:
-        """Drop every partition and rejoin the group: positions restart from the commits. The
-        revocation reaches the loop inside the next poll."""
+        """Drop every partition and rejoin the group: positions restart from the commits.
+        The revocation is served here, before subscribing again (records polled meanwhile
+        are dropped: they come again from the commits): librdkafka 2.16 aborts in ``close``
+        (assert ``!rkcg->rkcg_subscription``) after an unsubscribe and a subscribe with the
+        revocation still unserved between them."""
         self.consumer.unsubscribe()
         self._held.clear()
         self._seeks.clear()
+        deadline = time.monotonic() + self.timeout_s
+        while self._assigned and time.monotonic() < deadline:
+            try:
+                self.consumer.poll(0.05)
+            except ck.KafkaException as e:
+                log.warning("poll while leaving the group failed: %s", e)
         self._subscribe()
 
     def close(self) -> None:
