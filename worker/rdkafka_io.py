@@ -168,6 +168,11 @@ class RdKafkaSource:
         self._commits: dict[frozenset, list[_Commit]] = {}  # by their (partition, offset)s
         self._reader = None  # read_tail's own consumer, outside the group
         self._closing = False
+        # Rebalance callbacks reach the loop only inside poll (and rejoin), as the port says:
+        # librdkafka also serves them while a commit waits for its answer, and those wait
+        # here until the next poll.
+        self._forward = False
+        self._deferred: list[tuple[Callable, list[TopicPartition]]] = []
 
     # --- the group ------------------------------------------------------------------------
 
@@ -184,14 +189,25 @@ class RdKafkaSource:
         loop does the work (tokens, seeks)."""
         tps = [(p.topic, p.partition) for p in partitions]
         self._assigned.update(tps)
-        if not self._closing:
-            self._on_assigned(tps)
+        self._notify(self._on_assigned, tps)
 
     def _revoked_cb(self, _consumer, partitions) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._forget(tps)
-        if not self._closing:
-            self._on_revoked(tps)
+        self._notify(self._on_revoked, tps)
+
+    def _notify(self, callback: Callable, tps: list[TopicPartition]) -> None:
+        if self._closing:
+            return
+        if self._forward:
+            callback(tps)
+        else:
+            self._deferred.append((callback, tps))
+
+    def _deliver_deferred(self) -> None:
+        while self._deferred:
+            callback, tps = self._deferred.pop(0)
+            callback(tps)
 
     def _forget(self, tps: Sequence[TopicPartition]) -> None:
         gone = set(tps)
@@ -216,10 +232,12 @@ class RdKafkaSource:
         has passed since the first record. Records of a partition being rewound (a seek
         librdkafka has not applied yet, an undecodable batch) are left out: they come again
         from where the rewind points."""
+        self._deliver_deferred()
         self._apply_seeks()
         c = self.consumer
         out: list[Record] = []
         stalled: dict[TopicPartition, UndecodableInput] = {}
+        self._forward = True
         try:
             if self._held:
                 batch, self._held = self._held[:max_records], self._held[max_records:]
@@ -241,6 +259,8 @@ class RdKafkaSource:
         except ck.KafkaException as e:
             if not out:
                 raise DependencyError("kafka", f"poll failed: {e}") from e
+        finally:
+            self._forward = False
         if stalled:
             out = self._stall(stalled, out)
         return out
@@ -338,8 +358,8 @@ class RdKafkaSource:
         """Commit and wait for the answer, for at most ``request_timeout_ms``: librdkafka's
         own synchronous commit waits for ever while the coordinator is unreachable. The
         consumer is polled meanwhile (that is how librdkafka delivers the answer); records it
-        returns are held for the next ``poll``. False means not committed: the records come
-        again and are deduplicated."""
+        returns, and rebalance callbacks it serves, are held for the next ``poll``. False
+        means not committed: the records come again and are deduplicated."""
         answer: list[bool] = []
         pending = self._send_commit(offsets, lambda _offsets, ok: answer.append(ok))
         deadline = time.monotonic() + self.timeout_s
@@ -483,12 +503,17 @@ class RdKafkaSource:
         self.consumer.unsubscribe()
         self._held.clear()
         self._seeks.clear()
+        self._deliver_deferred()
         deadline = time.monotonic() + self.timeout_s
-        while self._assigned and time.monotonic() < deadline:
-            try:
-                self.consumer.poll(0.05)
-            except ck.KafkaException as e:
-                log.warning("poll while leaving the group failed: %s", e)
+        self._forward = True  # as kafka_io: the loop hears of the revocation in rejoin
+        try:
+            while self._assigned and time.monotonic() < deadline:
+                try:
+                    self.consumer.poll(0.05)
+                except ck.KafkaException as e:
+                    log.warning("poll while leaving the group failed: %s", e)
+        finally:
+            self._forward = False
         self._subscribe()
 
     def close(self) -> None:
