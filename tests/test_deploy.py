@@ -295,7 +295,7 @@ def test_dockerfile_is_slim_cpu_by_default_non_root_and_runs_the_worker():
     assert any(l.startswith("FROM ${BASE}") for l in lines)
     assert any("--index-url" in l and "${TORCH_INDEX_URL}" in l and "${TORCH_SPEC}" in l
                for l in lines)
-    assert any(re.search(r"pip install \"?\.\[data\]\"?", l) for l in lines)
+    assert any(re.search(r"pip install \"?\.\[data,rdkafka\]\"?", l) for l in lines)  # both clients
     users = [l.split()[1] for l in lines if l.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert lines[-2:] == ['ENTRYPOINT ["python", "-m", "worker"]', 'CMD ["run"]']
