@@ -194,6 +194,16 @@ class RdPassThrough:
             "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": False}
         self.producer = ck.Producer({**conf, **producer})
 
+    def join(self, timeout_s: float = 60.0) -> None:
+        """Poll until the group has assigned this member its partitions (a fresh topic: no
+        record can come yet)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.assignment():
+            if time.monotonic() > deadline:
+                raise RuntimeError("pass-through: no assignment")
+            if self.consumer.poll(0.1) is not None:
+                raise RuntimeError("pass-through: a record before the join: not a fresh topic")
+
     def step(self, batch: int, wait_s: float = 0.2) -> int:
         first = self.consumer.poll(wait_s)
         if first is None:

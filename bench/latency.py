@@ -145,6 +145,7 @@ def passthrough(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     if args.client == "confluent":
         pt = common.RdPassThrough(args.bootstrap, args.topic, args.out, args.prefix)
+        pt.join()  # as the worker's /readyz: the group join is not part of the measurement
         print("ready", flush=True)
         done = 0
         while not stop:
@@ -156,6 +157,10 @@ def passthrough(args) -> int:
                             fetch_max_wait_ms=k.fetch_max_wait_ms)
     p = common.producer_for(args.bootstrap, k.linger_ms, batch_size=k.producer_batch_bytes,
                             compression_type=compression(k))
+    deadline = time.monotonic() + 60
+    while not c.assignment() and time.monotonic() < deadline:  # joined, as the worker's /readyz
+        if c.poll(timeout_ms=100):
+            raise RuntimeError("pass-through: a record before the join: not a fresh topic")
     print("ready", flush=True)
     done = 0
     while not stop:
