@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 
@@ -406,6 +407,39 @@ def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broke
         assert f"worker stopped: {len(pairs)} messages" in w.log_text()
     finally:
         w.kill()
+
+
+def test_topics_create_produce_and_tail_with_the_client(broker, names, tmp_path):
+    """The user-side commands with the chosen client: ``topics create`` makes the three
+    topics, ``produce`` publishes a text as a session's chunks (acknowledged), ``tail``
+    follows a topic from the start (here the input: its messages are JSON too)."""
+    import subprocess
+    import sys
+
+    from devtools.launcher import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRU_")}
+        env["GRU_KAFKA__DLQ_TOPIC"] = names["dlq"]
+        return subprocess.run([sys.executable, "-m", "worker", *args, "--bootstrap",
+                               broker.bootstrap, "--kafka-client", names["client"],
+                               "--input-topic", names["in"], "--output-topic", names["out"]],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    made = cli("topics", "create", "--partitions", "3")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.split("\n")[:3] == [f"{names['in']}: created", f"{names['out']}: created",
+                                           f"{names['dlq']}: created"]
+    assert "exists" in cli("topics", "create", "--partitions", "3").stdout
+    text = tmp_path / "doc.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 5)
+    sent = cli("produce", "--file", str(text), "--session-id", "s-1", "--chunk-size", "8")
+    assert sent.returncode == 0 and "produced 6 messages for 1 sessions" in sent.stderr, sent.stderr
+    tailed = cli("tail", "--topic", names["in"], "--json", "--max", "6", "--timeout", "10")
+    assert tailed.returncode == 0, tailed.stderr
+    got = [json.loads(line) for line in tailed.stdout.splitlines()]
+    assert [m["seq"] for m in sorted(got, key=lambda m: m["seq"])] == list(range(6))
+    assert got[-1]["end"] is True and {m["session_id"] for m in got} == {"s-1"}
 
 
 def test_commit_and_close_are_bounded_while_the_coordinator_is_down(kafka_client):
