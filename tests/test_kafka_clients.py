@@ -121,3 +121,28 @@ def test_read_tail_reads_the_last_records_outside_the_group(broker, kafka_client
     finally:
         source.close()
         sink.close()
+
+
+def test_sends_not_acknowledged_in_time_come_back_pending_and_pass_later(kafka_client):
+    """A hung broker: ``wait`` gives up after ``request_timeout_ms`` and returns every send as
+    pending (DependencyError, nothing refused for good); sent again once the broker answers,
+    they are acknowledged."""
+    from worker.errors import DependencyError
+    with Tansu() as own:
+        topic = "pending"
+        own.create_topics([topic], partitions=2)
+        _, sink = build_kafka(settings(own, kafka_client, request_timeout_ms=1500))
+        messages = [Outgoing(topic, f"k{i}".encode(), b"v") for i in range(50)]
+        try:
+            assert sink.wait(sink.send(messages[:5])) == []  # connected, metadata known
+            with own.paused():
+                time.sleep(0.3)
+                t0 = time.monotonic()
+                with pytest.raises(DependencyError) as caught:
+                    sink.wait(sink.send(messages))
+                assert time.monotonic() - t0 < 5
+            assert sorted(m.key for m in caught.value.pending) == sorted(m.key for m in messages)
+            assert caught.value.rejected == []
+            assert sink.wait(sink.send(caught.value.pending)) == []
+        finally:
+            sink.close()
