@@ -159,8 +159,9 @@ class RdKafkaSource:
         self.timeout_s = settings.request_timeout_ms / 1000
         if settings.max_poll_interval_ms < settings.session_timeout_ms:
             log.warning("kafka.max_poll_interval_ms=%d is below kafka.session_timeout_ms=%d, "
-                        "which librdkafka refuses: it is raised to %d", settings.max_poll_interval_ms,
-                        settings.session_timeout_ms, settings.session_timeout_ms)
+                        "which librdkafka refuses: it is raised to %d",
+                        settings.max_poll_interval_ms, settings.session_timeout_ms,
+                        settings.session_timeout_ms)
         conf = {**consumer_config(settings), "on_commit": self._commit_answered,
                 "error_cb": self._client_error}
         self.consumer = _client(ck.Consumer, conf, "consumer")
