@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[data,broker,keras,test]"
+	$(PY) -m pip install -q -e ".[data,broker,keras,rdkafka,test]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -39,7 +39,26 @@ def machine() -> dict:
         kb = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
         info["ram_gib"] = round(kb / 2**20, 1)
     info["loadavg_start"] = os.getloadavg()
+    info["commit"] = revision()
+    with contextlib.suppress(Exception):
+        import confluent_kafka
+        import kafka
+        info["clients"] = {"kafka-python": kafka.__version__,
+                           "confluent-kafka": confluent_kafka.version()[0],
+                           "librdkafka": confluent_kafka.libversion()[0]}
     return info
+
+
+def revision() -> str:
+    """The commit measured (``+dirty`` when the tree has changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 class Cpu:
@@ -149,6 +168,64 @@ def commit_batch(consumer, polled) -> None:
     from kafka.structs import OffsetAndMetadata
     consumer.commit({tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1)
                      for tp, recs in polled.items() if recs})
+
+
+CLIENTS = ("kafka-python", "confluent")
+
+
+class RdPassThrough:
+    """The confluent-kafka (librdkafka) pass-through, with the worker's confluent consumer and
+    producer settings (``worker.rdkafka_io``) unless told otherwise: poll up to ``batch``
+    records (the first waits, the rest are what is already fetched), send each one unchanged,
+    wait for every acknowledgement, commit. ``step`` does one batch and returns its size."""
+
+    def __init__(self, bootstrap: str, topic: str, out: str, group: str,
+                 worker_producer: bool = True, **producer) -> None:
+        import confluent_kafka as ck
+
+        from worker.config import KafkaSettings
+        from worker.rdkafka_io import consumer_config, producer_config
+        k = KafkaSettings(bootstrap_servers=bootstrap, input_topic=topic, group_id=group,
+                          session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS)
+        self.ck, self.out = ck, out
+        self.consumer = ck.Consumer(consumer_config(k))
+        self.consumer.subscribe([topic])
+        conf = producer_config(k, 30.0) if worker_producer else {
+            "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": False}
+        self.producer = ck.Producer({**conf, **producer})
+
+    def join(self, timeout_s: float = 60.0) -> None:
+        """Poll until the group has assigned this member its partitions (a fresh topic: no
+        record can come yet)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.assignment():
+            if time.monotonic() > deadline:
+                raise RuntimeError("pass-through: no assignment")
+            if self.consumer.poll(0.1) is not None:
+                raise RuntimeError("pass-through: a record before the join: not a fresh topic")
+
+    def step(self, batch: int, wait_s: float = 0.2) -> int:
+        first = self.consumer.poll(wait_s)
+        if first is None:
+            return 0
+        msgs = [first, *self.consumer.consume(batch - 1, 0)] if batch > 1 else [first]
+        produce, last = self.producer.produce, {}
+        n = 0
+        for m in msgs:
+            if m.error() is None:
+                produce(self.out, m.value(), m.key())
+                last[(m.topic(), m.partition())] = m.offset()
+                n += 1
+        if self.producer.flush(30):
+            raise RuntimeError("pass-through: sends not acknowledged in 30 s")
+        if last:
+            self.consumer.commit(offsets=[self.ck.TopicPartition(t, p, o + 1)
+                                          for (t, p), o in last.items()], asynchronous=False)
+        return n
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(5)
 
 
 def worker_settings(bench: Bench, model_dir: Path, names: dict, batch: int, max_wait_ms: int,

@@ -23,15 +23,20 @@ For each mode:
    the worker, never for it (no coordinated omission). The first ``--warmup`` seconds of each
    rate are left out. Per-stage p99s and GC pauses come from the worker's /metrics, scraped
    around each rate.
-4. **Floor** (``--floor``, on by default): the same rates through a kafka-python pass-through
-   in the worker's place (its consumer and producer settings, on its CPU when pinned): consume,
-   send each value unchanged, wait for the acknowledgements, commit. What it measures is the
-   broker and the two client hops alone, the least any worker on this broker can show.
+4. **Floor** (``--floor``, on by default): the same rates through a pass-through of the same
+   client in the worker's place (the worker's consumer and producer settings, on its CPU when
+   pinned): consume, send each value unchanged, wait for the acknowledgements, commit. What it
+   measures is the broker and the two client hops alone, the least any worker with that
+   client on this broker can show.
 5. **Variants** (optional): the rates again with a worker started with other settings
    (``--variant nofreeze:GRU_BATCH__GC_FREEZE=false``), each on fresh topics, all at
    fractions of the same max.
 
-Writes bench/results/latency-<date>.json and prints one table per mode and variant.
+Steps 2-5 run for each Kafka client of ``--clients`` (kafka-python and confluent-kafka by
+default), each at fractions of its own max and against its own floor, in one run.
+
+Writes bench/results/latency-<date>.json (the machine and the commit measured included) and
+prints one table per mode, client and variant.
 """
 
 from __future__ import annotations
@@ -131,16 +136,31 @@ def collect(args) -> int:
 
 def passthrough(args) -> int:
     """The floor: consume -> produce unchanged -> wait for acks -> commit, with the worker's
-    client settings (worker.config defaults), until SIGTERM; counts what it forwarded."""
+    client settings (worker.config defaults) for the client ``args.client``, until SIGTERM;
+    counts what it forwarded."""
     from worker.config import KafkaSettings
     from worker.kafka_io import compression
     k = KafkaSettings()
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    if args.client == "confluent":
+        pt = common.RdPassThrough(args.bootstrap, args.topic, args.out, args.prefix)
+        pt.join()  # as the worker's /readyz: the group join is not part of the measurement
+        print("ready", flush=True)
+        done = 0
+        while not stop:
+            done += pt.step(512)
+        pt.close()
+        print(done, flush=True)
+        return 0
     c = common.consumer_for(args.bootstrap, args.topic, args.prefix,
                             fetch_max_wait_ms=k.fetch_max_wait_ms)
     p = common.producer_for(args.bootstrap, k.linger_ms, batch_size=k.producer_batch_bytes,
                             compression_type=compression(k))
+    deadline = time.monotonic() + 60
+    while not c.assignment() and time.monotonic() < deadline:  # joined, as the worker's /readyz
+        if c.poll(timeout_ms=100):
+            raise RuntimeError("pass-through: a record before the join: not a fresh topic")
     print("ready", flush=True)
     done = 0
     while not stop:
@@ -189,7 +209,7 @@ class Rig:
     """A worker process, a collector process and fresh topics for one mode and variant."""
 
     def __init__(self, bench: Bench, model_dir: Path, args, tag: str, env: dict[str, str],
-                 worker_cpus: set[int] | None, workdir: Path) -> None:
+                 worker_cpus: set[int] | None, workdir: Path, client: str = "kafka-python") -> None:
         from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
         self.bench, self.args, self.workdir, self.tag = bench, args, workdir, tag
         self.names = bench.fresh(tag)
@@ -200,7 +220,7 @@ class Rig:
             ["--bootstrap", bench.kafka.bootstrap, "--input-topic", n["in"], "--output-topic", n["out"],
              "--group", n["group"], "--redis-url", bench.redis.url, "--redis-prefix", n["prefix"],
              "--model-dir", str(model_dir), "--threads", "1", "--log-level", "WARNING",
-             *TEST_GROUP_TIMEOUTS],
+             "--kafka-client", client, *TEST_GROUP_TIMEOUTS],
             env={"GRU_KAFKA__DLQ_TOPIC": n["dlq"], **env}, cpus=worker_cpus,
             log_path=workdir / f"{tag}-worker.log").start()
         self.worker.wait_ready(90)
@@ -261,18 +281,18 @@ class Rig:
 
 
 class FloorRig:
-    """``Rig``'s interface with the kafka-python pass-through (``passthrough``) in the worker's
-    place: the same broker, feeder, collector and CPUs, none of the worker's work."""
+    """``Rig``'s interface with the pass-through (``passthrough``) of the client in the
+    worker's place: the same broker, feeder, collector and CPUs, none of the worker's work."""
 
     def __init__(self, bench: Bench, args, tag: str, worker_cpus: set[int] | None,
-                 workdir: Path) -> None:
+                 workdir: Path, client: str = "kafka-python") -> None:
         self.bench, self.args, self.workdir, self.tag = bench, args, workdir, tag
         self.names = n = bench.fresh(tag)
         self.collector_out = workdir / f"{tag}-collected.npz"
         self.collector = start_collector(bench, args, n["out"], self.collector_out)
         self.forwarder = subprocess.Popen(
             [sys.executable, "-m", "bench.latency", "_passthrough", "--bootstrap", bench.kafka.bootstrap,
-             "--topic", n["in"], "--out", n["out"], "--prefix", n["group"]],
+             "--topic", n["in"], "--out", n["out"], "--prefix", n["group"], "--client", client],
             cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
         if worker_cpus:
             os.sched_setaffinity(self.forwarder.pid, worker_cpus)  # before it has threads
@@ -354,82 +374,101 @@ def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
     else:
         worker_cpus = None
     out: dict = {"mode": mode, "worker_cpus": sorted(worker_cpus) if worker_cpus else "any",
-                 "variants": {}}
+                 "clients": {}}
     try:
         with Bench(args.partitions) as bench:
             bench.log(f"[{mode}] tansu {bench.kafka.bootstrap}, redis {bench.redis.url}")
-            peak = None
-            for vname, env in [("default", {})] + [parse_variant(v) for v in args.variant]:
-                if peak is None:
-                    rig = Rig(bench, model_dir, args, f"{mode[:3]}-max", {}, worker_cpus, workdir)
-                    try:
-                        ph = rig.run_phase("max", args.overload, int(args.overload * args.max_seconds),
-                                           100, drain=False)
-                    finally:
-                        rig.close()
-                    peak = sustained_rate(ph["progress"], args.max_seconds)
-                    out["max_msgs_per_s"] = round(peak, 1)
-                    out["max_stages"] = ph["stages"]
-                    out["max_cores"] = ph.get("cores")
-                    bench.log(f"[{mode}] max {peak:.0f} msg/s (sustained under an offered "
-                              f"{args.overload:g} msg/s)")
-                rows = []
-                for ri, frac in enumerate(args.rates):
-                    # Fresh topics per rate: tansu's in-memory log gets slower to fetch from as
-                    # a topic grows, so one rate's backlog would tax the next.
-                    rig = Rig(bench, model_dir, args, f"{mode[:3]}-{vname}-{ri}", env, worker_cpus,
-                              workdir)
-                    try:
-                        rate = frac * peak
-                        count = int(rate * args.seconds)
-                        bench.log(f"[{mode}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for {args.seconds:g} s")
-                        rig.run_phase(f"r{frac:g}", rate, count, 200 + ri)
-                    finally:
-                        collected = rig.close()
-                    for ph in rig.phases:
-                        ph.pop("progress", None)
-                        ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
-                        ph["latency"] = latencies(ph, collected, args.warmup)
-                        rows.append(ph)
-                out["variants"][vname] = {"env": env, "phases": rows}
-            if args.floor:
-                rows = []
-                for ri, frac in enumerate(args.rates):
-                    rig = FloorRig(bench, args, f"{mode[:3]}-floor-{ri}", worker_cpus, workdir)
-                    try:
-                        rate = frac * peak
-                        bench.log(f"[{mode}/floor] {frac:.0%} of max: {rate:.0f} msg/s through the "
-                                  f"pass-through")
-                        rig.run_phase(f"r{frac:g}", rate, int(rate * args.seconds), 200 + ri)
-                    finally:
-                        collected = rig.close()
-                    for ph in rig.phases:
-                        ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
-                        ph["latency"] = latencies(ph, collected, args.warmup)
-                        rows.append(ph)
-                out["floor"] = {"phases": rows}
+            for client in args.clients:
+                out["clients"][client] = run_client(bench, mode, client, args, model_dir,
+                                                    worker_cpus, workdir)
     finally:
         os.sched_setaffinity(0, set(cpus))
     return out
 
 
+def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
+               worker_cpus: set[int] | None, workdir: Path) -> dict:
+    """One client: its worker's max, the rates at fractions of it (each variant), and its own
+    pass-through at the same rates."""
+    out: dict = {"variants": {}}
+    tag = f"{mode[:3]}-{'rd' if client == 'confluent' else 'kp'}"
+    where = f"{mode}/{client}"
+    peak = None
+    for vname, env in [("default", {})] + [parse_variant(v) for v in args.variant]:
+        if peak is None:
+            rig = Rig(bench, model_dir, args, f"{tag}-max", {}, worker_cpus, workdir, client)
+            try:
+                ph = rig.run_phase("max", args.overload, int(args.overload * args.max_seconds),
+                                   100, drain=False)
+            finally:
+                rig.close()
+            peak = sustained_rate(ph["progress"], args.max_seconds)
+            out["max_msgs_per_s"] = round(peak, 1)
+            out["max_stages"] = ph["stages"]
+            out["max_cores"] = ph.get("cores")
+            bench.log(f"[{where}] max {peak:.0f} msg/s (sustained under an offered "
+                      f"{args.overload:g} msg/s)")
+        rows = []
+        for ri, frac in enumerate(args.rates):
+            # Fresh topics per rate: tansu's in-memory log gets slower to fetch from as
+            # a topic grows, so one rate's backlog would tax the next.
+            rig = Rig(bench, model_dir, args, f"{tag}-{vname}-{ri}", env, worker_cpus, workdir,
+                      client)
+            try:
+                rate = frac * peak
+                count = int(rate * args.seconds)
+                bench.log(f"[{where}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for "
+                          f"{args.seconds:g} s")
+                rig.run_phase(f"r{frac:g}", rate, count, 200 + ri)
+            finally:
+                collected = rig.close()
+            for ph in rig.phases:
+                ph.pop("progress", None)
+                ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
+                ph["latency"] = latencies(ph, collected, args.warmup)
+                rows.append(ph)
+        out["variants"][vname] = {"env": env, "phases": rows}
+    if args.floor:
+        rows = []
+        for ri, frac in enumerate(args.rates):
+            rig = FloorRig(bench, args, f"{tag}-floor-{ri}", worker_cpus, workdir, client)
+            try:
+                rate = frac * peak
+                bench.log(f"[{where}/floor] {frac:.0%} of max: {rate:.0f} msg/s through the "
+                          f"pass-through")
+                rig.run_phase(f"r{frac:g}", rate, int(rate * args.seconds), 200 + ri)
+            finally:
+                collected = rig.close()
+            for ph in rig.phases:
+                ph["fraction_of_max"] = round(ph["rate"] / peak, 3)
+                ph["latency"] = latencies(ph, collected, args.warmup)
+                rows.append(ph)
+        out["floor"] = {"phases": rows}
+    return out
+
+
 def print_mode(res: dict) -> None:
-    print(f"\n== {res['mode']} (worker on CPUs {res['worker_cpus']}), max {res['max_msgs_per_s']:.0f} msg/s")
-    floor = {"floor (kafka-python pass-through)": {"env": {}, **res["floor"]}} if "floor" in res else {}
-    for vname, v in {**res["variants"], **floor}.items():
-        print(f"-- variant {vname} {v['env'] or ''}")
-        print(f"{'load':>6} {'msg/s':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}  "
-              f"{'n':>6} {'miss':>4}  per-stage p99 ms (batch, poll, load, engine, store, produce, commit, gc2)")
-        for ph in v["phases"]:
-            if "latency" not in ph:
-                continue
-            lat, st = ph["latency"], ph["stages"]
-            p = lambda k, st=st: f"{st[k]['p99_ms']:.1f}" if k in st else "-"
-            print(f"{ph['fraction_of_max']:>6.0%} {ph['rate']:>7.0f} {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f} "
-                  f"{lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  {lat['samples']:>6} {lat['missing']:>4}  "
-                  f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, {p('redis_write')}, "
-                  f"{p('produce')}, {p('commit')}, {p('gc_gen2')}")
-            print(f"{'':>6} cores: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.get("cores", {}).items()))
+    for client, c in res["clients"].items():
+        print(f"\n== {res['mode']} (worker on CPUs {res['worker_cpus']}), {client}: max "
+              f"{c['max_msgs_per_s']:.0f} msg/s")
+        floor = {f"floor ({client} pass-through)": {"env": {}, **c["floor"]}} if "floor" in c else {}
+        for vname, v in {**c["variants"], **floor}.items():
+            print(f"-- variant {vname} {v['env'] or ''}")
+            print(f"{'load':>6} {'msg/s':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}  "
+                  f"{'n':>6} {'miss':>4}  per-stage p99 ms (batch, poll, load, engine, store, "
+                  f"produce, commit, gc2)")
+            for ph in v["phases"]:
+                if "latency" not in ph:
+                    continue
+                lat, st = ph["latency"], ph["stages"]
+                p = lambda k, st=st: f"{st[k]['p99_ms']:.1f}" if k in st else "-"
+                print(f"{ph['fraction_of_max']:>6.0%} {ph['rate']:>7.0f} {lat['p50_ms']:>7.1f} "
+                      f"{lat['p99_ms']:>7.1f} {lat['p99_9_ms']:>7.1f} {lat['max_ms']:>7.1f}  "
+                      f"{lat['samples']:>6} {lat['missing']:>4}  "
+                      f"{p('batch')}, {p('poll')}, {p('redis_load')}, {p('engine')}, "
+                      f"{p('redis_write')}, {p('produce')}, {p('commit')}, {p('gc_gen2')}")
+                print(f"{'':>6} cores: " + ", ".join(f"{k} {v:.2f}"
+                                                      for k, v in ph.get("cores", {}).items()))
 
 
 def main(argv=None) -> int:
@@ -438,6 +477,7 @@ def main(argv=None) -> int:
         ap = argparse.ArgumentParser()
         for a in ("--bootstrap", "--topic", "--out", "--prefix"):
             ap.add_argument(a)
+        ap.add_argument("--client", default="kafka-python", choices=common.CLIENTS)
         for a in ("--count", "--sessions", "--tokens", "--seed", "--partitions"):
             ap.add_argument(a, type=int, default=0)
         ap.add_argument("--wait-ms", type=int, default=COLLECTOR_FETCH_WAIT_MS)
@@ -465,7 +505,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:ENV=VALUE,... a worker with other settings, at the same rates")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
-                    help="skip the kafka-python pass-through at the same rates")
+                    help="skip each client's pass-through at the same rates")
+    ap.add_argument("--clients", nargs="+", default=list(common.CLIENTS), choices=common.CLIENTS,
+                    help="the worker's Kafka clients, each at fractions of its own max and "
+                         "against its own pass-through")
     ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

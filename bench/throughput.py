@@ -2,23 +2,28 @@
 
 One invocation starts a tansu broker and a private redis-server, then measures, for
 S sessions x K tokens/message, each on a backlog produced before it starts (so each measures
-consume capacity; the group join is excluded):
+consume capacity; the group join is excluded), for each Kafka client (``--clients``,
+kafka-python and confluent-kafka by default), so that each client's worker stands beside its
+own floor in the same run:
 
-  (a)  passthrough  kafka-python consume -> produce, flush + commit per poll batch
-                    (producer linger 2 ms / 16 KiB batches);
+  (a)  passthrough  consume -> produce, flush + commit per poll batch, with the client alone
+                    (producer linger 2 ms; kafka-python's 16 KiB batches);
   (a')              the same with the worker's producer settings (linger, batch bytes and
-                    compression from the worker's defaults);
+                    compression from the worker's defaults; for confluent-kafka the worker's
+                    consumer and producer settings, worker.rdkafka_io);
   (b)  naive        per message: Redis GET, model step (batch 1), Redis SET, produce;
-                    flush + commit per poll batch (a generous naive loop);
-  (c)  worker       the real worker, in-process, for each --batch value. Its per-stage
-                    times come from its own histograms (gru_*_seconds), read from its
-                    registry between the first polled batch and the end.
+                    flush + commit per poll batch (a generous naive loop; kafka-python);
+  (c)  worker       the real worker, in-process, with that client, for each --batch value.
+                    Its per-stage times come from its own histograms (gru_*_seconds), read
+                    from its registry between the first polled batch and the end.
 
 Latency at fixed rates is bench/latency.py.
 
-    .venv/bin/python -m bench.throughput [--sessions 1000] [--tokens 4] [--only abc] ...
+    .venv/bin/python -m bench.throughput [--sessions 1000] [--tokens 4] [--only abc]
+        [--clients kafka-python confluent] ...
 
-Writes bench/results/throughput-<date>.json and prints a table with the ratios.
+Writes bench/results/throughput-<date>.json (the machine and the commit measured included)
+and prints a table per client with the ratios to its own floor.
 """
 
 from __future__ import annotations
@@ -67,6 +72,33 @@ def run_passthrough(bench: Bench, names: dict, n: int, batch: int, linger_ms: in
             "compression": compression,
             "batches": batches, "mean_batch": done / max(batches, 1),
             "cpu": Cpu.usage(cpu0, cpu1, secs, done)}
+
+
+def run_passthrough_rdkafka(bench: Bench, names: dict, n: int, batch: int,
+                           worker_producer: bool) -> dict:
+    """(a) and (a') with confluent-kafka: common.RdPassThrough, timed from the first record."""
+    group = f"pt-{uuid.uuid4().hex[:6]}"
+    pt = common.RdPassThrough(bench.kafka.bootstrap, names["in"], names["out"], group,
+                              worker_producer, **({} if worker_producer else {"linger.ms": 2}))
+    done, t_first, batches, cpu0 = 0, None, 0, {}
+    deadline = time.monotonic() + 120
+    try:
+        while done < n and time.monotonic() < deadline:
+            if t_first is None:
+                got = pt.step(batch)
+                if got:  # the clock starts at the first record; its batch counts
+                    t_first, cpu0 = time.perf_counter(), bench.cpu.snapshot()
+            else:
+                got = pt.step(batch)
+            done += got
+            batches += bool(got)
+        secs = time.perf_counter() - t_first
+        cpu1 = bench.cpu.snapshot()
+    finally:
+        pt.close()
+    return {"messages": done, "seconds": secs, "msgs_per_s": done / secs,
+            "worker_settings": worker_producer, "batches": batches,
+            "mean_batch": done / max(batches, 1), "cpu": Cpu.usage(cpu0, cpu1, secs, done)}
 
 
 # --- (b) naive per-message loop ------------------------------------------------------------
@@ -150,13 +182,14 @@ def run_naive(bench: Bench, names: dict, clf, seconds: float, batch: int) -> dic
 # --- (c) the real worker -------------------------------------------------------------------
 
 def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, max_wait_ms: int,
-               threads: int, target_latency_ms: float | None = None, **settings) -> dict:
+               threads: int, target_latency_ms: float | None = None,
+               client: str = "kafka-python", **settings) -> dict:
     from prometheus_client import CollectorRegistry
 
     from worker.app import build_worker
 
     s = common.worker_settings(bench, model_dir, names, batch, max_wait_ms, threads,
-                               max_messages=n, **settings)
+                               max_messages=n, kafka={"client": client}, **settings)
     if target_latency_ms is not None:
         s.batch.target_latency_ms = target_latency_ms
     app = build_worker(s, CollectorRegistry())
@@ -177,7 +210,7 @@ def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, m
     done = summary.messages - mark["done0"]
     stages = common.stage_report(mark["stages0"], common.stages_snapshot(reg))
     batches = stages.get("batch", {}).get("calls", 0)
-    return {"batch_max_records": batch, "max_wait_ms": max_wait_ms,
+    return {"client": client, "batch_max_records": batch, "max_wait_ms": max_wait_ms,
             "target_latency_ms": s.batch.target_latency_ms, "messages": done,
             "seconds": secs, "msgs_per_s": done / secs, "tokens_per_s": summary.tokens / secs,
             "batches": batches, "mean_batch": done / max(batches, 1), "outcomes": summary.outcomes,
@@ -187,40 +220,51 @@ def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, m
 # --- main ----------------------------------------------------------------------------------
 
 def print_table(res: dict, tokens: int) -> dict:
+    """One table per client: its floor, the naive loop, its worker; ratios to its own floor."""
     R = res["results"]
-    rows = []
-    pt = R.get("passthrough", {}).get("msgs_per_s")
-    pt2 = R.get("passthrough_worker_producer", {}).get("msgs_per_s")
     nv = R.get("naive", {}).get("msgs_per_s")
-    if pt:
-        rows.append(("(a) pass-through consume->produce", pt))
-    if pt2:
-        rows.append(("(a') pass-through, the worker's producer settings", pt2))
-    if nv:
-        rows.append(("(b) naive per-message loop", nv))
-    for r in R.get("worker", []):
-        rows.append((f"(c) worker max_records={r['batch_max_records']} budget="
-                     f"{r.get('target_latency_ms', 0):g}ms (mean batch {r['mean_batch']:.0f})",
-                     r["msgs_per_s"]))
-    print(f"\n{'measurement':<52} {'msgs/s':>9} {'tokens/s':>10}")
-    for name, m in rows:
-        print(f"{name:<52} {m:>9.0f} {m * tokens:>10.0f}")
-    ratios = {}
-    best = max((r["msgs_per_s"] for r in R.get("worker", [])), default=None)
-    if best and nv:
-        ratios["worker_vs_naive"] = best / nv
-    if best and pt:
-        ratios["worker_vs_passthrough"] = best / pt
-    if best and pt2:
-        ratios["worker_vs_passthrough_worker_producer"] = best / pt2
-    print()
-    for k, v in ratios.items():
-        print(f"{k:<32} {v:.2f}")
-    for r in R.get("worker", []):
-        print(f"\nworker max_records={r['batch_max_records']} budget {r.get('target_latency_ms', 0):g} ms: "
-              "stage  mean ms  p99 ms  share of wall")
-        for stage, v in r["stages"].items():
-            print(f"  {stage:<12} {v['mean_ms']:>8.3f} {v['p99_ms']:>7.2f} {v['seconds'] / r['seconds']:>8.1%}")
+    ratios: dict = {}
+    for client, C in R.get("clients", {}).items():
+        rows = []
+        pt = C.get("passthrough", {}).get("msgs_per_s")
+        pt2 = C.get("passthrough_worker_producer", {}).get("msgs_per_s")
+        if pt:
+            rows.append(("(a) pass-through consume->produce", pt, C["passthrough"]))
+        if pt2:
+            rows.append(("(a') pass-through, the worker's settings", pt2,
+                         C["passthrough_worker_producer"]))
+        if nv and client == "kafka-python":
+            rows.append(("(b) naive per-message loop", nv, R["naive"]))
+        for r in C.get("worker", []):
+            rows.append((f"(c) worker max_records={r['batch_max_records']} budget="
+                         f"{r.get('target_latency_ms', 0):g}ms (mean batch {r['mean_batch']:.0f})",
+                         r["msgs_per_s"], r))
+        print(f"\n== {client}\n{'measurement':<58} {'msgs/s':>9} {'tokens/s':>10} "
+              f"{'CPU us/msg':>10}")
+        for name, m, r in rows:
+            cpu = r.get("cpu", {}).get("bench_process", {}).get("cpu_us_per_msg", float("nan"))
+            print(f"{name:<58} {m:>9.0f} {m * tokens:>10.0f} {cpu:>10.1f}")
+        mine = ratios[client] = {}
+        best = max((r["msgs_per_s"] for r in C.get("worker", [])), default=None)
+        if best and nv:
+            mine["worker_vs_naive"] = best / nv
+        if best and pt:
+            mine["worker_vs_passthrough"] = best / pt
+        if best and pt2:
+            mine["worker_vs_passthrough_worker_producer"] = best / pt2
+        for k, v in mine.items():
+            print(f"{k:<40} {v:.2f}")
+        for r in C.get("worker", []):
+            print(f"worker max_records={r['batch_max_records']} budget "
+                  f"{r.get('target_latency_ms', 0):g} ms: stage  mean ms  p99 ms  share of wall")
+            for stage, v in r["stages"].items():
+                print(f"  {stage:<12} {v['mean_ms']:>8.3f} {v['p99_ms']:>7.2f} "
+                      f"{v['seconds'] / r['seconds']:>8.1%}")
+    workers = {c: max((r["msgs_per_s"] for r in C.get("worker", [])), default=None)
+               for c, C in R.get("clients", {}).items()}
+    if workers.get("confluent") and workers.get("kafka-python"):
+        ratios["worker_confluent_vs_kafka_python"] = workers["confluent"] / workers["kafka-python"]
+        print(f"\nworker, confluent / kafka-python: {ratios['worker_confluent_vs_kafka_python']:.2f}")
     return ratios
 
 
@@ -242,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
     ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--only", default="abc", help="subset of measurements, e.g. 'ac'")
+    ap.add_argument("--clients", nargs="+", default=list(common.CLIENTS), choices=common.CLIENTS,
+                    help="Kafka clients for (a), (a') and (c), each against its own floor")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -268,35 +314,47 @@ def main(argv=None) -> int:
             bench.backlog(names, common.stream(args.sessions, args.tokens, n, seed, f"{tag}-", enc))
             return names
 
+        R["clients"] = {c: {} for c in args.clients}
         if "a" in args.only:
-            bench.log("(a) pass-through ...")
-            R["passthrough"] = run_passthrough(bench, backlog("pt", args.passthrough_messages, 1),
-                                               args.passthrough_messages, max(args.batch))
-            bench.log(f"  {R['passthrough']['msgs_per_s']:.0f} msg/s")
-            bench.log("(a') pass-through with the worker's producer settings ...")
             from worker.config import KafkaSettings
             from worker.kafka_io import compression
             k = KafkaSettings()
-            R["passthrough_worker_producer"] = run_passthrough(
-                bench, backlog("ptw", args.passthrough_messages, 1), args.passthrough_messages,
-                max(args.batch), k.linger_ms, k.producer_batch_bytes,
-                compression(k))
-            bench.log(f"  {R['passthrough_worker_producer']['msgs_per_s']:.0f} msg/s")
+            n = args.passthrough_messages
+            for client, C in R["clients"].items():
+                bench.log(f"(a) pass-through, {client} ...")
+                if client == "confluent":
+                    C["passthrough"] = run_passthrough_rdkafka(
+                        bench, backlog("pt", n, 1), n, max(args.batch), worker_producer=False)
+                else:
+                    C["passthrough"] = run_passthrough(bench, backlog("pt", n, 1), n,
+                                                       max(args.batch))
+                bench.log(f"  {C['passthrough']['msgs_per_s']:.0f} msg/s")
+                bench.log(f"(a') pass-through with the worker's settings, {client} ...")
+                if client == "confluent":
+                    C["passthrough_worker_producer"] = run_passthrough_rdkafka(
+                        bench, backlog("ptw", n, 1), n, max(args.batch), worker_producer=True)
+                else:
+                    C["passthrough_worker_producer"] = run_passthrough(
+                        bench, backlog("ptw", n, 1), n, max(args.batch), k.linger_ms,
+                        k.producer_batch_bytes, compression(k))
+                bench.log(f"  {C['passthrough_worker_producer']['msgs_per_s']:.0f} msg/s")
         if "b" in args.only:
             bench.log("(b) naive per-message loop ...")
             names = backlog("nv", int(args.naive_seconds * 1500) + 2000, 2)
             R["naive"] = run_naive(bench, names, clf, args.naive_seconds, 512)
             bench.log(f"  {R['naive']['msgs_per_s']:.0f} msg/s")
         if "c" in args.only:
-            R["worker"] = []
             runs = [(b, t) for b in args.batch for t in args.target_latency_ms]
-            for i, (b, t) in enumerate(runs):
-                bench.log(f"(c) worker batch.max_records={b} target_latency_ms={t} ...")
-                names = backlog(f"w{b}", args.messages, 3 + i)
-                r = run_worker(bench, model_dir, names, args.messages, b, args.max_wait_ms,
-                               args.threads, t)
-                R["worker"].append(r)
-                bench.log(f"  {r['msgs_per_s']:.0f} msg/s, mean batch {r['mean_batch']:.0f}")
+            for client, C in R["clients"].items():
+                C["worker"] = []
+                for i, (b, t) in enumerate(runs):
+                    bench.log(f"(c) worker, {client}, batch.max_records={b} "
+                              f"target_latency_ms={t} ...")
+                    names = backlog(f"w{b}", args.messages, 3 + i)
+                    r = run_worker(bench, model_dir, names, args.messages, b, args.max_wait_ms,
+                                   args.threads, t, client=client)
+                    C["worker"].append(r)
+                    bench.log(f"  {r['msgs_per_s']:.0f} msg/s, mean batch {r['mean_batch']:.0f}")
     res["machine"]["loadavg_end"] = __import__("os").getloadavg()
     res["ratios"] = print_table(res, args.tokens)
     common.write_result("throughput", res, args.out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the image's lock files with uv (pip install uv), pinned with hashes:
 #
-#   deploy/requirements.lock        the worker image: pyproject.toml's dependencies
+#   deploy/requirements.lock        the worker image: pyproject.toml's dependencies and [rdkafka]
 #   deploy/requirements-train.lock  the init image (trains the demo model): those and [data]
 #
 # torch is left out of both: the Dockerfile installs it by exact version (TORCH_SPEC) from
@@ -25,6 +25,6 @@ echo "torch==${torch_version}+cpu" > "$work/torch.txt"
 common=(--quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
         --index-url https://pypi.org/simple --find-links "$wheels" --override "$work/torch.txt"
         --no-emit-package torch --custom-compile-command deploy/lock.sh)
-uv pip compile pyproject.toml "${common[@]}" -o deploy/requirements.lock
-uv pip compile pyproject.toml --extra data "${common[@]}" --constraint deploy/requirements.lock \
+uv pip compile pyproject.toml --extra rdkafka "${common[@]}" -o deploy/requirements.lock
+uv pip compile pyproject.toml --extra data --extra rdkafka "${common[@]}" --constraint deploy/requirements.lock \
   -o deploy/requirements-train.lock

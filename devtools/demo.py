@@ -100,7 +100,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         tansu = Tansu().start()
         stack.append(tansu)
-        _say(f"Kafka: a local tansu broker at {tansu.bootstrap}")
+        _say(f"Kafka: a local tansu broker at {tansu.bootstrap}; the worker's client: "
+             f"{args.kafka_client}")
         redis_url, how = _choose_state(args.redis_url, stack)
         _say(f"state store: {how}")
         if not (model_dir / "config.json").is_file():
@@ -112,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         worker = WorkerProcess(
             ["--bootstrap", tansu.bootstrap, "--redis-url", redis_url, "--model-dir", str(model_dir),
-             *TEST_GROUP_TIMEOUTS, "--log-level", "WARNING"],
+             "--kafka-client", args.kafka_client, *TEST_GROUP_TIMEOUTS, "--log-level", "WARNING"],
             env={"GRU_REDIS__PREFIX": prefix, "GRU_KAFKA__GROUP_ID": f"demo-{os.getpid()}"},
             port=args.metrics_port or None).start()
         worker.wait_ready(timeout=60)
@@ -148,8 +149,9 @@ def run_demo(args: argparse.Namespace) -> int:
         to_reader: list[float] = []  # the worker's send -> received here
         finals: dict[str, dict] = {}
         deadline = time.monotonic() + args.max_seconds
-        for p, worker_sent in follow_records("predictions", {"bootstrap_servers": tansu.bootstrap},
-                                             timeout_s=10):
+        bootstrap = {"confluent": "bootstrap.servers"}.get(args.kafka_client, "bootstrap_servers")
+        for p, worker_sent in follow_records("predictions", {bootstrap: tansu.bootstrap},
+                                             timeout_s=10, client=args.kafka_client):
             key = (p["session_id"], p["seq"])
             if key in sent_at:
                 now, t0 = time.time(), sent_at.pop(key)
@@ -263,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=9108)
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kafka-client", choices=["kafka-python", "confluent"],
+                   default=os.environ.get("GRU_KAFKA__CLIENT", "kafka-python"),
+                   help="the worker's Kafka client, and the one that reads its predictions "
+                   "(GRU_KAFKA__CLIENT)")
     return run_demo(p.parse_args(argv))
 
 

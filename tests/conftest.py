@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,18 @@ def tiny_model_dir_b(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-gru-b")
     train(TrainConfig(**{**TINY, "seed": 1}), out)
     return out
+
+
+# Every broker-backed test runs with each client; TEST_KAFKA_CLIENTS=kafka-python (or
+# confluent) narrows a local run to one of them. CI runs both.
+KAFKA_CLIENTS = os.environ.get("TEST_KAFKA_CLIENTS", "kafka-python,confluent").split(",")
+
+
+@pytest.fixture(params=KAFKA_CLIENTS)
+def kafka_client(request) -> str:
+    """The worker's Kafka client (``kafka.client``): a test that asks for it runs once with
+    each. A test of one client's own workaround pins it with
+    ``@pytest.mark.parametrize("kafka_client", ["kafka-python"])``."""
+    if request.param == "confluent":
+        pytest.importorskip("confluent_kafka")
+    return request.param

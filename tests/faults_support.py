@@ -44,6 +44,7 @@ class WorkerProc(WorkerProcess):
         c = cluster
         super().__init__(
             ["--bootstrap", c.kafka.bootstrap, "--group", c.names["group"],
+             "--kafka-client", c.client,
              "--input-topic", c.names["in"], "--output-topic", c.names["out"],
              "--redis-url", c.redis.url, "--model-dir", str(c.model_dir), *TEST_GROUP_TIMEOUTS,
              *(args or [])],
@@ -70,11 +71,14 @@ class WorkerProc(WorkerProcess):
 
 
 class Cluster:
-    """tansu + a private redis-server (AOF, appendfsync always) + worker subprocesses."""
+    """tansu + a private redis-server (AOF, appendfsync always) + worker subprocesses, whose
+    Kafka client is ``client`` (``kafka.client``). The test's own reads and writes use
+    kafka-python whatever the workers use."""
 
-    def __init__(self, model_dir: Path, partitions: int = 4) -> None:
+    def __init__(self, model_dir: Path, partitions: int = 4, client: str = "kafka-python") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="gru-faults-"))
         self.model_dir = model_dir
+        self.client = client
         self.names = unique_names()
         self.workers: list[WorkerProc] = []
         self.kafka = Tansu()

@@ -125,6 +125,7 @@ def test_redis_memory_per_session_on_a_cluster_is_what_the_plan_predicts(
     port = two_free_ports()
     sup = WorkerProcess(
         ["--processes", "2", "--bootstrap", broker.bootstrap, "--group", names["group"],
+         "--kafka-client", names["client"],
          "--redis-url", redis_cluster.url, "--model-dir", str(tiny_model_dir),
          *TEST_GROUP_TIMEOUTS], port=port,
         env={"GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],

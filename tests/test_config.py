@@ -53,7 +53,7 @@ def test_every_flag_reaches_its_setting(monkeypatch):
     import worker.__main__ as cli
     seen = {}
     monkeypatch.setattr(cli, "cmd_run", lambda args: seen.setdefault("s", cli.settings_from_args(args)) and 0)
-    values = {"--bootstrap": "k:1", "--input-topic": "a", "--output-topic": "b", "--group": "g1",
+    values = {"--bootstrap": "k:1", "--kafka-client": "confluent", "--input-topic": "a", "--output-topic": "b", "--group": "g1",
               "--session-timeout-ms": "7000", "--heartbeat-interval-ms": "1000",
               "--redis-url": "memory", "--redis-prefix": "p1", "--state-dtype": "float16",
               "--model-dir": "/m", "--device": "auto", "--threads": "3", "--dtype": "float16",
@@ -68,7 +68,8 @@ def test_every_flag_reaches_its_setting(monkeypatch):
     s: Settings = seen["s"]
     got = {i.flag: s.model_dump()[i.path[0]] if len(i.path) == 1 else
            s.model_dump()[i.path[0]][i.path[1]] for i in settings_info() if i.flag}
-    assert got == {"--bootstrap": "k:1", "--input-topic": "a", "--output-topic": "b",
+    assert got == {"--bootstrap": "k:1", "--kafka-client": "confluent", "--input-topic": "a",
+                   "--output-topic": "b",
                    "--group": "g1", "--session-timeout-ms": 7000, "--heartbeat-interval-ms": 1000,
                    "--redis-url": "memory", "--redis-prefix": "p1", "--state-dtype": "float16",
                    "--model-dir": Path("/m"), "--device": "auto", "--threads": 3,

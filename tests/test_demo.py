@@ -14,12 +14,26 @@ def _tansu_pids() -> set[str]:
     return set(out.split())
 
 
-def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_dir):
+def _orphaned(pids: set[str]) -> set[str]:
+    """Those of ``pids`` left without their parent (re-parented to init): what a demo that
+    did not clean up leaves. A broker whose parent lives belongs to someone else's run."""
+    left = set()
+    for pid in pids:
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone
+        if ppid == 1:
+            left.add(pid)
+    return left
+
+
+def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_dir, kafka_client):
     before = _tansu_pids()
     proc = subprocess.run(
         [sys.executable, "-m", "devtools.demo", "--model-dir", str(tiny_model_dir),
          "--sessions", "8", "--max-tokens", "120", "--max-seconds", "60", "--rate", "300",
-         "--metrics-port", "0"],
+         "--metrics-port", "0", "--kafka-client", kafka_client],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     m = re.search(r"summary: (\d+)/(\d+) sessions finished, final accuracy ([0-9.]+) .*"
@@ -39,7 +53,8 @@ def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_di
     assert re.search(r"model quality \w+: mean confidence 0\.\d+, mean tokens until the final "
                      r"label was first reached \d", proc.stdout), proc.stdout
     assert "state store:" in proc.stderr and "Kafka: a local tansu broker" in proc.stderr
-    assert _tansu_pids() <= before
+    assert f"the worker's client: {kafka_client}" in proc.stderr
+    assert not _orphaned(_tansu_pids() - before)
 
 
 def test_follow_waits_5_ms_per_fetch_unless_told(monkeypatch):

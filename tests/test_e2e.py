@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 
@@ -26,7 +27,7 @@ from devtools.services import Tansu
 from worker.codec import decode_state
 from worker.state import Keys
 
-from .streams import bbc_sessions, interleave
+from .streams import assert_exact, bbc_sessions, interleave
 
 pytestmark = pytest.mark.services
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,11 +40,13 @@ def broker():
 
 
 @pytest.fixture
-def names():
-    """Unique topics, group and Redis prefix per test; the prefix's keys are removed after."""
+def names(kafka_client):
+    """Unique topics, group and Redis prefix per test; the prefix's keys are removed after.
+    ``client``: the worker's Kafka client (``settings_for`` and the CLI tests pass it on), so
+    every test that takes ``names`` runs with each client."""
     tag = uuid.uuid4().hex[:8]
     n = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}",
-         "prefix": f"test-{tag}"}
+         "prefix": f"test-{tag}", "client": kafka_client}
     yield n
     client = redis.Redis.from_url(REDIS_URL)
     keys = list(client.scan_iter(f"{n['prefix']}:*"))
@@ -55,7 +58,7 @@ def settings_for(broker, names, model_dir, **extra) -> Settings:
     s = {"kafka": {"bootstrap_servers": broker.bootstrap, "input_topic": names["in"],
                    "output_topic": names["out"], "dlq_topic": names["dlq"],
                    "group_id": names["group"], "session_timeout_ms": 6000,
-                   "heartbeat_interval_ms": 1000},
+                   "heartbeat_interval_ms": 1000, "client": names["client"]},
          "redis": {"url": REDIS_URL, "prefix": names["prefix"]},
          "model": {"dir": model_dir, "threads": 1},
          "metrics": {"host": "127.0.0.1", "port": 0},
@@ -260,9 +263,99 @@ def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_mod
     assert read_topic(broker, names["out"]) == []
 
 
+def publish_to(broker, topic, pairs, partition):
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
+    for key, value in pairs:
+        p.send(topic, key=key, value=value, partition=partition)
+    p.flush()
+    p.close()
+
+
+def test_a_partition_that_moves_is_claimed_afresh_and_the_zombie_is_fenced(broker, names,
+                                                                          tiny_model_dir):
+    """Fencing and claims with each client's rebalance protocol (eager, both). A holds both
+    partitions and polled records, then stalls past its poll interval and is out of the
+    group; B is given both and claims them (token 2); A wakes and writes its records with
+    token 1: refused, nothing of it lands, and it rejoins. Then A and B share the group: each
+    partition is claimed afresh (token 3) by the member it now belongs to, and the input
+    that follows is applied once."""
+    clf = model.load(tiny_model_dir)
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
+    first = [bbc_sessions(2, seed=60 + p, max_tokens=40, prefix=f"f{p}-") for p in (0, 1)]
+    for p in (0, 1):
+        publish_to(broker, names["in"], interleave(first[p], seed=60), p)
+    settings = settings_for(broker, names, tiny_model_dir,
+                            kafka={"max_poll_interval_ms": 6000}, idle_exit_s=60.0)
+    tokens = lambda w: {tp[1]: t.split(":")[0] for tp, t in w.epochs.items()}  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(stepped_worker(settings))
+        wa = a.worker
+        held: list = []
+        deadline = time.monotonic() + 30
+        while len({r.partition for r in held}) < 2 and time.monotonic() < deadline:
+            held += wa.source.poll(500, 200)
+        wa.process([])  # claims both partitions: token 1
+        assert tokens(wa) == {0: "1", 1: "1"} and {r.partition for r in held} == {0, 1}
+        # A stalls with its records until its poll interval has passed and its client has
+        # left the group; B joins and is given both partitions. (B joining while A is still
+        # a member wedges tansu 0.6.0's coordinator: see docs/reliability.md.)
+        time.sleep(settings.kafka.max_poll_interval_ms / 1000 + 1.5)
+        # (made only now: librdkafka joins the group as soon as it subscribes, polled or not)
+        b = stack.enter_context(stepped_worker(settings))
+        wb = b.worker
+        n_first = sum(len(interleave(f, seed=60)) for f in first)
+        deadline = time.monotonic() + 40
+        while wb.summary.messages < n_first and time.monotonic() < deadline:
+            wb.run_once()
+        wb.settle()
+        assert tokens(wb) == {0: "2", 1: "2"}
+        b_states = _states(names)
+        assert len(b_states) == 4  # B applied everything (the group had committed nothing)
+        wa.process(held)  # A wakes up with token 1
+        wa.settle()
+        assert wa.summary.outcomes["fenced"] == len(held) and wa.summary.outcomes["ok"] == 0
+        assert a.registry.get_sample_value("gru_fenced_partitions_total") == 2
+        assert _states(names) == b_states
+        # A has rejoined: the group gives each one partition; each claims it afresh.
+        deadline = time.monotonic() + 40
+        while not (len(wa.owned) == len(wb.owned) == 1 and not wa.unclaimed
+                   and not wb.unclaimed) and time.monotonic() < deadline:
+            wa.run_once()
+            wb.run_once()
+        assert len(wa.owned) == len(wb.owned) == 1, (wa.owned, wb.owned)
+        assert set(tokens(wa).values()) == set(tokens(wb).values()) == {"3"}
+        more = [bbc_sessions(2, seed=70 + p, max_tokens=40, prefix=f"m{p}-") for p in (0, 1)]
+        for p in (0, 1):
+            publish_to(broker, names["in"], interleave(more[p], seed=70), p)
+        want = sum(len(interleave(m, seed=70)) for m in more)
+        deadline = time.monotonic() + 30
+        while (wa.summary.outcomes["ok"] + wb.summary.outcomes["ok"]
+               < want + n_first
+               and time.monotonic() < deadline):
+            wa.run_once()
+            wb.run_once()
+        wa.settle()
+        wb.settle()
+    assert wa.summary.outcomes["ok"] > 0 and wb.summary.outcomes["ok"] > 0
+    preds = read_topic(broker, names["out"])
+    sessions = [s for group in first + more for s in group]
+    assert_exact(clf, sessions, preds)
+    assert sorted({(p["session_id"], p["seq"]) for p in preds}) == sorted(
+        (json.loads(v)["session_id"], json.loads(v)["seq"])
+        for group in first + more for k, v in interleave(group, seed=0))
+
+
+def _states(names) -> dict[bytes, bytes]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return {k: client.get(k) for k in client.scan_iter(f"{names['prefix']}:*") if b":s:" in k}
+    finally:
+        client.close()
+
+
 def test_an_asynchronous_commit_lands_without_a_waiting_one(broker, names, tiny_model_dir):
-    """kafka-python's commit_async through KafkaSource: the answer arrives during later polls,
-    and the group's committed offset has moved before any commit that waits."""
+    """The client's asynchronous commit through the Source: the answer arrives during later
+    polls, and the group's committed offset has moved before any commit that waits."""
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
     sessions = bbc_sessions(3, seed=15, max_tokens=60)
     publish(broker, names["in"], interleave(sessions, seed=15))
@@ -293,8 +386,8 @@ def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broke
     sessions = bbc_sessions(6, seed=15, max_tokens=60)
     pairs = interleave(sessions, seed=15)
     w = WorkerProcess(
-        ["--bootstrap", broker.bootstrap, "--group", names["group"],
-         "--model-dir", str(tiny_model_dir), *TEST_GROUP_TIMEOUTS],
+        ["--bootstrap", broker.bootstrap, "--group", names["group"], "--kafka-client",
+         names["client"], "--model-dir", str(tiny_model_dir), *TEST_GROUP_TIMEOUTS],
         env={"GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
              "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__PREFIX": names["prefix"],
              "GRU_MODEL__THREADS": "1"}).start()
@@ -318,16 +411,52 @@ def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broke
         w.kill()
 
 
-def test_commit_and_close_are_bounded_while_the_coordinator_is_down(tiny_model_dir):
+def test_topics_create_produce_and_tail_with_the_client(broker, names, tmp_path):
+    """The user-side commands with the chosen client: ``topics create`` makes the three
+    topics, ``produce`` publishes a text as a session's chunks (acknowledged), ``tail``
+    follows a topic from the start (here the input: its messages are JSON too)."""
+    import subprocess
+    import sys
+
+    from devtools.launcher import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRU_")}
+        env["GRU_KAFKA__DLQ_TOPIC"] = names["dlq"]
+        return subprocess.run([sys.executable, "-m", "worker", *args, "--bootstrap",
+                               broker.bootstrap, "--kafka-client", names["client"],
+                               "--input-topic", names["in"], "--output-topic", names["out"]],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    made = cli("topics", "create", "--partitions", "3")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.split("\n")[:3] == [f"{names['in']}: created", f"{names['out']}: created",
+                                           f"{names['dlq']}: created"]
+    assert "exists" in cli("topics", "create", "--partitions", "3").stdout
+    text = tmp_path / "doc.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 5)
+    sent = cli("produce", "--file", str(text), "--session-id", "s-1", "--chunk-size", "8")
+    assert sent.returncode == 0 and "produced 6 messages for 1 sessions" in sent.stderr, sent.stderr
+    tailed = cli("tail", "--topic", names["in"], "--json", "--max", "6", "--timeout", "10")
+    assert tailed.returncode == 0, tailed.stderr
+    got = [json.loads(line) for line in tailed.stdout.splitlines()]
+    assert [m["seq"] for m in sorted(got, key=lambda m: m["seq"])] == list(range(6))
+    assert got[-1]["end"] is True and {m["session_id"] for m in got} == {"s-1"}
+
+
+def test_commit_and_close_are_bounded_while_the_coordinator_is_down(kafka_client):
     """kafka-python's commit waits up to request_timeout_ms, 305 s by default for a consumer:
-    a coordinator outage held the worker that long, SIGTERM included."""
+    a coordinator outage held the worker that long, SIGTERM included. librdkafka's
+    synchronous commit and its close wait for ever."""
+    from worker.app import build_kafka
     from worker.config import KafkaSettings
-    from worker.kafka_io import KafkaSource
     with Tansu() as own:
         own.create_topics(["bounded"], partitions=1)
-        src = KafkaSource(KafkaSettings(bootstrap_servers=own.bootstrap, input_topic="bounded",
-                                        group_id="g-bounded", session_timeout_ms=6000,
-                                        heartbeat_interval_ms=1000, request_timeout_ms=2000))
+        src, sink = build_kafka(KafkaSettings(
+            bootstrap_servers=own.bootstrap, input_topic="bounded", group_id="g-bounded",
+            session_timeout_ms=6000, heartbeat_interval_ms=1000, request_timeout_ms=2000,
+            client=kafka_client))
+        sink.close()
         assigned = []
         src.bind(lambda tps: assigned.extend(tps), lambda tps: None)
         deadline = time.monotonic() + 30

@@ -56,6 +56,7 @@ def test_two_processes_share_the_partitions_and_stop_on_sigterm(broker, names, t
     log = Path(tempfile.mkdtemp()) / "supervisor.log"
     sup = WorkerProcess(
         ["--processes", "2", "--bootstrap", broker.bootstrap, "--group", names["group"],
+         "--kafka-client", names["client"],
          "--model-dir", str(tiny_model_dir), *TEST_GROUP_TIMEOUTS], port=port, log_path=log,
         env={"GRU_KAFKA__INPUT_TOPIC": names["in"], "GRU_KAFKA__OUTPUT_TOPIC": names["out"],
              "GRU_KAFKA__DLQ_TOPIC": names["dlq"], "GRU_REDIS__URL": "redis://127.0.0.1:6379/0",

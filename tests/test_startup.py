@@ -136,6 +136,41 @@ def test_kafka_sasl_ssl_settings_reach_the_clients(monkeypatch):
     assert opts["ssl_cafile"] == "/etc/ca.pem"
 
 
+def test_kafka_sasl_ssl_settings_reach_librdkafka_under_its_names(monkeypatch):
+    """The same GRU_KAFKA__* settings configure confluent-kafka: every consumer, producer and
+    admin client the confluent adapter makes starts from this mapping."""
+    pytest.importorskip("confluent_kafka")
+    from worker.config import Settings
+    from worker.rdkafka_io import client_config, consumer_config, producer_config
+
+    for k, v in {"GRU_KAFKA__CLIENT": "confluent", "GRU_KAFKA__BOOTSTRAP_SERVERS": "k1:9093,k2:9093",
+                 "GRU_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+                 "GRU_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+                 "GRU_KAFKA__SASL_PLAIN_USERNAME": "gru", "GRU_KAFKA__SASL_PLAIN_PASSWORD": "pw",
+                 "GRU_KAFKA__SSL_CAFILE": "/etc/ca.pem", "GRU_KAFKA__SSL_CERTFILE": "/etc/c.pem",
+                 "GRU_KAFKA__SSL_KEYFILE": "/etc/c.key"}.items():
+        monkeypatch.setenv(k, v)
+    k = Settings().kafka
+    assert k.client == "confluent"
+    conf = client_config(k)
+    assert conf == {"bootstrap.servers": "k1:9093,k2:9093", "client.id": "gru-worker",
+                    "security.protocol": "sasl_ssl", "sasl.mechanism": "SCRAM-SHA-512",
+                    "sasl.username": "gru", "sasl.password": "pw",
+                    "ssl.ca.location": "/etc/ca.pem", "ssl.certificate.location": "/etc/c.pem",
+                    "ssl.key.location": "/etc/c.key"}
+    for full in (consumer_config(k), producer_config(k, 30.0)):
+        assert conf.items() <= full.items()
+    # librdkafka checks them when a client is made (nothing is contacted yet): a CA file that
+    # is not there never heals, and ends the worker with one line naming the setting
+    from worker.rdkafka_io import RdKafkaSink
+    with pytest.raises(SystemExit, match="GRU_KAFKA__SSL_CAFILE"):
+        RdKafkaSink(k)
+    from worker.config import KafkaSettings
+    plain = KafkaSettings(client="confluent")  # the defaults, not the environment
+    assert client_config(plain) == {"bootstrap.servers": "127.0.0.1:9092",
+                                    "client.id": "gru-worker", "security.protocol": "plaintext"}
+
+
 # --- the dependencies, checked before the group is joined -------------------------------------
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,16 @@ from prometheus_client import CollectorRegistry
 import model as model_pkg
 from model.artifact import ArtifactError
 
-from .config import CLUSTER_SCHEMES, Settings
+from .config import CLUSTER_SCHEMES, KafkaSettings, Settings
 from .engine import Engine
 from .failures import redis_address
 from .health import DependencyHealth, ready_gauge, watched
-from .kafka_io import KafkaSink, KafkaSource, ensure_checkpoint_topic, missing_codecs
+from .kafka_io import ensure_checkpoint_topic
 from .loop import Worker
 from .metrics import HealthServer, Metrics, quiet_gc, watch_gc
 from .models import DrainWatcher, ModelSet, ServedModel
 from .output import OutputPolicy
-from .ports import StateStore
+from .ports import Sink, Source, StateStore
 from .preflight import StartupError, check_kafka, check_redis, port_error
 from .state import Keys, MemoryStateStore, RedisStateStore
 
@@ -68,6 +68,21 @@ def build_store(settings: Settings, model_id: str) -> StateStore:
                 settings.state.namespace or settings.kafka.group_id,
                 cluster=settings.redis.cluster)
     return RedisStateStore(redis_client(settings), keys)
+
+
+def build_kafka(settings: KafkaSettings) -> tuple[Source, Sink]:
+    """The consumer-group source and the acknowledged sink of the client ``kafka.client``
+    names: kafka-python (worker.kafka_io) or confluent-kafka (worker.rdkafka_io)."""
+    if settings.client == "confluent":
+        from .rdkafka_io import RdKafkaSink, RdKafkaSource
+        return RdKafkaSource(settings), RdKafkaSink(settings)
+    from .kafka_io import KafkaSink, KafkaSource, missing_codecs
+    missing = missing_codecs()
+    if missing:
+        log.error("kafka-python cannot decode %s: input compressed with them will stall its "
+                  "partition (gru_undecodable_batches_total). Install the project's "
+                  "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
+    return KafkaSource(settings), KafkaSink(settings)
 
 
 @dataclass
@@ -148,11 +163,6 @@ def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer
             previous = ServedModel(old.model_id, build_engine(settings, old, device),
                                    tuple(old.labels), old.encode, len(old.vocab),
                                    tuple(old.vocab.itos), device)
-    missing = missing_codecs()
-    if missing:
-        log.error("kafka-python cannot decode %s: input compressed with them will stall its "
-                  "partition (gru_undecodable_batches_total). Install the project's "
-                  "dependencies: pip install python-snappy lz4 zstandard", ", ".join(missing))
     # The dependencies, checked before the group is joined: what cannot heal ends start-up
     # with one line naming it; what may heal is waited for up to startup_timeout_s.
     k = settings.kafka
@@ -166,9 +176,9 @@ def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer
         metrics.undeliverable.labels(topic)  # every known label value starts at zero
     store = watched(build_store(settings, clf.model_id), "redis", dependencies)
     ensure_checkpoint_topic(k)
-    source = KafkaSource(k)
+    source, sink = build_kafka(k)
     # A send only buffers: acknowledgements (wait) say Kafka is back, not sends.
-    sink = watched(KafkaSink(k), "kafka", dependencies, successes=("wait", "deliver"))
+    sink = watched(sink, "kafka", dependencies, successes=("wait", "deliver"))
     current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),
                           tuple(clf.vocab.itos), device)
     models = ModelSet(current, previous, settings.limits, metrics)

@@ -64,17 +64,23 @@ def dataset_sessions(split_name: str, n: int, model_dir: Path | None, seed: int,
              tokenize(docs[doc_id].text)[:max_tokens]) for doc_id in chosen]
 
 
-def _producer(client_options: dict, timeout_s: float = 30.0):
-    """A producer, or ``StartupError`` with one line when no broker answers in time."""
-    from kafka import KafkaProducer
+def _sink(settings):
+    """The worker's acknowledged sink of the client ``kafka.client`` names: messages are
+    published as the worker publishes its own (acks=all, the key hash of Java's client)."""
+    if settings.client == "confluent":
+        from .rdkafka_io import RdKafkaSink
+        return RdKafkaSink(settings)
+    from .kafka_io import KafkaSink
+    return KafkaSink(settings)
 
+
+def _bounded_sink(settings, timeout_s: float):
+    """``_sink``, or ``StartupError`` with one line when no broker answers in time."""
     from .preflight import kafka_error
     try:
-        return KafkaProducer(acks="all", linger_ms=5,
-                             bootstrap_timeout_ms=max(1, int(timeout_s * 1000)),
-                             **client_options)
+        return _sink(settings)
     except Exception as e:  # noqa: BLE001 - one line instead of a traceback
-        raise kafka_error(",".join(client_options["bootstrap_servers"]), e, timeout_s) from None
+        raise kafka_error(settings.bootstrap_servers, e, timeout_s) from None
 
 
 class SendProgress:
@@ -144,23 +150,54 @@ def cmd_produce(args: argparse.Namespace, settings_from_args: Callable) -> int:
         sid = args.session_id or "session-1"
         streams = [chunk_messages(sid, tokenize(text)[:args.max_tokens], args.chunk_size,
                                   args.seq, args.end)]
-    producer = _producer(k.client_options(), settings.startup_timeout_s)
-    sent, t0 = 0, time.monotonic()
-    with SendProgress(sum(len(s) for s in streams)) as progress:
+    from collections import deque
+
+    from .errors import DependencyError
+    from .ports import Outgoing
+    sink = _bounded_sink(k, settings.startup_timeout_s)
+    in_flight: deque = deque()  # sends not yet awaited, oldest first
+    chunk: list = []
+    sent = failed = 0
+    t0 = time.monotonic()
+
+    def settle(keep: int) -> None:
+        nonlocal failed
+        while len(in_flight) > keep:
+            sending = in_flight.popleft()
+            try:
+                refused = sink.wait(sending)
+            except DependencyError as e:
+                refused = e.rejected
+                failed += len(e.pending or [])
+            for m, why in refused:
+                print(f"refused: {m.key!r}: {why}", file=sys.stderr)
+            failed += len(refused)
+
+    progress = SendProgress(sum(len(st) for st in streams)).__enter__()
+    try:
         for msg in interleave(streams, args.seed):
-            producer.send(k.input_topic, key=msg["session_id"].encode(),
-                          value=json.dumps(msg).encode())
-            sent += 1
             progress.sent()
+            chunk.append(Outgoing(k.input_topic, msg["session_id"].encode(),
+                                  json.dumps(msg).encode()))
+            sent += 1
+            if args.rate or len(chunk) >= 1000:  # paced: each message as it is due
+                in_flight.append(sink.send(chunk))
+                chunk = []
+                settle(keep=1000 if args.rate else 10)
             if args.rate:
                 delay = t0 + sent / args.rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-        producer.flush()
-    producer.close()
-    print(f"produced {sent} messages for {len(streams)} sessions to {k.input_topic} "
-          f"in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-    return 0
+        if chunk:
+            in_flight.append(sink.send(chunk))
+        settle(keep=0)
+    finally:
+        progress.__exit__(None, None, None)
+        sink.close()
+    print(f"produced {sent - failed} messages for {len(streams)} sessions to {k.input_topic} "
+          f"in {time.monotonic() - t0:.1f}s" + (f"; {failed} not acknowledged" if failed else ""),
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def format_prediction(p: dict) -> str:
@@ -178,18 +215,62 @@ class Followed(NamedTuple):
 
 
 def follow(topic: str, client_options: dict, from_beginning: bool = True,
-           timeout_s: float | None = None) -> Iterator[dict]:
+           timeout_s: float | None = None, client: str = "kafka-python") -> Iterator[dict]:
     """Yield decoded predictions from ``topic`` (all partitions, no consumer group).
-    ``client_options`` carries ``bootstrap_servers`` and any security settings, and may
-    override the consumer's settings. The fetch wait is 5 ms: with 20, the hop from the
-    worker's send to this consumer took about 3 ms more at p50 in ``make demo``
-    (docs/latency.md)."""
-    return (f.prediction for f in follow_records(topic, client_options, from_beginning, timeout_s))
+    ``client_options`` carries the bootstrap servers and any security settings in the names
+    of ``client`` (kafka-python's ``bootstrap_servers``, librdkafka's ``bootstrap.servers``:
+    ``KafkaSettings.client_options()`` or ``rdkafka_io.client_config``), and may override the
+    consumer's settings. The fetch wait is 5 ms: with 20, the hop from the worker's send to
+    this consumer took about 3 ms more at p50 in ``make demo`` (docs/latency.md)."""
+    return (f.prediction for f in follow_records(topic, client_options, from_beginning,
+                                                 timeout_s, client))
 
 
 def follow_records(topic: str, client_options: dict, from_beginning: bool = True,
-                   timeout_s: float | None = None) -> Iterator[Followed]:
+                   timeout_s: float | None = None,
+                   client: str = "kafka-python") -> Iterator[Followed]:
     """``follow``, with each prediction's record timestamp (``Followed.sent_at``)."""
+    if client == "confluent":
+        return _follow_rdkafka(topic, client_options, from_beginning, timeout_s)
+    return _follow_kafka_python(topic, client_options, from_beginning, timeout_s)
+
+
+def _follow_rdkafka(topic: str, config: dict, from_beginning: bool,
+                    timeout_s: float | None) -> Iterator[Followed]:
+    import confluent_kafka as ck
+    # A group id is required, but this consumer is assigned, never subscribed: it joins no
+    # group and commits nothing.
+    consumer = ck.Consumer({"group.id": "gru-tail", "enable.auto.commit": False,
+                            "fetch.wait.max.ms": 5, **config})
+    try:
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        parts = None
+        while not parts:
+            meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+            parts = meta.partitions if meta is not None and meta.error is None else None
+            if not parts:
+                if deadline and time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
+        start = ck.OFFSET_BEGINNING if from_beginning else ck.OFFSET_END
+        consumer.assign([ck.TopicPartition(topic, p, start) for p in sorted(parts)])
+        idle_since = time.monotonic()
+        while True:
+            first = consumer.poll(0.2)  # returns at the first record; then take what is queued
+            if first is None:
+                if timeout_s and time.monotonic() - idle_since > timeout_s:
+                    return
+                continue
+            for m in [first, *consumer.consume(500, 0)]:
+                if m.error() is None:
+                    idle_since = time.monotonic()
+                    yield Followed(json.loads(m.value()), m.timestamp()[1] / 1000)
+    finally:
+        consumer.close()
+
+
+def _follow_kafka_python(topic: str, client_options: dict, from_beginning: bool,
+                         timeout_s: float | None) -> Iterator[Followed]:
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
     consumer = KafkaConsumer(**{"enable_auto_commit": False, "fetch_max_wait_ms": 5,
@@ -223,9 +304,14 @@ def cmd_tail(args: argparse.Namespace, settings_from_args: Callable) -> int:
     settings = settings_from_args(args)
     k = settings.kafka
     n = 0
+    if k.client == "confluent":
+        from .rdkafka_io import client_config
+        options = client_config(k)
+    else:
+        options = k.client_options()
     try:
-        for p in follow(args.topic or k.output_topic, k.client_options(),
-                        not args.latest, args.timeout):
+        for p in follow(args.topic or k.output_topic, options, not args.latest, args.timeout,
+                        k.client):
             print(json.dumps(p) if args.json else format_prediction(p), flush=True)
             n += 1
             if args.max and n >= args.max:

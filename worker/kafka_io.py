@@ -399,6 +399,8 @@ class KafkaSink:
                                                           partition=m.partition)))
             except PERMANENT_SEND_ERRORS as e:
                 out.rejected.append((m, repr(e)))
+            except ValueError as e:  # Outgoing.partition names a partition the topic lacks
+                out.rejected.append((m, repr(e)))
             except kerr.KafkaError as e:  # the client is wedged or closed: retry the rest
                 out.unsent += messages[i:]
                 out.error = e
