@@ -67,13 +67,13 @@ class Lineage:
     ``live``: when sessions expire (event time, ms, rounded up to a bucket) -> the lowest
     first offset among them: a bounded summary whose minimum over unexpired buckets is the
     first offset of the oldest session whose state (or tombstone) still matters.
-    ``skips``: (offset, wall ms) of offsets the group was moved to past records never
-    applied. ``models``: (model id, the offset from which it began new sessions), newest first.
+    ``skips``: (first, end, wall ms) of offset ranges the group was moved past, never
+    applied (an operator's reset): a replay must jump them as the live run did. ``models``: (model id, the offset from which it began new sessions), newest first.
     """
 
     bucket_ms: int
     live: dict[int, int] = field(default_factory=dict)
-    skips: list[tuple[int, int]] = field(default_factory=list)
+    skips: list[tuple[int, int, int]] = field(default_factory=list)
     models: list[tuple[str, int]] = field(default_factory=list)
 
     def note(self, start_offset: int, expires_ms: int) -> None:
@@ -88,7 +88,7 @@ class Lineage:
         TTL: every session live at them has since been written again or expired."""
         cutoff = now_ms - self.bucket_ms
         self.live = {k: v for k, v in self.live.items() if k >= cutoff}
-        self.skips = [(o, at) for o, at in self.skips if at >= now_ms - ttl_ms]
+        self.skips = [(a, b, at) for a, b, at in self.skips if at >= now_ms - ttl_ms]
 
     def replay_from(self, now_ms: int) -> int | None:
         """The first offset of the oldest session that may still live (None: none)."""
@@ -97,7 +97,11 @@ class Lineage:
 
     def skipped_below(self) -> int:
         """The highest offset an operator moved the group to, still within the TTL (-1)."""
-        return max((o for o, _ in self.skips), default=-1)
+        return max((b for _, b, _ in self.skips), default=-1)
+
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The skipped ranges that overlap ``[start, end)``, in order."""
+        return sorted((a, b) for a, b, _ in self.skips if a < end and b > start)
 
     def serving(self, current: str, previous: str | None, resume: int) -> int:
         """Note that ``current`` serves new sessions from ``resume`` on unless it already
@@ -129,7 +133,7 @@ class Lineage:
                 return None
             return int(d["offset"]), cls(int(d["bucket_ms"]),
                                          {int(k): int(v) for k, v in d["live"]},
-                                         [(int(o), int(a)) for o, a in d["skips"]],
+                                         [(int(a), int(b), int(t)) for a, b, t in d["skips"]],
                                          [(str(m), int(o)) for m, o in d["models"]])
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

@@ -293,7 +293,7 @@ class Engine:
             partial = c_partial[k] if live else False
             start_offset = c_start[k] if live else -1
             last_ts = c_lts[k] if exists else -1
-            if live and not partial and c_loff[k] < skips.get(_tp(messages[idx[0]]), -1):
+            if live and not partial and 0 <= c_loff[k] < skips.get(_tp(messages[idx[0]]), -1):
                 first_new = messages[idx[0]]
                 # the group skipped records after this session's last write: it may have
                 # lost messages there, unless its seq goes on without a gap

@@ -479,17 +479,27 @@ class RdKafkaSource:
                 pass
         raise DependencyError("kafka", f"reading the tail of {topic}[{partition}] timed out")
 
-    def lag(self) -> dict[TopicPartition, int]:
-        """High watermark (from fetch responses, as kafka-python's ``highwater``) minus the
-        next offset to hand over, per assigned partition that has handed over records."""
+    def lag(self, fresh: bool = False) -> dict[TopicPartition, int]:
+        """High watermark (from fetch responses, as kafka-python's ``highwater``; from the
+        broker when ``fresh``) minus the next offset to hand over, per assigned partition
+        (the committed offset where none was handed over yet, when ``fresh``)."""
         if not self._assigned:
             return {}
         out = {}
         try:
-            for p in self.consumer.position([ck.TopicPartition(t, p) for t, p in self._assigned]):
+            tps = [ck.TopicPartition(t, p) for t, p in self._assigned]
+            positions = self.consumer.position(tps)
+            if fresh and any(p.offset < 0 for p in positions):
+                committed = {(c.topic, c.partition): c.offset for c in
+                             self.consumer.committed(tps, timeout=self.timeout_s)}
+                positions = [ck.TopicPartition(p.topic, p.partition,
+                                               committed.get((p.topic, p.partition), -1))
+                             if p.offset < 0 else p for p in positions]
+            for p in positions:
                 if p.offset < 0:
                     continue
-                hw = self.consumer.get_watermark_offsets(p, cached=True)[1]
+                hw = self.consumer.get_watermark_offsets(
+                    p, timeout=self.timeout_s, cached=not fresh)[1]
                 if hw >= 0:
                     out[(p.topic, p.partition)] = max(0, hw - p.offset)
         except ck.KafkaException as e:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .checkpoint import Checkpointer, Found, Lineage
 from .clock import Clock
@@ -57,7 +57,7 @@ class Rebuild:
     until: int
     began: float
     messages: int = 0
-    resume: int | None = None  # after ``until``, jump here (an operator's skip beyond it)
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped ranges: jumped
 
 
 class Recovery:
@@ -88,8 +88,11 @@ class Recovery:
             starts[tp] = self._plan(tp, claims[tp], done, found, lineage,
                                     done if done is not None else policy[tp])
             prev = self.models.previous
-            lineage.serving(self.models.current.model_id, prev and prev.model_id,
-                            done if done is not None else policy[tp])
+            resume = done if done is not None else policy[tp]
+            lineage.serving(self.models.current.model_id, prev and prev.model_id, resume)
+            # Checkpointed (and committed again) at once, even before any progress: an
+            # operator's later move of the offset is then told apart from this group's own.
+            self.checkpoint.acknowledged({tp: resume})
         log.info("claimed %s", self.ownership.describe(tps))
         return starts
 
@@ -106,7 +109,7 @@ class Recovery:
                                           self.settings.end_ttl_seconds) * 1000)
         ours = done if found is None else min(done, found.offset)  # this group's progress
         if found is not None and done > found.offset:
-            lineage.skips.append((done, now_ms))
+            lineage.skips.append((found.offset, done, now_ms))
             self.metrics.offset_skips.inc()
             log.warning("%s[%d]: the group's offset was moved to %d, past the %d this group's "
                         "workers reached (an operator's skip): resuming there; sessions live "
@@ -122,9 +125,9 @@ class Recovery:
             start = None
         if start is None:
             if done > ours:
-                self.checkpoint.acknowledged({tp: done})  # recorded as ours from now on
+                self._skipped_to(tp, done)
             return done
-        self._begin(tp, reason, start, ours, done if done > ours else None)
+        self._begin(tp, reason, start, done, lineage.gaps(start, done))
         log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the group "
                   "reached %d (%s): replaying offsets %d..%d to rebuild them, outputs "
                   "suppressed", tp[0], tp[1], nxt, ours,
@@ -132,31 +135,45 @@ class Recovery:
                   start, ours - 1)
         return start
 
+    def _skipped_to(self, tp: TopicPartition, offset: int) -> None:
+        """Record in the store that its states hold the partition's effects up to ``offset``
+        (the skipped records have none): a later claim must not take the skip for a loss."""
+        marks = {tp: self.ownership.mark(tp, offset)}
+        result = self.retry.call(lambda: self.store.store(marks, []))
+        self.ownership.note_recorded(marks, result)
+
     def _begin(self, tp: TopicPartition, reason: str, start: int, until: int,
-               resume: int | None = None) -> None:
+               gaps: list[tuple[int, int]] | None = None) -> None:
         self.metrics.rebuilds.labels(reason).inc()
         if start < until:
             self.rebuilds[tp] = Rebuild(reason, start, until, self.clock.monotonic(),
-                                        resume=resume)
+                                        gaps=list(gaps or []))
 
     # --- what a batch needs to know -----------------------------------------------------------
 
     def admit(self, records: Sequence[Record]) -> list[Record]:
-        """The records to apply: a rebuild that jumps past an operator's skip when it ends
-        drops what it polled beyond its end, and the partition goes on at the skip."""
-        jumps = {tp: rb for tp, rb in self.rebuilds.items() if rb.resume is not None}
-        if not jumps:
+        """The records to apply: a rebuild jumps the ranges an operator skipped, as the live
+        run did (they may be undecodable): what it polled in one is dropped, and the
+        partition goes on at its end, once the records before it are in."""
+        if not any(rb.gaps for rb in self.rebuilds.values()):
             return list(records)
-        keep, reached = [], set()
+        keep, jump = [], {}
         for r in records:
-            rb = jumps.get((r.topic, r.partition))
-            if rb is not None and r.offset >= rb.until - 1:
-                reached.add((r.topic, r.partition))
-                if r.offset >= rb.until:
-                    continue
+            tp = (r.topic, r.partition)
+            rb = self.rebuilds.get(tp)
+            gap = next((g for g in rb.gaps if r.offset >= g[0] - 1), None) if rb else None
+            if gap is not None and tp not in jump:
+                jump[tp] = gap
+            if tp in jump and r.offset >= jump[tp][0]:
+                continue  # in or after the skipped range: read again from its end
             keep.append(r)
-        for tp in reached:
-            self.source.seek(tp, jumps[tp].resume)
+        for tp, (_, end) in jump.items():
+            rb = self.rebuilds[tp]
+            rb.gaps = [g for g in rb.gaps if g[0] > end]
+            self.source.seek(tp, end)
+            self._skipped_to(tp, end)
+            if end >= rb.until:  # nothing after the skip to replay: the rebuild is over
+                self.advanced({tp: end})
         return keep
 
     def hints(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
@@ -220,8 +237,6 @@ class Recovery:
         for tp, nxt in next_offsets.items():
             rb = self.rebuilds.get(tp)
             if rb is not None and nxt >= rb.until:
-                if rb.resume is not None:
-                    self.checkpoint.acknowledged({tp: rb.resume})
                 del self.rebuilds[tp]
                 log.warning("%s[%d]: rebuild finished: %d messages replayed in %.1fs",
                             *tp, rb.messages, self.clock.monotonic() - rb.began)

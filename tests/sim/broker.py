@@ -324,6 +324,7 @@ class Member:
                 pos = self.positions[tp] = part.log_start
             if part.bad_batch(pos) is not None:
                 error = error or (tp, pos)
+                part.corrupt_next = 0  # a batch is written whole: once read it is sealed
                 continue
             stop = min(part.next_bad(pos), pos + max_records - len(out))
             recs = part.records[pos:stop]
@@ -400,7 +401,7 @@ class Member:
         self.broker.check_up("reading a tail")
         return self.broker.read_tail(topic, partition, count)
 
-    def lag(self) -> dict[TopicPartition, int]:
+    def lag(self, fresh: bool = False) -> dict[TopicPartition, int]:
         return {tp: max(0, self.broker.part(tp).end - self.positions.get(tp, 0))
                 for tp in self.assigned}
 

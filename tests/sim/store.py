@@ -140,9 +140,9 @@ class StoreView:
 
 
 def to_grs2(raw: bytes) -> bytes:
-    """A GRS3 value in the GRS2 layout: the 36-byte header (no last emitted label) and no
-    first-seen counts (worker/codec.py)."""
-    magic, flags, layers, hidden, labels, n_out, last_pos, tokens, messages, _, _ = \
+    """A current value in the GRS2 layout: the 36-byte header (no last emitted label, no
+    lineage) and no first-seen counts (worker/codec.py)."""
+    magic, flags, layers, hidden, labels, n_out, last_pos, tokens, messages, *_ = \
         HEADER.unpack_from(raw)
     assert magic == MAGIC
     h_bytes = layers * hidden * (2 if flags & F16 else 4)
