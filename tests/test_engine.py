@@ -112,3 +112,43 @@ def test_engine_step_equals_the_model_offline(engine):
     want = torch.softmax(logits[0, -1], -1).numpy()
     got = np.array(res.updates[0].predictions[-1].probs)
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_a_seq_jump_past_max_seq_gap_is_dead_lettered_and_changes_nothing(engine):
+    """Issue 26, F2: one record with seq 2^53 - 1 used to move a session so far ahead that its
+    own next messages were silent duplicates for as long as the state lived. A jump of more
+    than max_seq_gap past the session's last position (in the store, or earlier in the
+    batch) is rejected with the reason, and the session goes on as if it never came."""
+    gap = engine.max_seq_gap
+    first = engine.apply([msg("s", 0, [1, 2]), msg("s", 1, [3])], {"s": None})
+    stored = first.updates[0].value
+    res = engine.apply([msg("s", 2**53 - 1, [4]), msg("s", 2 + gap, [5]), msg("s", 2, [6]),
+                        msg("s", 3 + gap, [7]), msg("s", 2 + gap, [8])], {"s": stored})
+    reasons = [r.reason for r in res.rejections]
+    assert len(reasons) == 3 and all(f"more than max_seq_gap={gap}" in r for r in reasons)
+    assert "seq 9007199254740991 of session 's' jumps 9007199254740990 past its last " \
+           "position 1" in reasons[0]
+    assert [p.seq for p in res.updates[0].predictions] == [2, 2 + gap]
+    assert decode_state(res.updates[0].value, L, H, C).last_pos == 2 + gap
+    # nothing of a rejected record reaches the state: the same as without it
+    clean = engine.apply([msg("s", 2, [6]), msg("s", 2 + gap, [8])], {"s": stored})
+    assert res.updates[0].value == clean.updates[0].value
+
+
+def test_the_seq_gap_also_bounds_an_ended_sessions_next_conversation(engine):
+    """An ended session's id may begin a new conversation numbered after its tombstone, but
+    not past it by more than the gap; a session with nothing stored may begin at any seq
+    (after expiry or a loss, it goes on marked partial), and offsets are not the producer's
+    to choose."""
+    gap = engine.max_seq_gap
+    ended = engine.apply([msg("e", 0, [1]), msg("e", 1, [2], end=True)], {"e": None})
+    tomb = ended.updates[0].value
+    res = engine.apply([msg("e", 2 + gap, [3])], {"e": tomb})
+    assert not res.updates and "max_seq_gap" in res.rejections[0].reason
+    res = engine.apply([msg("e", 1 + gap, [3])], {"e": tomb})
+    assert res.updates[0].started and not res.rejections
+    fresh = engine.apply([msg("n", 10**9, [1])], {"n": None})
+    assert fresh.updates and fresh.partial_sessions == {"n"}
+    offsets = engine.apply([msg("o", None, [1], offset=5), msg("o", None, [2], offset=10**9)],
+                           {"o": None})
+    assert not offsets.rejections and len(offsets.updates[0].predictions) == 2

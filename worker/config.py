@@ -188,6 +188,10 @@ class LimitSettings(BaseModel):
     max_tokens_per_message: int = Field(4096, ge=1)
     max_session_id_len: int = Field(256, ge=1)
     max_message_bytes: int = Field(1_000_000, ge=64)
+    max_seq_gap: int = Field(1000, ge=1, le=2**53, description="dead-letter a message whose "
+                             "seq is more than this past its session's last position (live, "
+                             "or ended and not yet expired); nothing of it is applied. Bounds "
+                             "how far one record can move a session ahead (docs/security.md)")
 
 
 class OutputSettings(BaseModel):

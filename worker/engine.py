@@ -248,8 +248,10 @@ class Engine:
     def __init__(self, model: GRUClassifier, device: str = "cpu", state_dtype: str = "float32",
                  ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000,
                  compute_dtype: str = "float32", cuda_graphs: bool = True,
-                 output: OutputPolicy = OutputPolicy(), model_id: str = "") -> None:
+                 output: OutputPolicy = OutputPolicy(), model_id: str = "",
+                 max_seq_gap: int = 1000) -> None:
         self.stepper = Stepper(model, device, compute_dtype, cuda_graphs=cuda_graphs)
+        self.max_seq_gap = max_seq_gap  # GRU_LIMITS__MAX_SEQ_GAP
         self.output, self.model_id = output, model_id
         self.device = self.stepper.device
         self._pinned: torch.Tensor | None = None
@@ -282,7 +284,7 @@ class Engine:
         c_start, c_loff, c_lts = (st.start_offset.tolist(), st.last_offset.tolist(),
                                   st.last_ts.tolist())
         SEQK, OFFK = PosKind.SEQ, PosKind.OFFSET
-        ttl, end_ttl = self.ttl_ms, self.end_ttl_ms
+        ttl, end_ttl, max_gap = self.ttl_ms, self.end_ttl_ms, self.max_seq_gap
         for k, sid in enumerate(sids):
             idx = by_session[sid]
             if k in st.corrupt:
@@ -327,6 +329,16 @@ class Engine:
                         f"mix the two"), sid))
                     continue
                 pos = m.seq if m.seq is not None else m.record.offset
+                if kind is SEQK and pos - last_pos > max_gap:
+                    # a producer chooses seq: one record must not move a session (or an
+                    # ended one's tombstone) so far ahead that its own next messages become
+                    # duplicates for as long as the state lives
+                    result.rejections.append(Rejection(m.record, (
+                        f"seq {pos} of session {sid!r} jumps {pos - last_pos} past its last "
+                        f"position {last_pos}, more than max_seq_gap={max_gap} "
+                        f"(GRU_LIMITS__MAX_SEQ_GAP); nothing was applied. Number a session's "
+                        f"messages one after another"), sid))
+                    continue
                 if last_pos is not None and pos <= last_pos:
                     if outbox is None:
                         raw = raws[k]
