@@ -37,7 +37,9 @@ def make_worker(clf, log, store, sink=None, source=None, clock=None, **settings)
     metrics = Metrics(CollectorRegistry())
     metrics.add_model(clf.model_id, clf.labels, clf.label_prior, "cpu", "current")
     models = ModelSet(ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode,
-                                  len(clf.vocab), tuple(clf.vocab.itos)), None, s.limits, metrics)
+                                  len(clf.vocab), tuple(clf.vocab.itos),
+                                  tenants=s.limits.tenant_header is not None),
+                      None, s.limits, metrics)
     return Worker(s, models, store, source or FakeSource(log, IN), sink or FakeSink(log), metrics,
                   *([clock] if clock else []))
 

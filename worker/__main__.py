@@ -1,4 +1,4 @@
-"""Command line: ``python -m worker run | topics create | produce | tail``.
+"""Command line: ``python -m worker run | topics create | produce | tail | tenant-key``.
 
 ``run`` builds the Settings once (env ``GRU_*`` plus flags), wires the model, the state
 store, Kafka and metrics together, and runs the loop until SIGTERM/SIGINT or a bound.
@@ -111,6 +111,21 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenant_key(args: argparse.Namespace) -> int:
+    """Print a tenant's signing key (hex), derived from GRU_LIMITS__TENANT_SECRET."""
+    from .tenants import TENANT_PATTERN, tenant_key
+    secret = Settings().limits.tenant_secret
+    if secret is None:
+        print("error: GRU_LIMITS__TENANT_SECRET is not set", file=sys.stderr)
+        return 2
+    if not TENANT_PATTERN.fullmatch(args.tenant):
+        print(f"error: {args.tenant!r} is not a tenant name ({TENANT_PATTERN.pattern})",
+              file=sys.stderr)
+        return 2
+    print(tenant_key(secret.get_secret_value().encode(), args.tenant).hex())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .client import add_produce, add_tail
     ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
@@ -128,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     topics.add_argument("--partitions", type=int, default=None,
                         help="partitions per topic (default GRU_KAFKA__PARTITIONS, 6)")
     topics.set_defaults(func=cmd_topics)
+
+    key = sub.add_parser("tenant-key", help="print a tenant's signing key, derived from "
+                         "GRU_LIMITS__TENANT_SECRET (give it to that tenant's producers only)")
+    key.add_argument("tenant")
+    key.set_defaults(func=cmd_tenant_key)
 
     common = lambda p: add_setting_flags(p, common_only=True)  # noqa: E731
     add_produce(sub, common, settings_from_args)

@@ -109,6 +109,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     if settings.model.dtype == "float16" and device != "cuda":
         raise SystemExit("model.dtype=float16 needs model.device=cuda (or auto with a GPU)")
     engine = build_engine(settings, clf, device)
+    tenants = settings.limits.tenant_header is not None
     previous = None
     if settings.model.previous_dir is not None:
         try:
@@ -123,7 +124,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
             metrics.add_model(old.model_id, old.labels, old.label_prior, device, "previous")
             previous = ServedModel(old.model_id, build_engine(settings, old, device),
                                    tuple(old.labels), old.encode, len(old.vocab),
-                                   tuple(old.vocab.itos), device)
+                                   tuple(old.vocab.itos), device, tenants)
     missing = missing_codecs()
     if missing:
         log.error("kafka-python cannot decode %s: input compressed with them will stall its "
@@ -133,7 +134,7 @@ def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
     source = KafkaSource(settings.kafka)
     sink = KafkaSink(settings.kafka)
     current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),
-                          tuple(clf.vocab.itos), device)
+                          tuple(clf.vocab.itos), device, tenants)
     models = ModelSet(current, previous, settings.limits, metrics)
     worker = Worker(settings, models, store, source, sink, metrics)
     drain = DrainWatcher(models, store, settings.model.drain_check_s).start()
