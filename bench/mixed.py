@@ -4,7 +4,8 @@ Two workloads of the same number of records (``devtools.streams.mixed_sessions``
 
 * **uniform**: chat lines of 4-16 tokens, from ``--chat`` sessions, interleaved;
 * **mixed**: the same chat lines with 1 % of the records (``--doc-share``) long documents
-  of 1,024-4,096 tokens, one record each (a 4,096-token record is about 28 KB of JSON).
+  of 1,024-4,096 tokens, one record each (a 4,096-token record is about 28 KB of JSON), at
+  random places in the log.
 
 Measured in one run, alternating uniform and mixed, each round on fresh state:
 
@@ -33,13 +34,21 @@ from bench import common
 
 
 def workload(args, docs: bool, seed: int) -> list[tuple[bytes, bytes]]:
-    """``--messages`` records: chat lines of ``--chat`` sessions, or (``docs``) as many
-    records with a share of documents, fewer chat sessions making up the difference."""
+    """``--messages`` records: chat lines of ``--chat`` sessions, interleaved, or (``docs``)
+    as many records with a share of documents at random places among them (fewer chat
+    sessions making up the difference)."""
+    import random
+
     from devtools.streams import mixed_sessions, pairs
     per = args.messages // args.chat
     n_docs = round(args.messages * args.doc_share) if docs else 0
-    chat = (args.messages - n_docs) // per
-    return pairs(mixed_sessions(chat, per, n_docs, seed, prefix=f"w{seed}-"), seed)
+    sessions = mixed_sessions((args.messages - n_docs) // per, per, n_docs, seed,
+                              prefix=f"w{seed}-")
+    records = pairs(sessions[:len(sessions) - n_docs], seed)
+    rng = random.Random(seed)
+    for doc in pairs(sessions[len(sessions) - n_docs:], seed):
+        records.insert(rng.randrange(len(records) + 1), doc)
+    return records
 
 
 def run_engine(clf, records, batch: int) -> dict:
