@@ -290,7 +290,8 @@ class GRUClassifier(nn.Module):
             cs = self.mean_embed(token_ids[c0:c1]).double().cumsum(0) + carry  # sums to c0+j+1
             sel = np.flatnonzero((need > c0) & (need <= c1))
             if sel.size:
-                sums[torch.from_numpy(sel).to(dev)] = cs[torch.from_numpy(need[sel] - c0 - 1).to(dev)]
+                at = torch.from_numpy(need[sel] - c0 - 1).to(dev)
+                sums[torch.from_numpy(sel).to(dev)] = cs[at]
             carry = cs[-1]
         at = sums[torch.from_numpy(inv).to(dev)]
         R, B = len(rr), len(lens)

@@ -415,7 +415,8 @@ def test_tenants_on_a_shared_topic_keep_their_sessions_apart(broker, names, tiny
     def send(tenant, seq, tokens, signer=None, headers=None):
         value = json.dumps({"session_id": "chat", "seq": seq, "tokens": tokens}).encode()
         if headers is None:
-            headers = [(h, tenant.encode()), (h + "-signature", sign(key[signer or tenant], "chat"))]
+            headers = [(h, tenant.encode()),
+                       (h + "-signature", sign(key[signer or tenant], "chat"))]
         p.send(names["in"], key=b"chat", value=value, headers=headers)
 
     for i in range(max(len(s.chunks) for s in sessions.values())):
