@@ -38,6 +38,13 @@ def machine() -> dict:
     with contextlib.suppress(Exception):
         kb = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
         info["ram_gib"] = round(kb / 2**20, 1)
+    with contextlib.suppress(Exception):  # the code measured: commit, and whether it was edited
+        git = ["git", "-C", str(ROOT)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"],
+                                        capture_output=True, text=True).stdout.strip()
+        info["dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--", "worker",
+                                             "model", "bench"],
+                                            capture_output=True, text=True).stdout.strip())
     info["loadavg_start"] = os.getloadavg()
     info["commit"] = revision()
     with contextlib.suppress(Exception):
@@ -360,6 +367,36 @@ def resolve_model(arg: str | None) -> Path:
         print(f"no model at {out}: training the default BBC model (a few minutes) ...", flush=True)
         subprocess.run([sys.executable, "-m", "model", "train", "--dataset", "bbc-news",
                         "--out", str(out)], cwd=ROOT, check=True)
+    return out
+
+
+def shaped_model(out: Path | None = None) -> Path:
+    """An artifact of the default recipe's shape (``model.train.TrainConfig``: embedding,
+    GRU and mean units, the BBC vocabulary and labels) with random weights, written in
+    seconds: for benchmarks of cost, which does not depend on the weights."""
+    import tempfile
+
+    import torch
+
+    from model.artifact import save
+    from model.data import load_bbc
+    from model.gru import GRUClassifier, ModelConfig
+    from model.tokenizer import Vocab, tokenize
+    from model.train import TrainConfig
+
+    out = Path(out or tempfile.mkdtemp(prefix="shaped-gru-"))
+    if (out / "config.json").exists():
+        return out
+    t = TrainConfig()
+    docs = load_bbc()
+    vocab = Vocab.build((tokenize(d.text) for d in docs), min_freq=t.min_freq,
+                        max_size=t.max_vocab)
+    labels = sorted({d.label for d in docs})
+    torch.manual_seed(0)
+    model = GRUClassifier(ModelConfig(len(vocab), len(labels), t.embed_dim, t.hidden_size,
+                                      t.num_layers, t.dropout, t.head_hidden,
+                                      mean_dim=t.mean_dim))
+    save(out, model, vocab, labels, training={"note": "random weights, for cost benchmarks"})
     return out
 
 

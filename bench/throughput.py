@@ -198,9 +198,10 @@ def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, m
 
     def first_batch() -> None:  # steady state: after the group join
         mark.update(t0=time.perf_counter(), cpu0=bench.cpu.snapshot(),
-                    stages0=common.stages_snapshot(reg), done0=w.summary.messages)
+                    stages0=common.stages_snapshot(reg), done0=w.summary.messages,
+                    tokens0=w.summary.tokens)
 
-    w.source = common.FirstPoll(w.source, first_batch)
+    w.source = w.intake.source = common.FirstPoll(w.source, first_batch)  # Intake polls
     try:
         summary = w.run()
     finally:
@@ -213,6 +214,7 @@ def run_worker(bench: Bench, model_dir: Path, names: dict, n: int, batch: int, m
     return {"client": client, "batch_max_records": batch, "max_wait_ms": max_wait_ms,
             "target_latency_ms": s.batch.target_latency_ms, "messages": done,
             "seconds": secs, "msgs_per_s": done / secs, "tokens_per_s": summary.tokens / secs,
+            "tokens": summary.tokens - mark["tokens0"],
             "batches": batches, "mean_batch": done / max(batches, 1), "outcomes": summary.outcomes,
             "stages": stages, "cpu": Cpu.usage(mark["cpu0"], cpu1, secs, done)}
 

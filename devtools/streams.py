@@ -65,6 +65,43 @@ def even_sessions(n: int, tokens_per_message: int, messages: int, seed: int = 0,
     return out
 
 
+def mixed_sessions(chat: int, chat_messages: int, documents: int, seed: int = 0,
+                   prefix: str = "m", chat_tokens: tuple[int, int] = (4, 16),
+                   doc_tokens: tuple[int, int] = (1024, 4096)) -> list[Session]:
+    """Chat lines and long documents: ``chat`` sessions of ``chat_messages`` chunks of
+    ``chat_tokens`` tokens (uniform at random), and ``documents`` sessions of one chunk of
+    ``doc_tokens`` tokens each (BBC articles back to back). A load of mixed lengths for
+    benchmarks; ``documents=0`` gives the chat lines alone."""
+    rng = random.Random(seed)
+    docs = load_bbc()
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    tokenized: dict[int, list[str]] = {}
+
+    def text(j: int) -> list[str]:
+        if j not in tokenized:
+            tokenized[j] = tokenize(docs[j].text) or ["the"]
+        return tokenized[j]
+
+    out, at = [], 0
+    for i in range(chat):
+        j = order[i % len(order)]
+        toks, chunks, pos = text(j), [], 0
+        for _ in range(chat_messages):
+            k = rng.randint(*chat_tokens)
+            chunks.append([toks[(pos + t) % len(toks)] for t in range(k)])
+            pos += k
+        out.append(Session(f"{prefix}c{i}", docs[j].label, [t for c in chunks for t in c],
+                           chunks))
+    for i in range(documents):
+        need, toks = rng.randint(*doc_tokens), []
+        while len(toks) < need:
+            toks += text(order[at % len(order)])
+            at += 1
+        out.append(Session(f"{prefix}d{i}", "", toks[:need], [toks[:need]]))
+    return out
+
+
 def pairs(sessions: Sequence[Session], seed: int = 0, with_seq: bool = True, end: bool = False,
           encode: Callable[[list[str]], list[int]] | None = None) -> list[tuple[bytes, bytes]]:
     """(key, value) records: every chunk of every session, interleaved at random, each

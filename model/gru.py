@@ -6,7 +6,12 @@ One set of weights serves two entry points:
   and offline evaluation.
 * ``step(h[L,B,H], token_ids[B,K], lengths[B])`` advances B independent sessions by one
   message each (K_b = lengths[b] tokens) and returns the new state and the class
-  probabilities after each message. It is what the streaming worker calls.
+  probabilities after each message. It is what the streaming worker calls for short messages.
+* ``advance(h, token_ids[N], lengths[B], read_row[R], read_at[R])`` advances B sessions by a
+  token sequence each (the rows' tokens back to back, no padding) and returns the new state and
+  the probabilities at R points of those sequences: several messages of one session run as
+  one sequence read at each message's end, and long ones cost their tokens, not a padded
+  (B, longest) batch.
 
 A GRU has no cell state: a session's whole memory is ``h``, one vector per layer. Folding
 ``step`` over any chunking of a text gives the same ``h`` and probabilities as ``forward``
@@ -27,15 +32,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 
 # Messages up to this many tokens take the unrolled step (a table lookup and K small
 # matmuls); longer ones go through nn.GRU's fused loop. Both compute the same function.
 UNROLL_MAX_TOKENS = 32
+# Most tokens one model call embeds at once (rows x time window, padding included): what
+# bounds the activations of a batch (about 4 KB a token for the default model), whatever
+# its messages' lengths. ``advance`` cuts longer work into time windows of this many tokens.
+WINDOW_TOKENS = 8192
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
                 "linear": lambda x: x}
@@ -162,14 +172,144 @@ class GRUClassifier(nn.Module):
         probs (B, C)); the state is h, then the mean units' part if any (see the module's doc).
         A row with length 0 keeps its state.
         """
-        h_gru = self._gru_part(h)
-        if token_ids.shape[1] <= UNROLL_MAX_TOKENS:
-            h_new = self._step_unrolled(h_gru, token_ids, lengths)
-        else:
-            h_new = self._step_fused(h_gru, token_ids, lengths)
+        if token_ids.shape[1] > UNROLL_MAX_TOKENS:  # long rows: no padded embedding
+            B, K = token_ids.shape
+            real = (torch.arange(K, device=token_ids.device)[None, :]
+                    < lengths.to(token_ids.device)[:, None])
+            return self.advance(h, token_ids[real], lengths, torch.arange(B), lengths)
+        h_new = self._step_unrolled(self._gru_part(h), token_ids, lengths)
         h_new = self._step_mean(h, h_new, token_ids, lengths)
         probs = torch.softmax(self.classify_hidden(self._readout(h_new)), dim=-1)  # (B, C)
         return h_new, probs
+
+    @torch.inference_mode()
+    def advance(self, h: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor,
+                read_row: torch.Tensor, read_at: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance B sessions by a token sequence each, predicting at given points of them.
+
+        h: (L, B, state_size) states before; token_ids: (N,) the rows' tokens, row after row;
+        lengths: (B,) tokens per row, summing to N (0 keeps the state); read_row, read_at:
+        (R,) a prediction after read_at[r] tokens of row read_row[r] (0: the state before).
+        Returns (new states (L, B, state_size), probs (R, C)).
+
+        Rows of at most UNROLL_MAX_TOKENS tokens take the unrolled step, padded to the
+        longest (the caller groups rows of like length); longer ones nn.GRU's time loop over
+        a packed batch built from the token list (no (B, longest) tensor), in time windows
+        of at most WINDOW_TOKENS tokens. Cost and memory follow the tokens, not the longest row.
+        """
+        lens = lengths.cpu().numpy().astype(np.int64)
+        starts = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=starts[1:])
+        rr = read_row.cpu().numpy().astype(np.int64)
+        ra = read_at.cpu().numpy().astype(np.int64)
+        h_gru = self._gru_part(h)
+        if lens.size and lens.max() > UNROLL_MAX_TOKENS:
+            h_new, top = self._advance_packed(h_gru, token_ids, lens, starts, rr, ra)
+        else:
+            h_new, top = self._advance_unrolled(h_gru, token_ids, lens, starts, rr, ra)
+        if self.mean_embed is not None:
+            h_new, means = self._advance_mean(h, h_new, token_ids, lens, starts, rr, ra)
+            top = torch.cat([top, means], -1)
+        return h_new, torch.softmax(self.classify_hidden(top), dim=-1)  # (R, C)
+
+    def _advance_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor, lens: np.ndarray,
+                          starts: np.ndarray, rr: np.ndarray, ra: np.ndarray
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Short rows, padded to the longest: (new GRU state, top-layer output at each read)."""
+        B, K = len(lens), int(lens.max()) if lens.size else 0
+        dev = token_ids.device
+        pos = np.arange(K)[None, :]
+        real = pos < lens[:, None]  # (B, K)
+        ids = torch.zeros((B, K), dtype=token_ids.dtype, device=dev)
+        if K:
+            ids[torch.from_numpy(real).to(dev)] = token_ids
+        h_new, tops = self._step_unrolled(h, ids, torch.from_numpy(lens).to(dev),
+                                          outputs=True)  # tops: (B, K, H)
+        rows = torch.from_numpy(rr).to(dev)
+        before = h[-1].index_select(0, rows)  # reads after 0 tokens: the state before
+        if not K:
+            return h_new, before
+        at = torch.from_numpy(np.maximum(ra - 1, 0)).to(dev)
+        top = tops[rows, at]
+        return h_new, torch.where(torch.from_numpy(ra == 0).to(dev)[:, None], before, top)
+
+    def _advance_packed(self, h: torch.Tensor, token_ids: torch.Tensor, lens: np.ndarray,
+                        starts: np.ndarray, rr: np.ndarray, ra: np.ndarray
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Long rows: nn.GRU over packed time windows, rows sorted longest first (a packed
+        batch at time t is the first batch_sizes[t] rows); the state carries across windows."""
+        dev = token_ids.device
+        order = np.argsort(-lens, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        slen, sstart = lens[order], starts[:-1][order]  # by rank
+        hs = h.index_select(1, torch.from_numpy(order).to(dev))  # (L, B, H), by rank
+        top = h[-1].index_select(0, torch.from_numpy(rr).to(dev))  # reads after 0 tokens
+        tok = ra - 1  # the token each read follows
+        read_rank = rank[rr]
+        a = 0
+        while True:
+            active = int(np.count_nonzero(slen > a))
+            if not active:
+                break
+            b = a + max(1, WINDOW_TOKENS // active)
+            wl = np.minimum(slen[:active], b) - a  # tokens in the window, descending
+            T = int(wl[0])
+            batch = active - np.searchsorted(wl[::-1], np.arange(T), side="right")  # (T,)
+            first = np.zeros(T, np.int64)  # packed index of each time step's first row
+            np.cumsum(batch[:-1], out=first[1:])
+            n = int(batch.sum())
+            t_of = np.repeat(np.arange(T), batch)
+            k_of = np.arange(n) - np.repeat(first, batch)
+            src = torch.from_numpy(sstart[k_of] + a + t_of).to(dev)
+            x = self.embed(token_ids[src])  # (n, E), time-major packed
+            packed = PackedSequence(x, torch.from_numpy(batch))
+            out, h_win = self.gru(packed, hs[:, :active].contiguous())  # out.data: (n, H)
+            hs[:, :active] = h_win
+            sel = np.flatnonzero((tok >= a) & (tok < b))
+            if sel.size:
+                at = first[tok[sel] - a] + read_rank[sel]
+                top[torch.from_numpy(sel).to(dev)] = out.data[torch.from_numpy(at).to(dev)]
+            a = b
+        return hs.index_select(1, torch.from_numpy(rank).to(dev)), top
+
+    def _advance_mean(self, h: torch.Tensor, h_gru: torch.Tensor, token_ids: torch.Tensor,
+                      lens: np.ndarray, starts: np.ndarray, rr: np.ndarray, ra: np.ndarray
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean units after each row and at each read: prefix sums of the token vectors
+        (float64, so that differences of long prefixes stay exact), taken in windows."""
+        dev, M = token_ids.device, self.config.mean_dim
+        ends = np.concatenate([starts[rr] + ra, starts[:-1], starts[1:]])
+        need, inv = np.unique(ends, return_inverse=True)
+        sums = torch.zeros(len(need), M, dtype=torch.float64, device=dev)
+        carry = torch.zeros(M, dtype=torch.float64, device=dev)
+        N = int(starts[-1])
+        for c0 in range(0, N, WINDOW_TOKENS):
+            c1 = min(N, c0 + WINDOW_TOKENS)
+            cs = self.mean_embed(token_ids[c0:c1]).double().cumsum(0) + carry  # sums to c0+j+1
+            sel = np.flatnonzero((need > c0) & (need <= c1))
+            if sel.size:
+                at = torch.from_numpy(need[sel] - c0 - 1).to(dev)
+                sums[torch.from_numpy(sel).to(dev)] = cs[at]
+            carry = cs[-1]
+        at = sums[torch.from_numpy(inv).to(dev)]
+        R, B = len(rr), len(lens)
+        s_read = at[:R] - at[R:R + B][torch.from_numpy(rr).to(dev)]
+        s_row = at[R + B:] - at[R:R + B]
+        m0, n0 = (v.double() for v in self._mean_and_count(h))
+        rows = torch.from_numpy(rr).to(dev)
+
+        def mean(m, n, s, k):  # the step's convex update, m + (s / k - m) * k / (n + k)
+            return torch.lerp(m, s / k.clamp(min=1)[:, None], (k / (n + k).clamp(min=1))[:, None])
+
+        k_read = torch.from_numpy(ra).to(dev, torch.float64)
+        k_row = torch.from_numpy(lens).to(dev, torch.float64)
+        at_reads = mean(m0[rows], n0[rows], s_read, k_read).to(h.dtype)
+        tail = h.new_zeros(h.shape[0], h.shape[1], M + 1)
+        tail[-1, :, :M] = mean(m0, n0, s_row, k_row).to(h.dtype)
+        tail[-1, :, M] = (n0 + k_row).to(h.dtype)
+        return torch.cat([h_gru, tail], -1), at_reads
 
     def _gru_part(self, h: torch.Tensor) -> torch.Tensor:
         """The GRU's own part of a state, contiguous (the step's matmuls run a tenth slower on
@@ -203,20 +343,6 @@ class GRUClassifier(nn.Module):
         tail[-1, :, :M], tail[-1, :, M] = m_new, total
         return torch.cat([h_gru, tail], -1)
 
-    def _step_fused(self, h: torch.Tensor, token_ids: torch.Tensor,
-                    lengths: torch.Tensor) -> torch.Tensor:
-        """Long messages: nn.GRU's own time loop over a packed batch."""
-        h_new = h.clone()
-        moving = lengths > 0
-        if bool(moving.any()):
-            rows = moving.nonzero(as_tuple=True)[0]
-            x = self.embed(token_ids[rows])  # (B', K, E)
-            packed = pack_padded_sequence(x, lengths[rows].cpu(), batch_first=True,
-                                          enforce_sorted=False)
-            _, h_rows = self.gru(packed, h[:, rows].contiguous())  # (L, B', H)
-            h_new[:, rows] = h_rows
-        return h_new
-
     @torch.inference_mode()
     def step_static(self, h: torch.Tensor, token_ids: torch.Tensor,
                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,8 +353,10 @@ class GRUClassifier(nn.Module):
         return h_new, torch.softmax(self.classify_hidden(self._readout(h_new)), dim=-1)
 
     def _step_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor,
-                       lengths: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+                       lengths: torch.Tensor, masked: bool | None = None,
+                       outputs: bool = False):
         """Short messages: K explicit GRU steps; rows past their length keep their state.
+        ``outputs``: also return the top layer after every token, (B, K, H).
 
         The gate arithmetic is ATen's GRU cell — r, z = sigmoid(x_rz + h_rz),
         n = tanh(x_n + r * h_n), h' = n + z * (h - n) — in fused ops (addmm, addcmul, lerp).
@@ -246,6 +374,7 @@ class GRUClassifier(nn.Module):
             masked = not bool((lengths >= K).all())
         mask = None if not masked else (torch.arange(K, device=lengths.device)[None, :]
                                   < lengths.to(token_ids.device)[:, None])  # (B, K)
+        tops = []
         for t in range(K):
             x_gates = gi0[:, t]  # (B, 3H), b_ih and b_hr, b_hz included
             for layer in range(len(state)):
@@ -259,4 +388,8 @@ class GRUClassifier(nn.Module):
                 n = torch.addcmul(x_gates[:, 2 * H:], rz[:, :H], h_n).tanh_()
                 new = torch.lerp(n, h_prev, rz[:, H:])  # n + z * (h - n)
                 state[layer] = new if mask is None else torch.where(mask[:, t:t + 1], new, h_prev)
+            if outputs:
+                tops.append(state[-1])
+        if outputs:
+            return torch.stack(state), (torch.stack(tops, 1) if tops else h.new_zeros(B, 0, H))
         return torch.stack(state)  # (L, B, H)

@@ -22,13 +22,13 @@ class FakeLog:
         self.clock_ms = int(time.time() * 1000)  # record timestamps: now, 1 ms apart
 
     def append(self, topic: str, key: bytes | None, value: bytes | None,
-               partition: int | None = None) -> Record:
+               partition: int | None = None, headers: tuple = ()) -> Record:
         if partition is None:
             # crc32, not hash(): the same partitions on every run, whatever PYTHONHASHSEED
             partition = (zlib.crc32(key) if key is not None else len(self.records)) % self.partitions
         log = self.records[(topic, partition)]
         self.clock_ms += 1
-        rec = Record(topic, partition, len(log), key, value, self.clock_ms)
+        rec = Record(topic, partition, len(log), key, value, self.clock_ms, tuple(headers))
         log.append(rec)
         return rec
 

@@ -76,3 +76,45 @@ def test_off_and_impossible_budgets():
     assert BatchBudget(0, 777).limit(0).records == 777  # 0: off
     slow = trained(target_s=0.001, fixed=0.002)  # the fixed cost alone passes the budget
     assert slow.limit(0).records == slow.min_records
+
+
+def mixed(batches=120, seed=0, fixed=0.002, per_msg=20e-6, per_token=3e-6, per_step=20e-6,
+          doc_share=0.01, doc_tokens=(500, 4096)) -> tuple[BatchBudget, list]:
+    """Batches of chat lines (4-16 tokens) with a share of long documents: each batch's time
+    is its tokens (spread over sessions) plus its longest sequence's steps (sequential)."""
+    rng = random.Random(seed)
+    b = BatchBudget(0.2, 4096)
+    seen = []
+    for _ in range(batches):
+        n = rng.randint(16, 512)
+        lengths = [rng.randint(*doc_tokens) if rng.random() < doc_share else rng.randint(4, 16)
+                   for _ in range(n)]
+        tokens, longest = sum(lengths), max(lengths)
+        t = fixed + per_msg * n + per_token * tokens + per_step * longest
+        b.observe(n, n, t, tokens, longest)
+        seen.append((n, tokens, longest, t))
+    return b, seen
+
+
+def test_the_fit_predicts_a_batch_from_its_tokens_and_its_longest_sequence():
+    """A batch with a 4,096-token document costs its 4,096 sequential steps, not 4,096
+    tokens at the batched rate: the fit tells the two apart, and predicts both kinds."""
+    b, _ = mixed()
+    assert b.per_token_s == pytest.approx(3e-6, rel=0.05)
+    assert b.per_step_s == pytest.approx(20e-6, rel=0.05)
+    chat = 0.002 + 20e-6 * 512 + 3e-6 * 512 * 10 + 20e-6 * 16
+    assert b.predict(512, tokens=5120, sessions=512, longest=16) == pytest.approx(chat, rel=0.05)
+    with_doc = chat + 3e-6 * 4080 + 20e-6 * 4080
+    assert b.predict(512, tokens=5120 + 4080, sessions=512, longest=4096) == \
+        pytest.approx(with_doc, rel=0.05)
+
+
+def test_the_limit_leaves_room_for_the_recent_longest_sequence():
+    """The same per-token costs allow fewer records where long documents keep arriving: the
+    room is the budget less the fixed cost and the steps of the recent longest sequence."""
+    chat, _ = mixed(doc_share=0.0)
+    docs, _ = mixed(doc_share=0.02)
+    assert docs.limit(0).records < chat.limit(0).records
+    room = 0.2 - docs.fixed_s - docs.per_step_s * docs._longest
+    assert docs.limit(0).records == pytest.approx(room / docs.per_message_s, rel=0.02)
+    assert docs.predict(docs.limit(0).records) == pytest.approx(0.2, rel=0.02)

@@ -525,3 +525,57 @@ def test_a_model_rollout_mid_stream_resets_no_session(broker, names, tiny_model_
     assert reg.get_sample_value("gru_model_info", {"model_id": a.model_id, "device": "cpu",
                                                    "role": "previous"}) == 1
     assert app.worker.models.previous is not None
+
+
+def test_tenants_on_a_shared_topic_keep_their_sessions_apart(broker, names, tiny_model_dir):
+    """Issue 26, F2, end to end: two tenants' producers use one session id on one topic,
+    each naming its tenant in a Kafka header signed with its own key. Each has its own state
+    key and its own predictions (keyed <tenant>/<session_id>); a record that claims acme
+    with beta's key, and one without the header, are dead-lettered."""
+    from worker.tenants import sign, tenant_key
+    clf = model.load(tiny_model_dir)
+    secret, h = "an-e2e-secret-of-16+", "gru-tenant"
+    broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
+    sessions = {"acme": bbc_sessions(1, seed=21, max_tokens=60)[0],
+                "beta": bbc_sessions(1, seed=22, max_tokens=60)[0]}
+    key = {t: tenant_key(secret.encode(), t) for t in sessions}
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
+
+    def send(tenant, seq, tokens, signer=None, headers=None):
+        value = json.dumps({"session_id": "chat", "seq": seq, "tokens": tokens}).encode()
+        if headers is None:
+            headers = [(h, tenant.encode()),
+                       (h + "-signature", sign(key[signer or tenant], "chat"))]
+        p.send(names["in"], key=b"chat", value=value, headers=headers)
+
+    for i in range(max(len(s.chunks) for s in sessions.values())):
+        for tenant, s in sessions.items():
+            if i < len(s.chunks):
+                send(tenant, i, s.chunks[i])
+    send("acme", 1000, ["forged"], signer="beta")
+    send("acme", 1001, ["anonymous"], headers=[])
+    p.flush()
+    p.close()
+    run_worker(settings_for(broker, names, tiny_model_dir,
+                            limits={"tenant_header": h, "tenant_secret": secret}))
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                      fetch_max_wait_ms=50, consumer_timeout_ms=2000,
+                      auto_offset_reset="earliest")
+    c.assign([TopicPartition(names["out"], 0)])
+    outs = [(r.key, json.loads(r.value)) for r in c]
+    c.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(names["prefix"], clf.model_id, names["group"])
+    for tenant, s in sessions.items():
+        mine = [v for k, v in outs if k == f"{tenant}/chat".encode()]
+        assert [v["seq"] for v in mine] == list(range(len(s.chunks)))
+        assert all(v["tenant"] == tenant and v["session_id"] == "chat" for v in mine)
+        want = clf.classify(s.tokens)
+        assert max(abs(mine[-1]["probs"][l] - want[l]) for l in want) <= 1e-5
+        st = decode_state(client.get(keys.session(f"{tenant}/chat")), 1,
+                          clf.model.config.state_size, len(clf.labels))
+        assert st.tokens_seen == len(s.tokens)
+    assert client.get(keys.session("chat")) is None
+    dead = [d["reason"] for d in read_topic(broker, names["dlq"])]
+    assert len(dead) == 2 and "does not sign" in dead[0] and "is missing" in dead[1]

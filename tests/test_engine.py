@@ -112,3 +112,87 @@ def test_engine_step_equals_the_model_offline(engine):
     want = torch.softmax(logits[0, -1], -1).numpy()
     got = np.array(res.updates[0].predictions[-1].probs)
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_a_seq_jump_past_max_seq_gap_is_dead_lettered_and_changes_nothing(engine):
+    """Issue 26, F2: one record with seq 2^53 - 1 used to move a session so far ahead that its
+    own next messages were silent duplicates for as long as the state lived. A jump of more
+    than max_seq_gap past the session's last position (in the store, or earlier in the
+    batch) is rejected with the reason, and the session goes on as if it never came."""
+    gap = engine.max_seq_gap
+    first = engine.apply([msg("s", 0, [1, 2]), msg("s", 1, [3])], {"s": None})
+    stored = first.updates[0].value
+    res = engine.apply([msg("s", 2**53 - 1, [4]), msg("s", 2 + gap, [5]), msg("s", 2, [6]),
+                        msg("s", 3 + gap, [7]), msg("s", 2 + gap, [8])], {"s": stored})
+    reasons = [r.reason for r in res.rejections]
+    assert len(reasons) == 3 and all(f"more than max_seq_gap={gap}" in r for r in reasons)
+    assert "seq 9007199254740991 of session 's' jumps 9007199254740990 past its last " \
+           "position 1" in reasons[0]
+    assert [p.seq for p in res.updates[0].predictions] == [2, 2 + gap]
+    assert decode_state(res.updates[0].value, L, H, C).last_pos == 2 + gap
+    # nothing of a rejected record reaches the state: the same as without it
+    clean = engine.apply([msg("s", 2, [6]), msg("s", 2 + gap, [8])], {"s": stored})
+    assert res.updates[0].value == clean.updates[0].value
+
+
+def test_the_seq_gap_also_bounds_an_ended_sessions_next_conversation(engine):
+    """An ended session's id may begin a new conversation numbered after its tombstone, but
+    not past it by more than the gap; a session with nothing stored may begin at any seq
+    (after expiry or a loss, it goes on marked partial), and offsets are not the producer's
+    to choose."""
+    gap = engine.max_seq_gap
+    ended = engine.apply([msg("e", 0, [1]), msg("e", 1, [2], end=True)], {"e": None})
+    tomb = ended.updates[0].value
+    res = engine.apply([msg("e", 2 + gap, [3])], {"e": tomb})
+    assert not res.updates and "max_seq_gap" in res.rejections[0].reason
+    res = engine.apply([msg("e", 1 + gap, [3])], {"e": tomb})
+    assert res.updates[0].started and not res.rejections
+    fresh = engine.apply([msg("n", 10**9, [1])], {"n": None})
+    assert fresh.updates and fresh.partial_sessions == {"n"}
+    offsets = engine.apply([msg("o", None, [1], offset=5), msg("o", None, [2], offset=10**9)],
+                           {"o": None})
+    assert not offsets.rejections and len(offsets.updates[0].predictions) == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), buckets=st.booleans())
+def test_any_batch_equals_stepping_each_message_in_turn(engine, seed, buckets):
+    """However a batch mixes them (one short message, several of one session, long ones, an
+    empty closing message, a conversation begun again after an end), each prediction and
+    each new state equal the model stepped one message at a time, in order; also through
+    the bucketed (CUDA-graph shaped) step."""
+    rng = np.random.default_rng(seed)
+    model = engine.stepper.model
+    msgs, want = [], {}
+    for s in range(int(rng.integers(1, 7))):
+        sid, seq, h, ended = f"s{s}", 0, model.initial_state(1), False
+        for _ in range(int(rng.integers(1, 6))):
+            n = int(rng.choice([0, 1, 3, 17, 40, 90]))
+            end = n == 0 or bool(rng.random() < 0.2)
+            ids = rng.integers(1, 50, n).tolist()
+            if ended:
+                h = model.initial_state(1)
+            h, p = model.step(h, torch.tensor([ids or [0]]), torch.tensor([n]))
+            msgs.append(msg(sid, seq, ids, end=end))
+            want[(sid, seq)] = p[0].numpy()
+            seq, ended = seq + 1, end
+        want[sid] = None if ended else h[:, 0].numpy()
+    order = rng.permutation(len(msgs))  # interleaved, each session's order kept
+    by_sid: dict = {}
+    for m in msgs:
+        by_sid.setdefault(m.session_id, []).append(m)
+    mixed = [by_sid[msgs[i].session_id].pop(0) for i in order]
+    saved, engine.stepper.buckets = engine.stepper.buckets, buckets
+    try:
+        res = engine.apply(mixed, {m.session_id: None for m in mixed})
+    finally:
+        engine.stepper.buckets = saved
+    assert not res.rejections
+    for u in res.updates:
+        for p in u.predictions:
+            assert np.abs(np.array(p.probs) - want[(u.session_id, p.seq)]).max() <= 1e-5
+        st_ = decode_state(u.value, L, H, C)
+        if want[u.session_id] is None:
+            assert st_.ended
+        else:
+            assert np.abs(st_.h - want[u.session_id]).max() <= 1e-5

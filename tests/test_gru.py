@@ -84,6 +84,10 @@ def test_batched_step_interleaves_sessions_like_separate_runs(texts, seed, mean)
 
 
 def test_both_step_paths_agree_on_a_mixed_batch():
+    """The unrolled step and the packed time loop (for rows past UNROLL_MAX_TOKENS) compute
+    the same function."""
+    import numpy as np
+
     from model.gru import UNROLL_MAX_TOKENS
     model = make_model(2)
     model.prepare_streaming()
@@ -93,8 +97,52 @@ def test_both_step_paths_agree_on_a_mixed_batch():
     ids = torch.randint(2, 50, (4, UNROLL_MAX_TOKENS), generator=g) * (
         torch.arange(UNROLL_MAX_TOKENS)[None, :] < lengths[:, None])
     unrolled = model._step_unrolled(h, ids, lengths)
-    fused = model._step_fused(h, ids, lengths)
-    assert (unrolled - fused).abs().max() <= TOL
+    lens = lengths.numpy()
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    real = torch.arange(UNROLL_MAX_TOKENS)[None, :] < lengths[:, None]
+    packed, _ = model._advance_packed(h, ids[real], lens, starts, np.arange(4), lens)
+    assert (unrolled - packed).abs().max() <= TOL
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), layers=st.integers(1, 2), mean=st.sampled_from([0, 3]),
+       long=st.booleans(), window=st.sampled_from([5, 64, 8192]))
+def test_advance_equals_stepping_token_by_token(seed, layers, mean, long, window):
+    """``advance`` (several rows, each read at several points, in time windows) gives the
+    states and probabilities of stepping each row one token at a time."""
+    import numpy as np
+
+    import model.gru as gru
+    model = make_model(layers, mean=mean)
+    model.prepare_streaming()
+    rng = np.random.default_rng(seed)
+    B = int(rng.integers(1, 5))
+    lens = rng.integers(0, 90 if long else 20, B)
+    rows = [rng.integers(1, 50, n).tolist() for n in lens]
+    h0 = model.initial_state(B)
+    h0[:, :, :16] = torch.randn(layers, B, 16)
+    if mean:
+        h0[-1, :, 16:19] = torch.randn(B, 3)
+        h0[-1, :, 19] = torch.from_numpy(rng.integers(0, 40, B).astype(np.float32))
+    reads = [(b, int(t)) for b in range(B)
+             for t in sorted({*rng.integers(0, lens[b] + 1, 3).tolist(), int(lens[b])})]
+    flat = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    saved, gru.WINDOW_TOKENS = gru.WINDOW_TOKENS, window
+    try:
+        h_new, probs = model.advance(h0, flat, torch.tensor(lens), torch.tensor([r for r, _ in reads]),
+                                     torch.tensor([t for _, t in reads]))
+    finally:
+        gru.WINDOW_TOKENS = saved
+    for b in range(B):
+        h = h0[:, b:b + 1]
+        want = {0: model.step(h, torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))[1][0]}
+        for t, tok in enumerate(rows[b]):
+            h, p = model.step(h, torch.tensor([[tok]]), torch.tensor([1]))
+            want[t + 1] = p[0]
+        assert (h[:, 0] - h_new[:, b]).abs().max() <= TOL
+        for i, (rb, t) in enumerate(reads):
+            if rb == b:
+                assert (probs[i] - want[t]).abs().max() <= TOL
 
 
 def test_zero_length_rows_keep_their_state():

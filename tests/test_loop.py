@@ -687,7 +687,7 @@ def test_batches_follow_the_latency_budget_and_lift_it_for_a_backlog(clf):
     from worker.budget import BatchBudget
 
     class Seeded(BatchBudget):
-        def observe(self, messages, sessions, seconds):  # keep the seeded model
+        def observe(self, *measured):  # keep the seeded model
             pass
 
     log, store = FakeLog(partitions=1), MemoryStateStore()

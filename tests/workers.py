@@ -33,11 +33,13 @@ def make_worker(clf, log, store, sink=None, source=None, clock=None, **settings)
     engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
                     end_ttl_ms=s.state.end_ttl_seconds * 1000,
                     output=OutputPolicy(s.output.emit, s.output.min_confidence),
-                    model_id=clf.model_id)
+                    model_id=clf.model_id, max_seq_gap=s.limits.max_seq_gap)
     metrics = Metrics(CollectorRegistry())
     metrics.add_model(clf.model_id, clf.labels, clf.label_prior, "cpu", "current")
     models = ModelSet(ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode,
-                                  len(clf.vocab), tuple(clf.vocab.itos)), None, s.limits, metrics)
+                                  len(clf.vocab), tuple(clf.vocab.itos),
+                                  tenants=s.limits.tenant_header is not None),
+                      None, s.limits, metrics)
     return Worker(s, models, store, source or FakeSource(log, IN), sink or FakeSink(log), metrics,
                   *([clock] if clock else []))
 

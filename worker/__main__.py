@@ -1,4 +1,4 @@
-"""Command line: ``python -m worker run | topics create | produce | tail | plan``.
+"""Command line: ``python -m worker run | topics create | produce | tail | plan | tenant-key``.
 
 ``run`` builds the Settings once (env ``GRU_*`` plus flags), wires the model, the state
 store, Kafka and metrics together, and runs the loop until SIGTERM/SIGINT or a bound.
@@ -168,6 +168,18 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenant_key(args: argparse.Namespace) -> int:
+    """Print a tenant's signing key (hex), derived from GRU_LIMITS__TENANT_SECRET."""
+    from .tenants import TENANT_PATTERN, tenant_key
+    secret = Settings().limits.tenant_secret
+    if secret is None:
+        return fatal(["GRU_LIMITS__TENANT_SECRET is not set"])
+    if not TENANT_PATTERN.fullmatch(args.tenant):
+        return fatal([f"{args.tenant!r} is not a tenant name ({TENANT_PATTERN.pattern})"])
+    print(tenant_key(secret.get_secret_value().encode(), args.tenant).hex())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .capacity import add_plan
     from .client import add_produce, add_tail
@@ -189,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument("--partitions", type=int, default=None,
                         help="partitions per topic [default: GRU_KAFKA__PARTITIONS, 6]")
     topics.set_defaults(func=cmd_topics)
+
+    key = sub.add_parser("tenant-key", help="print a tenant's signing key, derived from "
+                         "GRU_LIMITS__TENANT_SECRET (give it to that tenant's producers only)")
+    key.add_argument("tenant")
+    key.set_defaults(func=cmd_tenant_key)
 
     common = lambda p: add_setting_flags(p, common_only=True)  # noqa: E731
     add_produce(sub, common, settings_from_args)

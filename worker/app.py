@@ -108,7 +108,7 @@ def build_engine(settings: Settings, clf, device: str) -> Engine:
                   end_ttl_ms=settings.state.end_ttl_seconds * 1000,
                   compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs,
                   output=OutputPolicy(settings.output.emit, settings.output.min_confidence),
-                  model_id=clf.model_id)
+                  model_id=clf.model_id, max_seq_gap=settings.limits.max_seq_gap)
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry) -> App:
@@ -148,6 +148,7 @@ def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer
     metrics = Metrics(registry)
     metrics.add_model(clf.model_id, clf.labels, clf.label_prior, device, "current")
     engine = build_engine(settings, clf, device)
+    tenants = settings.limits.tenant_header is not None
     previous = None
     if settings.model.previous_dir is not None:
         try:
@@ -162,7 +163,7 @@ def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer
             metrics.add_model(old.model_id, old.labels, old.label_prior, device, "previous")
             previous = ServedModel(old.model_id, build_engine(settings, old, device),
                                    tuple(old.labels), old.encode, len(old.vocab),
-                                   tuple(old.vocab.itos), device)
+                                   tuple(old.vocab.itos), device, tenants)
     # The dependencies, checked before the group is joined: what cannot heal ends start-up
     # with one line naming it; what may heal is waited for up to startup_timeout_s.
     k = settings.kafka
@@ -180,7 +181,7 @@ def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer
     # A send only buffers: acknowledgements (wait) say Kafka is back, not sends.
     sink = watched(sink, "kafka", dependencies, successes=("wait", "deliver"))
     current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),
-                          tuple(clf.vocab.itos), device)
+                          tuple(clf.vocab.itos), device, tenants)
     models = ModelSet(current, previous, settings.limits, metrics)
     worker = Worker(settings, models, store, source, sink, metrics, health=dependencies)
     health.alive = worker.alive

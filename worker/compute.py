@@ -1,10 +1,12 @@
 """Where a model step runs: eager on the CPU or a GPU, or replayed from CUDA graphs.
 
-``Stepper.step(h, ids, lengths)`` takes and returns tensors on the engine's device, in
-float32. With bucketing on, a round of B sessions x K tokens is padded up to the nearest
-(batch, tokens) bucket: padding rows have length 0, so they keep their zero state and are
-cut off again. On CUDA each bucket's step is captured once as a CUDA graph and replayed,
-which removes the kernel-launch overhead that dominates small batches.
+``Stepper.step(h, ids, lengths)`` (one short message per session) and ``Stepper.advance``
+(a token sequence per session, read at given points: several messages, or long ones) take
+and return tensors on the engine's device, in float32. With bucketing on, a ``step`` of B
+sessions x K tokens is padded up to the nearest (batch, tokens) bucket: padding rows have
+length 0, so they keep their zero state and are cut off again. On CUDA each bucket's step is
+captured once as a CUDA graph and replayed, which removes the kernel-launch overhead that
+dominates small batches; ``advance`` runs eager.
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ class Stepper:
         hp, ip, lp = pad_round(h.to(self.dtype), ids, lengths, bb, kb)
         h_new, probs = self.model.step_static(hp, ip, lp)
         return h_new[:, :B].float(), probs[:B].float()
+
+    @torch.inference_mode()
+    def advance(self, h: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                read_row: torch.Tensor, read_at: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``GRUClassifier.advance``, eager on any device: h (L, B, H) float32, ids (N,) the
+        rows' tokens back to back, lengths (B,), reads (R,) -> new h, probs (R, C) float32."""
+        h_new, probs = self.model.advance(h.to(self.dtype), ids, lengths, read_row, read_at)
+        return h_new.float(), probs.float()
 
     def _capture(self, batch: int, tokens: int) -> _Graph:
         c = self.model.config

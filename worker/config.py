@@ -207,6 +207,29 @@ class LimitSettings(BaseModel):
     max_tokens_per_message: int = Field(4096, ge=1)
     max_session_id_len: int = Field(256, ge=1)
     max_message_bytes: int = Field(1_000_000, ge=64)
+    max_seq_gap: int = Field(1000, ge=1, le=2**53, description="dead-letter a message whose "
+                             "seq is more than this past its session's last position (live, "
+                             "or ended and not yet expired); nothing of it is applied. Bounds "
+                             "how far one record can move a session ahead (docs/security.md)")
+    tenant_header: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$",
+                                      description="a Kafka record header naming each record's "
+                                      "tenant: a session is then (tenant, session_id), so "
+                                      "one tenant's records cannot touch another's sessions; "
+                                      "records without it are dead-lettered. Turn it on with "
+                                      "a new GRU_STATE__NAMESPACE (docs/security.md)")
+    tenant_secret: SecretStr | None = Field(None, description="with tenant_header: records "
+                                            "must also carry <tenant_header>-signature, the "
+                                            "HMAC of their session_id under their tenant's "
+                                            "key (python -m worker tenant-key NAME)")
+
+    @model_validator(mode="after")
+    def _tenants(self) -> "LimitSettings":
+        if self.tenant_secret is not None:
+            if self.tenant_header is None:
+                raise ValueError("limits.tenant_secret needs limits.tenant_header")
+            if len(self.tenant_secret.get_secret_value()) < 16:
+                raise ValueError("limits.tenant_secret must have at least 16 characters")
+        return self
 
 
 class OutputSettings(BaseModel):

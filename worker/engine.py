@@ -2,9 +2,13 @@
 
 ``Engine.apply(messages, loaded) -> BatchResult`` touches no Kafka and no Redis. It decides,
 per session and in order, which messages are new, duplicate (at or before the stored
-position) or invalid for the session, then advances every session with new messages in
-one batched model step per round (round r holds the r-th new message of each session), and
+position) or invalid for the session, then advances every session with new messages and
 returns the new encoded states and the predictions.
+
+A batch costs what it holds, not its longest message times its size (``_advance``): each
+session's new messages run as one token sequence, read at every message's end; sequences
+are grouped by length (power-of-two buckets, so padding at most doubles a group's work) and
+long ones run packed, with no padding at all, in windows of a bounded number of tokens.
 
 It works on whole batches, not per message: the loaded values are decoded as numpy views
 over their joined bytes, the new ones encoded the same way (one structured array per value
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.gru import GRUClassifier
+from model.gru import UNROLL_MAX_TOKENS, WINDOW_TOKENS, GRUClassifier
 
 from .codec import (
     ENDED,
@@ -115,6 +119,7 @@ class BatchResult:
     corrupt_sessions: set[str] = field(default_factory=set)  # stored value unreadable
     partial_sessions: set[str] = field(default_factory=set)  # begun with no state at a seq > 0
     step_seconds: float = 0.0
+    longest: int = 0  # tokens of the longest sequence stepped: the batch's sequential steps
 
     @property
     def tokens(self) -> int:
@@ -129,7 +134,7 @@ class BatchResult:
             duplicates=[m for m in self.duplicates if m.session_id not in session_ids],
             corrupt_sessions=self.corrupt_sessions - session_ids,
             partial_sessions=self.partial_sessions - session_ids,
-            step_seconds=self.step_seconds)
+            step_seconds=self.step_seconds, longest=self.longest)
 
     def merge(self, other: "BatchResult") -> None:
         self.updates += other.updates
@@ -139,6 +144,7 @@ class BatchResult:
         self.corrupt_sessions |= other.corrupt_sessions
         self.partial_sessions |= other.partial_sessions
         self.step_seconds += other.step_seconds
+        self.longest = max(self.longest, other.longest)
 
 
 @dataclass(slots=True)
@@ -242,8 +248,10 @@ class Engine:
     def __init__(self, model: GRUClassifier, device: str = "cpu", state_dtype: str = "float32",
                  ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000,
                  compute_dtype: str = "float32", cuda_graphs: bool = True,
-                 output: OutputPolicy = OutputPolicy(), model_id: str = "") -> None:
+                 output: OutputPolicy = OutputPolicy(), model_id: str = "",
+                 max_seq_gap: int = 1000) -> None:
         self.stepper = Stepper(model, device, compute_dtype, cuda_graphs=cuda_graphs)
+        self.max_seq_gap = max_seq_gap  # GRU_LIMITS__MAX_SEQ_GAP
         self.output, self.model_id = output, model_id
         self.device = self.stepper.device
         self._pinned: torch.Tensor | None = None
@@ -276,7 +284,7 @@ class Engine:
         c_start, c_loff, c_lts = (st.start_offset.tolist(), st.last_offset.tolist(),
                                   st.last_ts.tolist())
         SEQK, OFFK = PosKind.SEQ, PosKind.OFFSET
-        ttl, end_ttl = self.ttl_ms, self.end_ttl_ms
+        ttl, end_ttl, max_gap = self.ttl_ms, self.end_ttl_ms, self.max_seq_gap
         for k, sid in enumerate(sids):
             idx = by_session[sid]
             if k in st.corrupt:
@@ -321,6 +329,16 @@ class Engine:
                         f"mix the two"), sid))
                     continue
                 pos = m.seq if m.seq is not None else m.record.offset
+                if kind is SEQK and pos - last_pos > max_gap:
+                    # a producer chooses seq: one record must not move a session (or an
+                    # ended one's tombstone) so far ahead that its own next messages become
+                    # duplicates for as long as the state lives
+                    result.rejections.append(Rejection(m.record, (
+                        f"seq {pos} of session {sid!r} jumps {pos - last_pos} past its last "
+                        f"position {last_pos}, more than max_seq_gap={max_gap} "
+                        f"(GRU_LIMITS__MAX_SEQ_GAP); nothing was applied. Number a session's "
+                        f"messages one after another"), sid))
+                    continue
                 if last_pos is not None and pos <= last_pos:
                     if outbox is None:
                         raw = raws[k]
@@ -379,6 +397,64 @@ class Engine:
         buf.numpy()[:] = h0
         return buf.to(self.device, non_blocking=True)
 
+    def _advance(self, flat: np.ndarray, lengths: np.ndarray, segment: np.ndarray,
+                 first_step: np.ndarray, h0: np.ndarray
+                 ) -> tuple[torch.Tensor, np.ndarray, int]:
+        """Run every segment through its tokens from ``h0`` (S, L, H): the new states
+        (L, S, H) on the device, the probabilities after each step (message) and the longest
+        segment's tokens.
+
+        Segments are grouped by length: a power-of-two bucket up to UNROLL_MAX_TOKENS
+        (padding at most doubles a group's work), and one group for the longer ones, which
+        ``advance`` runs packed, without padding. A one-message segment of a bucket takes
+        ``Stepper.step`` (CUDA graphs); a segment of several messages takes ``advance`` and
+        is read at each message's end: one pass over its tokens, not a step per message. No
+        call pads more than WINDOW_TOKENS tokens."""
+        n_steps, S = len(lengths), len(first_step)
+        tok_end = np.cumsum(lengths)
+        seg_begin = tok_end[first_step] - lengths[first_step]  # its first token in ``flat``
+        seg_len = np.add.reduceat(lengths, first_step)
+        seg_steps = np.diff(np.append(first_step, n_steps))
+        read_at = tok_end - seg_begin[segment]  # tokens of its segment through each step
+        width = np.maximum(seg_len, 1)
+        bucket = np.where(seg_len > UNROLL_MAX_TOKENS, 0,
+                          1 << np.ceil(np.log2(width)).astype(np.int64))  # 0: long
+        key = bucket * 2 + (seg_steps == 1)
+        dev = self.device
+        h = self._to_device(h0).transpose(0, 1).contiguous()  # (L, S, H)
+        h_new = torch.empty_like(h)
+        probs = np.empty((n_steps, self.num_labels), np.float32)
+        flat_t = torch.from_numpy(flat)
+        for k in np.unique(key).tolist():
+            group = np.flatnonzero(key == k)
+            K, single = k // 2, bool(k % 2)
+            per_call = len(group) if not K else max(1, WINDOW_TOKENS // K)
+            for c in range(0, len(group), per_call):
+                segs = group[c:c + per_call]
+                segs_t = torch.from_numpy(segs).to(dev)
+                lens = seg_len[segs]
+                if K and single:
+                    kmax = max(int(lens.max()), 1)  # a group of empty closing messages: 1
+                    pos = seg_begin[segs][:, None] + np.arange(kmax)[None, :]
+                    real = np.arange(kmax)[None, :] < lens[:, None]
+                    ids = np.zeros(real.shape, np.int64)
+                    ids[real] = flat[pos[real]]
+                    hn, p = self.stepper.step(h.index_select(1, segs_t),
+                                              torch.from_numpy(ids).to(dev),
+                                              torch.from_numpy(lens).to(dev))
+                    steps = first_step[segs]
+                else:
+                    toks = _ranges(seg_begin[segs], lens)
+                    steps = _ranges(first_step[segs], seg_steps[segs])
+                    local = np.repeat(np.arange(len(segs)), seg_steps[segs])
+                    hn, p = self.stepper.advance(h.index_select(1, segs_t),
+                                                 flat_t[torch.from_numpy(toks)].to(dev),
+                                                 torch.from_numpy(lens), torch.from_numpy(local),
+                                                 torch.from_numpy(read_at[steps]))
+                h_new.index_copy_(1, segs_t, hn)
+                probs[steps] = p.cpu().numpy()
+        return h_new, probs, int(seg_len.max()) if S else 0
+
     @torch.inference_mode()
     def _run(self, messages: Sequence[TokenMessage], sids: list[str], st: _Loaded, plan: "_Plan",
              result: BatchResult) -> None:
@@ -388,56 +464,33 @@ class Engine:
         lengths = np.fromiter(map(len, (m.token_ids for m in msgs)), np.int64, n_steps)
         flat = np.fromiter(itertools.chain.from_iterable(m.token_ids for m in msgs), np.int64,
                            int(lengths.sum()))
-        kmax = int(lengths.max())
-        ids = np.zeros((n_steps, kmax), np.int64)
-        ids[np.arange(kmax)[None, :] < lengths[:, None]] = flat
         ends = np.fromiter((m.end for m in msgs), bool, n_steps)
         digests = token_digests(flat, lengths, ends)
         # A plan row's steps are contiguous: step i is the r-th new message of row p.
         starts = np.asarray(plan.row_start, np.int64)
         counts = np.asarray(plan.row_count, np.int64)
         step_row = np.repeat(np.arange(P), counts)
-        step_round = np.arange(n_steps) - np.repeat(starts, counts)
         rows_idx = np.asarray(plan.rows)
         resets = np.asarray(plan.reset, bool)
-        live0 = ~resets[starts]  # the row goes on from a stored live state
-        h0 = np.where(live0[:, None, None], st.h[rows_idx], 0.0).astype(np.float32)
-        h = self._to_device(h0).transpose(0, 1).contiguous()  # (L, P, H)
-        ids_t, len_t = torch.from_numpy(ids), torch.from_numpy(lengths)
-        rounds = int(counts.max())
-        if rounds == 1:  # every session has one new message: one step, no gathers
-            h_new, p = self.stepper.step(h, ids_t.to(self.device), len_t.to(self.device))
-            h, probs = h_new, p.float().cpu().numpy()
-        else:
-            probs = np.empty((n_steps, self.num_labels), np.float32)
-            for r in range(rounds):
-                sel = np.flatnonzero(step_round == r)
-                rows = step_row[sel]
-                if r > 0:
-                    again = rows[resets[sel]]
-                    if len(again):
-                        h[:, torch.from_numpy(again).to(self.device)] = 0
-                k = int(lengths[sel].max())
-                sel_t = torch.from_numpy(sel)
-                idx = torch.from_numpy(rows).to(self.device)
-                h_rows, p = self.stepper.step(h.index_select(1, idx),
-                                              ids_t[sel_t, :k].to(self.device),
-                                              len_t[sel_t].to(self.device))
-                h.index_copy_(1, idx, h_rows)
-                probs[sel] = p.float().cpu().numpy()
-        h_out = h.transpose(0, 1).cpu().numpy()  # (P, L, H)
-        result.step_seconds = time.perf_counter() - t0
-
-        # Output decisions and label statistics, per *segment*: a run of steps sharing one
-        # session state (a row, split where an ended session's id begins a new conversation).
-        label = probs.argmax(axis=1)
-        confidence = probs[np.arange(n_steps), label]
+        # A *segment* is a run of steps sharing one session state: a row, split where an
+        # ended session's id begins a new conversation. Each runs as one token sequence.
         seg_start = resets.copy()
         seg_start[starts] = True
         segment = np.cumsum(seg_start) - 1
         first_step = np.flatnonzero(seg_start)
         continues = ~resets[first_step]  # the segment goes on from a stored live state
         stored = rows_idx[step_row[first_step]]
+        h0 = np.where(continues[:, None, None], st.h[stored], 0.0).astype(np.float32)
+        h_seg, probs, result.longest = self._advance(flat, lengths, segment, first_step, h0)
+        last = starts + counts - 1
+        row_seg = segment[last]
+        h_out = h_seg.index_select(1, torch.from_numpy(row_seg).to(self.device))
+        h_out = h_out.transpose(0, 1).cpu().numpy()  # (P, L, H)
+        result.step_seconds = time.perf_counter() - t0
+
+        # Output decisions and label statistics, per segment.
+        label = probs.argmax(axis=1)
+        confidence = probs[np.arange(n_steps), label]
         init_label = np.where(continues, st.last_label[stored], -1)
         decisions = decide(self.output, label, confidence, ends, segment, init_label)
         # First-seen token counts per (segment, label); 0 (not yet) compares as never.
@@ -447,8 +500,6 @@ class Engine:
         seen = np.asarray(plan.seen, np.int64)
         np.minimum.at(first, (segment, label), seen)
         first_reached = np.where(ends, first[segment, label], 0)
-        last = starts + counts - 1
-        row_seg = segment[last]
 
         seq = np.asarray(plan.seq, np.int64)
         partial = np.asarray(plan.partial, bool)
@@ -603,6 +654,14 @@ class _Steps:
     emit: np.ndarray
     offsets: np.ndarray
     stamps: np.ndarray
+
+
+def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The indices ``begin[i] .. begin[i] + length[i] - 1`` for every i, back to back."""
+    total = int(length.sum())
+    before = np.zeros(len(length), np.int64)
+    np.cumsum(length[:-1], out=before[1:])
+    return np.repeat(begin - before, length) + np.arange(total)
 
 
 def _tp(m: TokenMessage) -> TopicPartition:

@@ -81,11 +81,17 @@ class Intake:
         self.retry.pause(self._undecodable_backoff)
         self._undecodable_backoff = self.retry.next_backoff(self._undecodable_backoff)
 
-    def observe(self, messages: int, sessions: int, seconds: float) -> None:
-        """A batch's own processing time, for the budget's cost model."""
-        self.budget.observe(messages, sessions, seconds)
-        self.metrics.batch_cost.labels("fixed").set(self.budget.fixed_s)
-        self.metrics.batch_cost.labels("per_message").set(self.budget.per_message_s)
+    def observe(self, messages: int, sessions: int, seconds: float, tokens: int = 0,
+                longest: int = 0) -> None:
+        """A batch's own processing time, for the budget's cost model: its records, the
+        sessions written, the tokens the model read and its longest sequence."""
+        b = self.budget
+        b.observe(messages, sessions, seconds, tokens, longest)
+        cost = self.metrics.batch_cost
+        cost.labels("fixed").set(b.fixed_s)
+        cost.labels("per_message").set(b.per_message_s)
+        cost.labels("per_token").set(b.per_token_s)
+        cost.labels("per_step").set(b.per_step_s)
 
     def _set_switch_interval(self, reason: str) -> None:
         """Short GIL turns while records are few, long ones while a backlog lifts the budget.

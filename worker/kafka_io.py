@@ -79,6 +79,11 @@ def missing_codecs() -> list[str]:
     return [name for name, ok in have.items() if not ok]
 
 
+def _headers(headers) -> tuple[tuple[str, bytes], ...]:
+    """kafka-python's header list ((str, bytes) pairs; None on old message formats)."""
+    return tuple((k, v if v is not None else b"") for k, v in headers) if headers else ()
+
+
 class _Listener(ConsumerRebalanceListener):
     """Only notes what changed; the loop does the work (tokens, seeks)."""
 
@@ -140,7 +145,7 @@ class KafkaSource:
                 for tp, recs in polled.items():
                     for r in recs:
                         out.append(Record(tp.topic, tp.partition, r.offset, r.key, r.value,
-                                          r.timestamp))
+                                          r.timestamp, _headers(r.headers)))
                     if recs:
                         got += len(recs)
                         self._next[(tp.topic, tp.partition)] = recs[-1].offset + 1
@@ -273,8 +278,8 @@ class KafkaSource:
             deadline = time.monotonic() + self.timeout_ms / 1000
             while time.monotonic() < deadline:
                 for recs in reader.poll(timeout_ms=100, max_records=1000).values():
-                    out += [Record(topic, partition, r.offset, r.key, r.value, r.timestamp)
-                            for r in recs]
+                    out += [Record(topic, partition, r.offset, r.key, r.value, r.timestamp,
+                                   _headers(r.headers)) for r in recs]
                 hw = reader.highwater(tp)
                 if hw is not None and reader.position(tp) >= hw:
                     return out[-count:] if count else []

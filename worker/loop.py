@@ -228,7 +228,8 @@ class Worker:
         t5 = time.perf_counter()
         sending = self.delivery.send(outgoing)                          # 4. produce (no wait)
         t6 = time.perf_counter()
-        self.intake.observe(len(records), len(result.updates), t6 - t_batch)
+        self.intake.observe(len(records), len(result.updates), t6 - t_batch, result.tokens,
+                            result.longest)
         m.decode_seconds.observe(t1 - t0)
         m.load_seconds.observe(t2 - t1)
         m.engine_seconds.observe(t3 - t2)

@@ -8,6 +8,7 @@ bad input, so one bad record can never stop a partition.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from model.tokenizer import tokenize
 
 from .config import LimitSettings
 from .ports import Record
+from .tenants import TenantError, TenantRule, split
 
 
 @dataclass(frozen=True, slots=True)
 class TokenMessage:
-    session_id: str
+    session_id: str  # with a tenant header: <tenant>/<session_id> (worker.tenants)
     seq: int | None
     token_ids: list[int]
     end: bool
@@ -109,6 +111,14 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
             raise _BadInput("key is not valid UTF-8") from None
         if key != sid:
             raise _BadInput(f"key {key[:80]!r} does not equal session_id {sid[:80]!r}")
+    if limits.tenant_header is not None:
+        secret = limits.tenant_secret
+        try:
+            sid = _tenant_rule(limits.tenant_header,
+                               None if secret is None else secret.get_secret_value()
+                               ).scope(record, sid)
+        except TenantError as e:
+            raise _BadInput(str(e)) from None
 
     seq = obj.seq
     if seq is not None and not 0 <= seq < 2**53:
@@ -137,6 +147,11 @@ def _decode(record: Record, vocab_size: int, encode: Callable[[Sequence[str]], l
     return TokenMessage(sid, seq, ids, obj.end, record)
 
 
+@functools.lru_cache(maxsize=8)
+def _tenant_rule(header: str, secret: str | None) -> TenantRule:
+    return TenantRule(header, None if secret is None else secret.encode())
+
+
 def _check_count(n: int, limits: LimitSettings, field: str, end: bool) -> None:
     if n == 0 and not end:  # a closing message may be empty: it ends the session as it is
         raise _BadInput(f"{field} has no tokens (only a message with end=true may have none)")
@@ -160,8 +175,9 @@ class Prediction:
     model_id: str = ""  # the model that produced it ("" in tools and tests: the encoder's)
 
 
-class _PredictionOut(msgspec.Struct):
-    """The prediction's JSON object, its fields in the documented order."""
+class _PredictionOut(msgspec.Struct, omit_defaults=True):
+    """The prediction's JSON object, its fields in the documented order (``tenant`` only
+    with a tenant header)."""
 
     session_id: str
     seq: int
@@ -174,15 +190,17 @@ class _PredictionOut(msgspec.Struct):
     model_id: str
     partition: int
     offset: int
+    tenant: str | None = None
 
 
 class PredictionEncoder:
     """Encodes predictions as JSON with msgspec (C), a batch at a time: probabilities are
     rounded to 6 decimals with numpy, and ``probs`` is a struct whose fields are the labels."""
 
-    def __init__(self, labels: Sequence[str], model_id: str) -> None:
+    def __init__(self, labels: Sequence[str], model_id: str, tenants: bool = False) -> None:
         self.labels = list(labels)
         self.model_id = model_id
+        self.tenants = tenants  # session ids are <tenant>/<session_id>: written apart
         # A struct whose fields f0, f1, ... are renamed to the labels (fast); msgspec refuses
         # names with quotes, backslashes or control characters: those labels take a dict.
         try:
@@ -217,10 +235,12 @@ class PredictionEncoder:
         p = np.round(raw, 6)
         rows = p.tolist()
         labels, make, enc, mid = self.labels, self._probs, self._json.encode, self.model_id
+        tenants = [split(s) for s in sids] if self.tenants else [(None, s) for s in sids]
         return [enc(_PredictionOut(sid, sq, labels[b], row[b], make(*row), sn, fn,
-                                   "partial" if pa else "full", mid, rec.partition, rec.offset))
-                for sid, sq, row, b, sn, fn, pa, rec in zip(sids, seqs, rows, best, seen, final,
-                                                             partial, records)]
+                                   "partial" if pa else "full", mid, rec.partition, rec.offset,
+                                   tenant))
+                for (tenant, sid), sq, row, b, sn, fn, pa, rec in zip(
+                    tenants, seqs, rows, best, seen, final, partial, records)]
 
 
 def encode_prediction(p: Prediction, labels: Sequence[str], model_id: str) -> bytes:

@@ -232,8 +232,9 @@ class Metrics:
             "gru_batch_limit_records", "The most records the next batch may take, and why "
             "(budget, backlog, warmup, max)", ["reason"], registry=r)
         self.batch_cost = Gauge(
-            "gru_batch_cost_seconds", "The fitted batch cost model: fixed seconds per batch and "
-            "marginal seconds per message", ["term"], registry=r)
+            "gru_batch_cost_seconds", "The fitted batch cost model: fixed seconds per batch, "
+            "marginal seconds per message (its tokens included), per token, and per step of "
+            "the batch's longest sequence", ["term"], registry=r)
         self.gc_pauses = Histogram(
             "gru_gc_pause_seconds", "Python garbage-collector pauses in the worker, by generation",
             ["generation"], buckets=STAGE_BUCKETS, registry=r)

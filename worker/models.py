@@ -47,9 +47,10 @@ class ServedModel:
     vocab_size: int
     vocab_key: object = None  # equal for models that tokenize alike (their vocab)
     device: str = "cpu"
+    tenants: bool = False  # session ids carry their tenant (GRU_LIMITS__TENANT_HEADER)
 
     def __post_init__(self) -> None:
-        self.encoder = PredictionEncoder(self.labels, self.model_id)
+        self.encoder = PredictionEncoder(self.labels, self.model_id, self.tenants)
 
 
 class ModelSet:

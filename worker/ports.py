@@ -25,6 +25,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()  # Kafka record headers, in order (may repeat)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,8 +119,10 @@ def producer_config(settings: KafkaSettings, timeout_s: float) -> dict:
 
 def _record(m) -> Record:
     ts = m.timestamp()[1]
+    headers = m.headers()  # in order, repeats kept: a repeated tenant header is refused
     return Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                  ts if ts >= 0 else None)
+                  ts if ts >= 0 else None,
+                  tuple((k, v if v is not None else b"") for k, v in headers) if headers else ())
 
 
 def _close_within(clients: list, seconds: float, what: str) -> None:
