@@ -5,6 +5,8 @@ arrays; ``worker.codec`` is the per-value reference. Both must agree byte for by
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +77,12 @@ def engine():
     return Engine(model)
 
 
-def msg(sid, seq, ids, end=False, offset=0):
+_offsets = itertools.count(1000)
+
+
+def msg(sid, seq, ids, end=False, offset=None):
+    """A message at the next offset of the partition (records never share one)."""
+    offset = next(_offsets) if offset is None else offset
     return TokenMessage(sid, seq, ids, end, Record("t", 0, offset, sid.encode(), b"", 1))
 
 
@@ -122,8 +129,9 @@ def test_a_seq_jump_past_max_seq_gap_is_dead_lettered_and_changes_nothing(engine
     gap = engine.max_seq_gap
     first = engine.apply([msg("s", 0, [1, 2]), msg("s", 1, [3])], {"s": None})
     stored = first.updates[0].value
-    res = engine.apply([msg("s", 2**53 - 1, [4]), msg("s", 2 + gap, [5]), msg("s", 2, [6]),
-                        msg("s", 3 + gap, [7]), msg("s", 2 + gap, [8])], {"s": stored})
+    batch = [msg("s", 2**53 - 1, [4]), msg("s", 2 + gap, [5]), msg("s", 2, [6]),
+             msg("s", 3 + gap, [7]), msg("s", 2 + gap, [8])]
+    res = engine.apply(batch, {"s": stored})
     reasons = [r.reason for r in res.rejections]
     assert len(reasons) == 3 and all(f"more than max_seq_gap={gap}" in r for r in reasons)
     assert "seq 9007199254740991 of session 's' jumps 9007199254740990 past its last " \
@@ -131,7 +139,7 @@ def test_a_seq_jump_past_max_seq_gap_is_dead_lettered_and_changes_nothing(engine
     assert [p.seq for p in res.updates[0].predictions] == [2, 2 + gap]
     assert decode_state(res.updates[0].value, L, H, C).last_pos == 2 + gap
     # nothing of a rejected record reaches the state: the same as without it
-    clean = engine.apply([msg("s", 2, [6]), msg("s", 2 + gap, [8])], {"s": stored})
+    clean = engine.apply([batch[2], batch[4]], {"s": stored})
     assert res.updates[0].value == clean.updates[0].value
 
 

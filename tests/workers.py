@@ -10,11 +10,10 @@ from prometheus_client import CollectorRegistry
 
 from worker.codec import decode_state
 from worker.config import Settings
-from worker.engine import Engine
+from worker.app import build_engine
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.models import ModelSet, ServedModel
-from worker.output import OutputPolicy
 from worker.state import MemoryStateStore
 
 from .fakes import FakeSink, FakeSource
@@ -30,10 +29,7 @@ def make_worker(clf, log, store, sink=None, source=None, clock=None, **settings)
     settings["batch"] = {"target_latency_ms": 0, **settings.get("batch", {})}
     settings["kafka"] = {"commit_interval_ms": 0, **settings.get("kafka", {})}
     s = Settings(**{"idle_exit_s": 0.05, **settings})
-    engine = Engine(clf.model, ttl_ms=s.state.ttl_seconds * 1000,
-                    end_ttl_ms=s.state.end_ttl_seconds * 1000,
-                    output=OutputPolicy(s.output.emit, s.output.min_confidence),
-                    model_id=clf.model_id, max_seq_gap=s.limits.max_seq_gap)
+    engine = build_engine(s, clf, "cpu")  # as the worker builds it from its settings
     metrics = Metrics(CollectorRegistry())
     metrics.add_model(clf.model_id, clf.labels, clf.label_prior, "cpu", "current")
     models = ModelSet(ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode,
@@ -127,8 +123,7 @@ def rollout_worker(new, old, log, store, source=None, clock=None, **settings):
     metrics = Metrics(CollectorRegistry())
     metrics.add_model(new.model_id, new.labels, new.label_prior, "cpu", "current")
     metrics.add_model(old.model_id, old.labels, old.label_prior, "cpu", "previous")
-    engine = lambda c: Engine(c.model, ttl_ms=s.state.ttl_seconds * 1000,  # noqa: E731
-                              end_ttl_ms=s.state.end_ttl_seconds * 1000, model_id=c.model_id)
+    engine = lambda c: build_engine(s, c, "cpu")  # noqa: E731
     previous = ServedModel(old.model_id, engine(old), tuple(old.labels), old.encode,
                            len(old.vocab), tuple(old.vocab.itos))
     current = ServedModel(new.model_id, engine(new), tuple(new.labels), new.encode,

@@ -108,7 +108,8 @@ def build_engine(settings: Settings, clf, device: str) -> Engine:
                   end_ttl_ms=settings.state.end_ttl_seconds * 1000,
                   compute_dtype=settings.model.dtype, cuda_graphs=settings.model.cuda_graphs,
                   output=OutputPolicy(settings.output.emit, settings.output.min_confidence),
-                  model_id=clf.model_id, max_seq_gap=settings.limits.max_seq_gap)
+                  model_id=clf.model_id, max_seq_gap=settings.limits.max_seq_gap,
+                  keyed=settings.limits.require_key)
 
 
 def build_worker(settings: Settings, registry: CollectorRegistry) -> App:

@@ -249,9 +249,12 @@ class Engine:
                  ttl_ms: int = 86_400_000, end_ttl_ms: int = 3_600_000,
                  compute_dtype: str = "float32", cuda_graphs: bool = True,
                  output: OutputPolicy = OutputPolicy(), model_id: str = "",
-                 max_seq_gap: int = 1000) -> None:
+                 max_seq_gap: int = 1000, keyed: bool = True) -> None:
         self.stepper = Stepper(model, device, compute_dtype, cuda_graphs=cuda_graphs)
         self.max_seq_gap = max_seq_gap  # GRU_LIMITS__MAX_SEQ_GAP
+        # A session's records share one partition (GRU_LIMITS__REQUIRE_KEY): one at or before
+        # the offset of its last applied message is a redelivery, whatever its seq says.
+        self.keyed = keyed
         self.output, self.model_id = output, model_id
         self.device = self.stepper.device
         self._pinned: torch.Tensor | None = None
@@ -301,6 +304,7 @@ class Engine:
             partial = c_partial[k] if live else False
             start_offset = c_start[k] if live else -1
             last_ts = c_lts[k] if exists else -1
+            last_offset = c_loff[k] if exists and self.keyed else -1
             if live and not partial and 0 <= c_loff[k] < skips.get(_tp(messages[idx[0]]), -1):
                 first_new = messages[idx[0]]
                 # the group skipped records after this session's last write: it may have
@@ -308,6 +312,7 @@ class Engine:
                 partial = not (kind == SEQK and first_new.seq == last_pos + 1)
             outbox: dict[int, OutboxEntry] | None = None  # decoded on the first duplicate
             carried: list[int] = []  # positions re-emitted from the outbox in this batch
+            planned: dict[int, int] = {}  # position -> digest of a message applied in it
             start = len(plan.msg)
             for i in idx:
                 m = messages[i]
@@ -319,8 +324,26 @@ class Engine:
                     exists = live = partial = False
                     last_pos = kind = None
                     tokens = count = 0
-                    start_offset = -1
+                    start_offset = last_offset = -1
                     outbox, carried = {}, []
+                pos = m.seq if m.seq is not None else m.record.offset
+                if m.record.offset <= last_offset:
+                    # redelivered (a crash before the commit): applied or refused before. Its
+                    # position may have been reused since by a new conversation in the same
+                    # batch, so the outbox answers only for the same content.
+                    if outbox is None:
+                        raw = raws[k]
+                        outbox = {e.position: e for e in decode_outbox(raw)} if raw else {}
+                    entry = outbox.get(pos)
+                    result.duplicates.append(m)
+                    if entry is not None and entry.digest == _digest(m) and not entry.suppressed:
+                        result.replayed.append(Prediction(
+                            sid, entry.seq, entry.probs, entry.tokens_seen, entry.final,
+                            m.record, replayed=True, partial=c_partial[k],
+                            model_id=self.model_id))
+                        if len(plan.msg) == start and pos not in carried:
+                            carried.append(pos)
+                    continue
                 m_kind = SEQK if m.seq is not None else OFFK
                 if kind is not None and m_kind != kind:
                     result.rejections.append(Rejection(m.record, (
@@ -328,7 +351,6 @@ class Engine:
                         f"{'has' if m.seq is not None else 'has no'} seq; a session must not "
                         f"mix the two"), sid))
                     continue
-                pos = m.seq if m.seq is not None else m.record.offset
                 if kind is SEQK and pos - last_pos > max_gap:
                     # a producer chooses seq: one record must not move a session (or an
                     # ended one's tombstone) so far ahead that its own next messages become
@@ -338,6 +360,15 @@ class Engine:
                         f"position {last_pos}, more than max_seq_gap={max_gap} "
                         f"(GRU_LIMITS__MAX_SEQ_GAP); nothing was applied. Number a session's "
                         f"messages one after another"), sid))
+                    continue
+                if last_pos is not None and pos <= last_pos and pos in planned:
+                    # the same position earlier in this batch: its prediction is produced
+                    if planned[pos] != _digest(m):
+                        result.rejections.append(Rejection(m.record, (
+                            f"session {sid!r} already applied position {pos} with other "
+                            f"tokens in this batch: a reused session id or seq"), sid))
+                    else:
+                        result.duplicates.append(m)
                     continue
                 if last_pos is not None and pos <= last_pos:
                     if outbox is None:
@@ -371,11 +402,15 @@ class Engine:
                     if partial:
                         result.partial_sessions.add(sid)
                 tokens += len(m.token_ids)
+                if reset:
+                    planned.clear()
+                planned[pos] = _digest(m)
                 plan.step(i, reset, m.seq if m.seq is not None else count, tokens, count + 1,
                           partial, start_offset)
                 count += 1
                 last_pos, kind, live, exists = pos, m_kind, not m.end, True
                 last_ts = ts if ts is not None else -1
+                last_offset = m.record.offset if self.keyed else -1
             n = len(plan.msg) - start
             if n:
                 if n + len(carried) > MAX_OUTBOX:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from worker.app import build_engine
 from worker.config import Settings
 from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.models import ModelSet, ServedModel
-from worker.output import OutputPolicy
 
 from .broker import Broker, BrokerSink, Group, Member
 from .clock import SimClock
@@ -67,10 +67,7 @@ def build_world(cfg: Config) -> World:
 
 
 def _engine(s: Settings, m: SimModel) -> Engine:
-    return Engine(m.model, ttl_ms=s.state.ttl_seconds * 1000,
-                  end_ttl_ms=s.state.end_ttl_seconds * 1000,
-                  output=OutputPolicy(s.output.emit, s.output.min_confidence),
-                  model_id=m.model_id, cuda_graphs=False)
+    return build_engine(s, m, "cpu")  # as the worker builds it from its settings
 
 
 def build_worker(world: World, cfg: Config, current: SimModel, previous: SimModel | None,
