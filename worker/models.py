@@ -129,8 +129,18 @@ class ModelSet:
                 (m.record.topic, m.record.partition), 0))
             cur_values[sid] = cur
             prev_values[sid] = old
+        last: dict[str, TokenMessage] = {}  # each session's previous message in the batch
         for m in messages:
-            where, upto = routes[m.session_id]
+            sid = m.session_id
+            where, upto = routes[sid]
+            before = last.get(sid)
+            if where == "prev" and before is not None and _begins_anew(before, m, prev.engine):
+                # a replay that ends a conversation of the previous model and begins the next
+                # one under the same id: that one began with the current model, unless before
+                where = "cur" if m.record.offset >= began.get(
+                    (m.record.topic, m.record.partition), 0) else "prev"
+                routes[sid] = (where, None)
+            last[sid] = m
             if where == "prev" or (where == "split" and m.position <= upto):
                 to_prev.append(m)
             else:
@@ -277,6 +287,16 @@ def _route(cur: bytes | None, old: bytes | None, first: TokenMessage, engine: En
     if len(old) < MIN_HEADER or old[:4] not in MAGICS or not old[4] & ENDED:
         return "prev", None  # live (or unreadable: the previous model reports it corrupt)
     return "split", stored_position(old)
+
+
+def _begins_anew(before: TokenMessage, m: TokenMessage, engine: Engine) -> bool:
+    """Whether ``m`` begins a new conversation after ``before``, its session's previous
+    message in the batch: that one ended it, or the state expired in between (event time)."""
+    ts, ts0 = m.record.timestamp_ms, before.record.timestamp_ms
+    gap = ts - ts0 if ts is not None and ts0 is not None else 0
+    if before.end:
+        return m.position > before.position or gap > engine.end_ttl_ms
+    return gap > engine.ttl_ms
 
 
 def _expired(raw: bytes, first: TokenMessage, engine: Engine) -> bool:
