@@ -66,6 +66,7 @@ class Conversation:
     last_ts: int = 0
     ended: bool = False
     skipped_from: int | None = None  # an operator skipped one of its messages before this one
+    skipped_seqs: set = field(default_factory=set)  # the seqs of those messages
     skip_live_from: int | None = None  # it was live when an operator skipped records
     results: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     emits: list[bool | None] = field(default_factory=list)
@@ -139,8 +140,10 @@ class Ideal:
                             c.skip_live_from = len(c.msgs)
                 body = _body(r.value)
                 c = state.get(body.get("session_id")) if body else None  # type: ignore[arg-type]
-                if c is not None and not c.ended and c.skipped_from is None:
-                    c.skipped_from = len(c.msgs)
+                if c is not None and not c.ended:
+                    if c.skipped_from is None:
+                        c.skipped_from = len(c.msgs)
+                    c.skipped_seqs.add(body.get("seq"))
                 continue
             if key in self.hostile:
                 self.expect[key] = Expect("dead", reason=self.hostile[key])
@@ -181,6 +184,13 @@ class Ideal:
                                      either_start=c is not None and bool(seq))
                 self.convs.append(c_new)
                 state[sid] = self.final[sid] = c = c_new
+            if seq is not None and seq in c.skipped_seqs:
+                # a copy of a skipped message came through (a producer's retry): nothing of
+                # the conversation is lost once every skipped one did; partial stays allowed
+                c.skipped_seqs.discard(seq)
+                if not c.skipped_seqs and c.skipped_from is not None:
+                    c.skip_live_from = min(c.skip_live_from or c.skipped_from, c.skipped_from)
+                    c.skipped_from = None
             c.msgs.append(Msg(r, ids, seq, end))
             c.last_ts, c.ended = ts, end
             self.expect[key] = Expect("apply", c, len(c.msgs) - 1)

@@ -193,7 +193,7 @@ class Simulation:
                 first = next((r.offset for r in part.records[part.log_start:done]
                               if (r.timestamp_ms or 0) >= wall_ms(cutoff)), done)
                 self.broker.retain((INPUT, p), first)
-        elif f.kind == "corrupt":
+        elif f.kind == "corrupt" and f.slot < self.cfg.partitions:  # (a shrunk scenario)
             self.broker.corrupt((INPUT, f.slot), int(f.arg))
             self.operator_delay[f.slot] = f.arg2
 
