@@ -16,6 +16,7 @@ import pytest
 import model
 from worker.config import Settings
 from worker.state import MemoryStateStore
+from worker.writer import GRACE_MS
 
 from .fakes import FakeLog
 from .streams import assert_exact, bbc_sessions, interleave
@@ -89,7 +90,7 @@ def test_a_rollout_keeps_live_sessions_on_the_previous_model_until_they_drain(cl
     assert rreg.get_sample_value("gru_model_drain_progress", {"model_id": clf_a.model_id}) == 0
     models.between_batches()
     assert models.previous is not None  # not drained: still loaded
-    now[0] += Settings().state.end_ttl_seconds + 1  # the tombstones expire
+    now[0] += Settings().state.end_ttl_seconds + GRACE_MS / 1000 + 1  # the tombstones expire
     models.check_drain(view)
     assert rreg.get_sample_value("gru_model_drain_progress", {"model_id": clf_a.model_id}) == 1
     models.between_batches()

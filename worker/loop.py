@@ -111,7 +111,7 @@ class Worker:
         self.recovery = Recovery(st, store, source, self.ownership, self.checkpoint, models,
                                  self.retry, metrics, clock)
         self.writer = StateWriter(store, source, models, self.ownership, self.recovery,
-                                  self.retry, metrics)
+                                  self.retry, metrics, clock)
         self.delivery = Delivery(settings.kafka, sink, models, self.recovery, self.retry,
                                  metrics, clock)
         self.intake = Intake(settings.batch, source, self.retry, lambda: self.ownership.owned,

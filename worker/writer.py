@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .clock import Clock
 from .engine import BatchResult, SessionUpdate
 from .messages import TokenMessage
 from .metrics import Metrics
@@ -35,6 +36,18 @@ from .retry import Retrier
 log = logging.getLogger("worker.loop")
 
 RESTEP_ATTEMPTS = 3  # reloads of a session whose write was refused as STALE, per batch
+GRACE_MS = 60_000  # how long a key outlives its event-time expiry (at most a tenth of its TTL)
+
+
+def store_ttl_ms(ttl_ms: int, last_ts: int, now_ms: int) -> int:
+    """How long the store keeps a state: until its TTL has passed since its last message's
+    record timestamp (event time, as the engine judges expiry), plus a grace for the lag of
+    a worker and the skew of a producer's clock. A state rebuilt from old records so expires
+    when the original would have, not a whole TTL after the replay."""
+    grace = min(GRACE_MS, ttl_ms // 10)
+    if last_ts < 0:  # no record timestamp: from now
+        return ttl_ms
+    return max(0, min(ttl_ms, ttl_ms - (now_ms - last_ts))) + grace
 
 
 @dataclass
@@ -55,10 +68,11 @@ class Written:
 class StateWriter:
     def __init__(self, store: StateStore, source: Source, models: ModelSet,
                  ownership: Ownership, recovery: Recovery, retrier: Retrier,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, clock: Clock) -> None:
         self.store, self.source, self.models = store, source, models
         self.ownership, self.recovery, self.retry, self.metrics = (ownership, recovery,
                                                                    retrier, metrics)
+        self.clock = clock
 
     def write(self, records: Sequence[Record], messages: Sequence[TokenMessage],
               result: BatchResult) -> Written:
@@ -115,8 +129,10 @@ class StateWriter:
 
     def _store(self, marks: dict[TopicPartition, PartitionMark],
                updates: Sequence[SessionUpdate]) -> StoreResult:
+        now_ms = int(self.clock.time() * 1000)
         writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
-                             u.ttl_ms, u.model, u.replaces) for u in updates]
+                             store_ttl_ms(u.ttl_ms, u.last_ts, now_ms), u.model, u.replaces)
+                  for u in updates]
         res = self.retry.call(lambda: self.store.store(marks, writes))
         self.ownership.note_recorded(marks, res)
         return res
