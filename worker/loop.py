@@ -289,13 +289,12 @@ class Worker:
                     self.source.seek(tp, start)
                     rewound.add(tp)
         holds = self.ownership.holds
-        records = self.recovery.admit(records)
         keep = [r for r in records
                 if holds((r.topic, r.partition)) and (r.topic, r.partition) not in rewound]
         if len(keep) < len(records):
             log.info("dropped %d polled records of partitions not ours or restarted (they are "
                      "read again from where the work resumes)", len(records) - len(keep))
-        return keep
+        return self.recovery.admit(keep)
 
     # 1. load -------------------------------------------------------------------------------
 

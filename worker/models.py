@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .codec import ENDED, MAGICS, MIN_HEADER, StateCorrupt, last_timestamp, stored_position
 from .config import LimitSettings
@@ -33,6 +34,16 @@ from .metrics import Metrics
 from .ports import Record, StateStore, TopicPartition
 
 log = logging.getLogger(__name__)
+
+
+class RolloutStart(NamedTuple):
+    """Where, on one partition, the current model began serving new sessions (``since``);
+    during a rebuild whose log was cut by retention before ``since``, a session with nothing
+    stored first seen at a seq past 0 below ``partial_until`` began before that: on the
+    previous model."""
+
+    since: int
+    partial_until: int = -1
 
 
 @dataclass
@@ -103,7 +114,7 @@ class ModelSet:
 
     def apply(self, messages: Sequence[TokenMessage],
               loaded: Mapping[str, tuple[bytes | None, ...]],
-              begins: Mapping[TopicPartition, int] | None = None,
+              begins: Mapping[TopicPartition, RolloutStart] | None = None,
               partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
         """Route each session (module docstring) and apply each model's share of the batch.
         ``loaded``: per session, its value under each of ``namespaces``. ``begins``: per
@@ -126,7 +137,7 @@ class ModelSet:
         for sid, (cur, old) in loaded.items():
             m = first[sid]
             routes[sid] = _route(cur, old, m, prev.engine, began.get(
-                (m.record.topic, m.record.partition), 0))
+                (m.record.topic, m.record.partition), RolloutStart(0)))
             cur_values[sid] = cur
             prev_values[sid] = old
         last: dict[str, TokenMessage] = {}  # each session's previous message in the batch
@@ -138,7 +149,7 @@ class ModelSet:
                 # a replay that ends a conversation of the previous model and begins the next
                 # one under the same id: that one began with the current model, unless before
                 where = "cur" if m.record.offset >= began.get(
-                    (m.record.topic, m.record.partition), 0) else "prev"
+                    (m.record.topic, m.record.partition), RolloutStart(0)).since else "prev"
                 routes[sid] = (where, None)
             last[sid] = m
             if where == "prev" or (where == "split" and m.position <= upto):
@@ -275,7 +286,7 @@ class DrainWatcher:
 
 
 def _route(cur: bytes | None, old: bytes | None, first: TokenMessage, engine: Engine,
-           current_began: int) -> tuple[str, int | None]:
+           current_began: RolloutStart) -> tuple[str, int | None]:
     """("cur" | "prev" | "split", the tombstone's position for "split"), for a session whose
     first message in the batch is ``first``."""
     if cur is not None:
@@ -283,7 +294,10 @@ def _route(cur: bytes | None, old: bytes | None, first: TokenMessage, engine: En
     if old is None or _expired(old, first, engine):
         # nothing stored that still lives: a new session, unless the log says it began
         # before the current model did (a rebuild)
-        return ("prev", None) if first.record.offset < current_began else ("cur", None)
+        offset = first.record.offset
+        older = offset < current_began.since or (
+            first.seq is not None and first.seq > 0 and offset < current_began.partial_until)
+        return ("prev", None) if older else ("cur", None)
     if len(old) < MIN_HEADER or old[:4] not in MAGICS or not old[4] & ENDED:
         return "prev", None  # live (or unreadable: the previous model reports it corrupt)
     return "split", stored_position(old)

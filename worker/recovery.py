@@ -39,7 +39,7 @@ from .checkpoint import Checkpointer, Found, Lineage
 from .clock import Clock
 from .config import StateSettings
 from .metrics import Metrics
-from .models import ModelSet
+from .models import ModelSet, RolloutStart
 from .ownership import Ownership
 from .ports import Claim, Record, Source, StateStore, TopicPartition
 from .retry import Retrier
@@ -58,6 +58,7 @@ class Rebuild:
     began: float
     messages: int = 0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped ranges: jumped
+    first_seen: int | None = None  # the first offset replayed (past start: retention cut it)
 
 
 class Recovery:
@@ -127,13 +128,13 @@ class Recovery:
             if done > ours:
                 self._skipped_to(tp, done)
             return done
-        self._begin(tp, reason, start, done, lineage.gaps(start, done))
+        resumes = self._begin(tp, reason, start, done, lineage.gaps(start, done))
         log.error("%s[%d]: Redis holds this partition's states up to offset %s, but the group "
                   "reached %d (%s): replaying offsets %d..%d to rebuild them, outputs "
                   "suppressed", tp[0], tp[1], nxt, ours,
                   "Redis lost writes" if reason == "rollback" else "Redis lost everything",
                   start, ours - 1)
-        return start
+        return resumes
 
     def _skipped_to(self, tp: TopicPartition, offset: int) -> None:
         """Record in the store that its states hold the partition's effects up to ``offset``
@@ -143,11 +144,20 @@ class Recovery:
         self.ownership.note_recorded(marks, result)
 
     def _begin(self, tp: TopicPartition, reason: str, start: int, until: int,
-               gaps: list[tuple[int, int]] | None = None) -> None:
+               gaps: list[tuple[int, int]] | None = None) -> int:
+        """Begin replaying ``[start, until)`` less the skipped ``gaps``; returns where the
+        partition resumes (past a gap that holds ``start``)."""
         self.metrics.rebuilds.labels(reason).inc()
+        gaps = sorted(gaps or [])
+        for a, b in gaps:
+            if a <= start < b:
+                start = b
         if start < until:
             self.rebuilds[tp] = Rebuild(reason, start, until, self.clock.monotonic(),
-                                        gaps=list(gaps or []))
+                                        gaps=[g for g in gaps if g[0] >= start])
+        else:
+            self._skipped_to(tp, until)
+        return min(start, until)
 
     # --- what a batch needs to know -----------------------------------------------------------
 
@@ -155,6 +165,10 @@ class Recovery:
         """The records to apply: a rebuild jumps the ranges an operator skipped, as the live
         run did (they may be undecodable): what it polled in one is dropped, and the
         partition goes on at its end, once the records before it are in."""
+        for r in records:
+            rb = self.rebuilds.get((r.topic, r.partition))
+            if rb is not None and rb.first_seen is None:
+                rb.first_seen = r.offset
         if not any(rb.gaps for rb in self.rebuilds.values()):
             return list(records)
         keep, jump = [], {}
@@ -183,8 +197,12 @@ class Recovery:
         current = self.models.current.model_id
         for tp, lineage in self.checkpoint.lineage.items():
             since = lineage.began(current)
-            if since:
-                begins[tp] = since
+            rb = self.rebuilds.get(tp)
+            if since and rb is not None and rb.first_seen is not None and (
+                    rb.start < rb.first_seen <= since):
+                begins[tp] = RolloutStart(since, rb.until)
+            elif since:
+                begins[tp] = RolloutStart(since)
             below = lineage.skipped_below()
             if below >= 0:
                 skipped[tp] = below
@@ -204,9 +222,10 @@ class Recovery:
                 lineage = self.checkpoint.lineage.get(tp)
                 found = lineage.replay_from(int(self.clock.time() * 1000)) if lineage else 0
                 start = done if found is None else min(found, done)
-            self.source.seek(tp, start)
             self.ownership.recorded[tp] = stored
-            self._begin(tp, "rollback", start, done)
+            lineage = self.checkpoint.lineage.get(tp)
+            gaps = lineage.gaps(start, done) if lineage else []
+            self.source.seek(tp, self._begin(tp, "rollback", start, done, gaps))
             log.error("%s[%d]: Redis holds this partition's states up to offset %s, behind the "
                       "offsets this worker recorded (Redis lost writes under it): replaying "
                       "offsets %d..%d to rebuild them, outputs suppressed", tp[0], tp[1], stored,
