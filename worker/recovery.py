@@ -59,6 +59,7 @@ class Rebuild:
     messages: int = 0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped ranges: jumped
     first_seen: int | None = None  # the first offset replayed (past start: retention cut it)
+    skipped_to: int | None = None  # the replay ended at a skip: recorded once it is settled
 
 
 class Recovery:
@@ -181,13 +182,15 @@ class Recovery:
             if tp in jump and r.offset >= jump[tp][0]:
                 continue  # in or after the skipped range: read again from its end
             keep.append(r)
-        for tp, (_, end) in jump.items():
+        for tp, (begin, end) in jump.items():
             rb = self.rebuilds[tp]
             rb.gaps = [g for g in rb.gaps if g[0] > end]
             self.source.seek(tp, end)
-            self._skipped_to(tp, end)
-            if end >= rb.until:  # nothing after the skip to replay: the rebuild is over
-                self.advanced({tp: end})
+            if end >= rb.until:  # nothing to replay after the skip: the replay ends at it
+                rb.until, rb.skipped_to = max(rb.start, begin), end
+                if not any((r.topic, r.partition) == tp for r in keep):
+                    self.advanced({tp: end})
+            # (a skip inside the replay: its records' writes record the offsets past it)
         return keep
 
     def hints(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
@@ -256,6 +259,8 @@ class Recovery:
         for tp, nxt in next_offsets.items():
             rb = self.rebuilds.get(tp)
             if rb is not None and nxt >= rb.until:
+                if rb.skipped_to is not None:  # after the writes below the skip, not before
+                    self._skipped_to(tp, rb.skipped_to)
                 del self.rebuilds[tp]
                 log.warning("%s[%d]: rebuild finished: %d messages replayed in %.1fs",
                             *tp, rb.messages, self.clock.monotonic() - rb.began)
