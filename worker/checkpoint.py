@@ -84,11 +84,12 @@ class Lineage:
         self.live[key] = min(start, self.live.get(key, start))
 
     def prune(self, now_ms: int, ttl_ms: int) -> None:
-        """Forget buckets of sessions expired (one bucket of slack) and skips older than the
-        TTL: every session live at them has since been written again or expired."""
+        """Forget buckets of sessions expired (one bucket of slack), and skips no replay can
+        reach any more (they lie before the oldest live session's first offset)."""
         cutoff = now_ms - self.bucket_ms
         self.live = {k: v for k, v in self.live.items() if k >= cutoff}
-        self.skips = [(a, b, at) for a, b, at in self.skips if at >= now_ms - ttl_ms]
+        start = self.replay_from(now_ms)  # a skip matters while a replay can reach it
+        self.skips = [(a, b, at) for a, b, at in self.skips if start is not None and b > start]
 
     def replay_from(self, now_ms: int) -> int | None:
         """The first offset of the oldest session that may still live (None: none)."""
