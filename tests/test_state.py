@@ -22,7 +22,7 @@ def test_codec_roundtrip(layers, hidden, labels, n_out, pos, ended, partial, see
     h = rng.standard_normal((layers, hidden)).astype(np.float32)
     outbox = tuple(OutboxEntry(pos - i, i, 10 * i, i == 0, token_digest([i, 2], i == 0),
                                tuple(float(x) for x in rng.random(labels).astype(np.float32)),
-                               suppressed=bool(i % 2))
+                               suppressed=bool(i % 2), partial=bool(i % 3 == 1))
                    for i in range(n_out))
     last_label = int(rng.integers(0, labels)) if seed % 3 else None
     first = tuple(int(x) for x in rng.integers(0, 1000, labels))

@@ -68,6 +68,7 @@ FORMATS = {f.magic: f for f in (Format(MAGIC, HEADER, HEADER_DTYPE, True, True),
 # An outbox entry's marks: the message ended its session; its prediction was not emitted
 # (GRU_OUTPUT__EMIT, GRU_OUTPUT__MIN_CONFIDENCE), so a replay must not emit it either.
 OUT_FINAL, OUT_SUPPRESSED = 1, 2
+OUT_PARTIAL = 4  # GRS4: the prediction said "partial" (a replay says what it said)
 SEEN_MAX = 2**32 - 1  # first-seen token counts saturate here
 
 
@@ -112,6 +113,7 @@ class OutboxEntry:
     digest: int  # token_digest() of the message that produced it
     probs: tuple[float, ...]
     suppressed: bool = False  # not emitted when applied: a replay does not emit it either
+    partial: bool | None = None  # its context was partial (None: a value from before GRS4)
 
 
 @dataclass(slots=True)
@@ -190,7 +192,7 @@ def encode_state(s: SessionState, num_labels: int, dtype: str = "float32") -> by
         first = s.first_seen if s.first_seen is not None else (0,) * num_labels
         parts.append(np.asarray(first, dtype="<u4").tobytes())
     for e in s.outbox:
-        marks = (OUT_FINAL if e.final else 0) | (OUT_SUPPRESSED if e.suppressed else 0)
+        marks = _marks(e)
         parts.append(OUTBOX_ENTRY.pack(e.position, e.seq, e.tokens_seen, marks, e.digest))
         parts.append(np.asarray(e.probs, dtype="<f4").tobytes())
     return b"".join(parts)
@@ -308,7 +310,8 @@ def decode_outbox(raw: bytes) -> tuple[OutboxEntry, ...]:
         pos, seq, seen, marks, digest = OUTBOX_ENTRY.unpack_from(raw, at)
         probs = np.frombuffer(raw, dtype="<f4", count=c, offset=at + OUTBOX_ENTRY.size)
         out.append(OutboxEntry(pos, seq, seen, bool(marks & OUT_FINAL), digest,
-                               tuple(float(p) for p in probs), bool(marks & OUT_SUPPRESSED)))
+                               tuple(float(p) for p in probs), bool(marks & OUT_SUPPRESSED),
+                               bool(marks & OUT_PARTIAL) if fmt.lineage else None))
     return tuple(out)
 
 
@@ -322,8 +325,13 @@ def with_carried(raw: bytes, entries: Sequence[OutboxEntry], num_labels: int) ->
     at = len(raw) - n_out * entry
     carried = b"".join(
         OUTBOX_ENTRY.pack(e.position, e.seq, e.tokens_seen,
-                          (OUT_FINAL if e.final else 0) | (OUT_SUPPRESSED if e.suppressed else 0),
+                          _marks(e),
                           e.digest) + np.asarray(e.probs, "<f4").tobytes() for e in entries)
     head = bytearray(raw[:at])
     struct.pack_into("<H", head, N_OUT_OFFSET, n_out + len(entries))
     return bytes(head) + carried + raw[at:]
+
+
+def _marks(e: OutboxEntry) -> int:
+    return ((OUT_FINAL if e.final else 0) | (OUT_SUPPRESSED if e.suppressed else 0)
+            | (OUT_PARTIAL if e.partial else 0))

@@ -37,6 +37,7 @@ from .codec import (
     MAX_OUTBOX,
     NO_LABEL,
     OUT_FINAL,
+    OUT_PARTIAL,
     OUT_SUPPRESSED,
     PARTIAL,
     SEEN_MAX,
@@ -339,7 +340,8 @@ class Engine:
                     if entry is not None and entry.digest == _digest(m) and not entry.suppressed:
                         result.replayed.append(Prediction(
                             sid, entry.seq, entry.probs, entry.tokens_seen, entry.final,
-                            m.record, replayed=True, partial=c_partial[k],
+                            m.record, replayed=True,
+                            partial=c_partial[k] if entry.partial is None else entry.partial,
                             model_id=self.model_id))
                         if len(plan.msg) == start and pos not in carried:
                             carried.append(pos)
@@ -385,7 +387,8 @@ class Engine:
                     if entry is not None and not entry.suppressed:
                         result.replayed.append(Prediction(
                             sid, entry.seq, entry.probs, entry.tokens_seen, entry.final,
-                            m.record, replayed=True, partial=c_partial[k],
+                            m.record, replayed=True,
+                            partial=c_partial[k] if entry.partial is None else entry.partial,
                             model_id=self.model_id))
                         if len(plan.msg) == start and pos not in carried:
                             carried.append(pos)  # kept in the outbox until acknowledged
@@ -612,8 +615,9 @@ class Engine:
             out["position"] = steps.positions[at]
             out["seq"] = steps.seq[at]
             out["seen"] = steps.seen[at]
-            out["marks"] = np.where(steps.ends[at], OUT_FINAL, 0) | np.where(
-                steps.emit[at], 0, OUT_SUPPRESSED)
+            out["marks"] = (np.where(steps.ends[at], OUT_FINAL, 0)
+                            | np.where(steps.emit[at], 0, OUT_SUPPRESSED)
+                            | np.where(steps.partial[at], OUT_PARTIAL, 0))
             out["digest"] = steps.digests[at]
             out["probs"] = steps.probs[at]
             raw = arr.tobytes()

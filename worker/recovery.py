@@ -167,9 +167,18 @@ class Recovery:
         run did (they may be undecodable): what it polled in one is dropped, and the
         partition goes on at its end, once the records before it are in."""
         for r in records:
-            rb = self.rebuilds.get((r.topic, r.partition))
+            tp = (r.topic, r.partition)
+            rb = self.rebuilds.get(tp)
             if rb is not None and rb.first_seen is None:
                 rb.first_seen = r.offset
+                if rb.reason == "rollback" and r.offset > rb.start and tp in self.checkpoint.lineage:
+                    # retention deleted records Redis had not applied: their sessions go on
+                    # without them, marked partial as after an operator's skip
+                    log.error("%s[%d]: the log no longer holds offsets %d..%d that Redis lost; "
+                              "their sessions continue marked partial", *tp, rb.start,
+                              r.offset - 1)
+                    self.checkpoint.lineage[tp].skips.append(
+                        (rb.start, r.offset, int(self.clock.time() * 1000)))
         if not any(rb.gaps for rb in self.rebuilds.values()):
             return list(records)
         keep, jump = [], {}

@@ -120,6 +120,11 @@ class StateWriter:
                           "to offset %d to apply them again", *tp, len(refused),
                           RESTEP_ATTEMPTS, offset)
                 self.source.seek(tp, offset)
+        for tp in set(marks) - fenced - set(behind) - set(held):
+            # every write of the partition landed, some on a retry that found its first
+            # attempt already in (a lost reply): the script recorded the offset that time
+            self.ownership.recorded[tp] = max(marks[tp].next_offset,
+                                              self.ownership.recorded.get(tp) or -1)
         if behind:
             self.recovery.rewind_behind(behind, first)
         if fenced:

@@ -239,9 +239,11 @@ class Ideal:
                 e = confident and label != prev
                 if confident:
                     prev = label
-                # GRS2 holds no last label: with a confidence floor its outbox may not tell
+                # GRS2 holds no last label: its outbox tells it only when its last entries were
+                # emitted (the simulator's downgrade keeps suppressed ones, which no GRS2
+                # writer made), so after an upgrade the decisions are not predictable here
                 tie = tie or probs[order[-1]] - probs[order[-2]] < TIE  # the label, by a hair
-                unsure = tie or (up is not None and floor > 0 and self._ms_to_t(m.record) > up)
+                unsure = tie or (up is not None and self._ms_to_t(m.record) > up)
                 tie = unsure
             c.emits.append(None if tie else e)
 
