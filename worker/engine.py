@@ -397,11 +397,10 @@ class Engine:
                 if reset:
                     tokens = count = 0
                     start_offset = m.record.offset
-                    # No state at all (not even an ended session's tombstone) and a seq past
-                    # 0: the session's beginning was never applied here (expired, or lost by
-                    # Redis and older than the log's rebuild window).
-                    partial = (not exists and len(plan.msg) == start and m.seq is not None
-                               and m.seq > 0)
+                    # No state at all (not even an ended session's tombstone; or it expired
+                    # earlier in this batch) and a seq past 0: the session's beginning was
+                    # never applied here (expired, or lost by Redis and deleted from the log).
+                    partial = not exists and m.seq is not None and m.seq > 0
                     if partial:
                         result.partial_sessions.add(sid)
                 tokens += len(m.token_ids)
