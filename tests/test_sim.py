@@ -42,8 +42,6 @@ def test_a_seed_replays_exactly_and_so_does_its_saved_scenario():
     assert _signature(Scenario.from_json(sc.to_json())) == _signature(sc)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 24: found on this tree before the fixes (b*: B1-B8 "
-                   "of the issue, n*: found by the simulator); remove this mark with the fixes")
 @pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
 def test_each_minimal_schedule_found_keeps_every_invariant(path: Path):
     from tests.sim.oracle import check
@@ -54,9 +52,6 @@ def test_each_minimal_schedule_found_keeps_every_invariant(path: Path):
                        + sc.describe() + "\n" + "\n".join(str(v) for v in found))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 24: B1-B8 are not fixed on this tree and the "
-                   "simulator finds them; remove this mark with the fixes")
 def test_a_batch_of_seeds_keeps_every_invariant():
     t0 = time.monotonic()
     run = subprocess.run(

@@ -68,12 +68,15 @@ class Lineage:
     first offset among them: a bounded summary whose minimum over unexpired buckets is the
     first offset of the oldest session whose state (or tombstone) still matters.
     ``skips``: (first, end, wall ms) of offset ranges the group was moved past, never
-    applied (an operator's reset): a replay must jump them as the live run did. ``models``: (model id, the offset from which it began new sessions), newest first.
+    applied (an operator's reset): a replay must jump them as the live run did. ``cuts``:
+    (offset, wall ms) below which Redis lost writes whose records retention then deleted.
+    ``models``: (model id, the offset from which it began new sessions), newest first.
     """
 
     bucket_ms: int
     live: dict[int, int] = field(default_factory=dict)
     skips: list[tuple[int, int, int]] = field(default_factory=list)
+    cuts: list[tuple[int, int]] = field(default_factory=list)
     models: list[tuple[str, int]] = field(default_factory=list)
 
     def note(self, start_offset: int, expires_ms: int) -> None:
@@ -90,6 +93,8 @@ class Lineage:
         self.live = {k: v for k, v in self.live.items() if k >= cutoff}
         start = self.replay_from(now_ms)  # a skip matters while a replay can reach it
         self.skips = [(a, b, at) for a, b, at in self.skips if start is not None and b > start]
+        # a state written before a cut lives at most a TTL (and the store's grace) after it
+        self.cuts = [(o, at) for o, at in self.cuts if at >= now_ms - ttl_ms - 60_000]
 
     def replay_from(self, now_ms: int) -> int | None:
         """The first offset of the oldest session that may still live (None: none)."""
@@ -99,6 +104,10 @@ class Lineage:
     def skipped_below(self) -> int:
         """The highest offset an operator moved the group to, still within the TTL (-1)."""
         return max((b for _, b, _ in self.skips), default=-1)
+
+    def restart_below(self) -> int:
+        """The highest offset below which Redis lost writes retention then deleted (-1)."""
+        return max((o for o, _ in self.cuts), default=-1)
 
     def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
         """The skipped ranges that overlap ``[start, end)``, in order."""
@@ -123,6 +132,7 @@ class Lineage:
         return json.dumps({"v": FORMAT, "offset": offset, "at": now_ms,
                            "bucket_ms": self.bucket_ms,
                            "live": sorted(self.live.items()), "skips": self.skips,
+                           "cuts": self.cuts,
                            "models": self.models}, separators=(",", ":")).encode()
 
     @classmethod
@@ -135,6 +145,7 @@ class Lineage:
             return int(d["offset"]), cls(int(d["bucket_ms"]),
                                          {int(k): int(v) for k, v in d["live"]},
                                          [(int(a), int(b), int(t)) for a, b, t in d["skips"]],
+                                         [(int(o), int(t)) for o, t in d.get("cuts", [])],
                                          [(str(m), int(o)) for m, o in d["models"]])
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

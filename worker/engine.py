@@ -23,6 +23,7 @@ import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -265,11 +266,9 @@ class Engine:
         self.layers, self.hidden, self.num_labels = c.num_layers, c.state_size, c.num_labels
 
     def apply(self, messages: Sequence[TokenMessage], loaded: Mapping[str, bytes | None],
-              partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
-        """Apply ``messages`` to the ``loaded`` values of their sessions. ``partial_below``:
-        per partition, an offset the group was moved to past records never applied (an
-        operator's skip): a live session last written below it may have lost messages there,
-        and continues marked partial unless its ``seq`` shows it lost none."""
+              continuity: Mapping[TopicPartition, Continuity] | None = None) -> BatchResult:
+        """Apply ``messages`` to the ``loaded`` values of their sessions. ``continuity``: per
+        partition, what recovery knows of records its states never applied (``Continuity``)."""
         result = BatchResult()
         by_session: dict[str, list[int]] = {}
         for i, m in enumerate(messages):
@@ -278,7 +277,7 @@ class Engine:
         raws = [loaded.get(s) for s in sids]
         st = decode_states(raws, self.layers, self.hidden, self.num_labels)
         plan = _Plan()
-        skips = partial_below or {}
+        gaps = continuity or {}
 
         # Decide, per session and in order, what each message does (the one Python loop, on
         # plain lists: numpy scalars cost ten times as much to touch one at a time).
@@ -306,7 +305,15 @@ class Engine:
             start_offset = c_start[k] if live else -1
             last_ts = c_lts[k] if exists else -1
             last_offset = c_loff[k] if exists and self.keyed else -1
-            if live and not partial and 0 <= c_loff[k] < skips.get(_tp(messages[idx[0]]), -1):
+            gap = gaps.get(_tp(messages[idx[0]]), NO_GAP)
+            if exists and c_loff[k] < gap.restart_below:
+                # written before records the log no longer holds and the store never
+                # applied: begins again from what the log holds (a suffix, partial)
+                exists = live = partial = False
+                last_pos = kind = None
+                tokens = count = 0
+                start_offset = last_ts = last_offset = -1
+            if live and not partial and 0 <= c_loff[k] < gap.partial_below:
                 first_new = messages[idx[0]]
                 # the group skipped records after this session's last write: it may have
                 # lost messages there, unless its seq goes on without a gap
@@ -626,6 +633,21 @@ class Engine:
         for p, entries in rows.carried.items():
             values[p] = with_carried(values[p], entries, C)
         return values
+
+
+class Continuity(NamedTuple):
+    """What recovery knows of one partition's records its states never applied.
+    ``partial_below``: an operator moved the group past records up to this offset: a live
+    session last written below it may have lost messages there, and continues marked partial
+    unless its ``seq`` shows it lost none. ``restart_below``: Redis lost writes whose records
+    retention has since deleted, up to this offset: a session last written below it begins
+    again from what the log holds."""
+
+    partial_below: int = -1
+    restart_below: int = -1
+
+
+NO_GAP = Continuity()
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from .codec import ENDED, MAGICS, MIN_HEADER, StateCorrupt, last_timestamp, stored_position
 from .config import LimitSettings
-from .engine import BatchResult, Engine
+from .engine import BatchResult, Continuity, Engine
 from .messages import PredictionEncoder, Rejection, TokenMessage, decode
 from .metrics import Metrics
 from .ports import Record, StateStore, TopicPartition
@@ -115,16 +115,16 @@ class ModelSet:
     def apply(self, messages: Sequence[TokenMessage],
               loaded: Mapping[str, tuple[bytes | None, ...]],
               begins: Mapping[TopicPartition, RolloutStart] | None = None,
-              partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
+              continuity: Mapping[TopicPartition, Continuity] | None = None) -> BatchResult:
         """Route each session (module docstring) and apply each model's share of the batch.
         ``loaded``: per session, its value under each of ``namespaces``. ``begins``: per
         partition, the offset from which the current model began new sessions: a session
         with nothing stored whose first message lies before it began on the previous model
-        (a rebuild after Redis lost it). ``partial_below``: see ``Engine.apply``."""
+        (a rebuild after Redis lost it). ``continuity``: see ``Engine.apply``."""
         prev = self.previous
         if prev is None:
             return self._run(messages, {s: v[0] for s, v in loaded.items()}, [], {},
-                             partial_below)
+                             continuity)
         to_cur: list[TokenMessage] = []
         to_prev: list[TokenMessage] = []
         cur_values: dict[str, bytes | None] = {}
@@ -156,11 +156,11 @@ class ModelSet:
                 to_prev.append(m)
             else:
                 to_cur.append(m)
-        return self._run(to_cur, cur_values, to_prev, prev_values, partial_below)
+        return self._run(to_cur, cur_values, to_prev, prev_values, continuity)
 
     def reapply(self, messages: Sequence[TokenMessage],
                 refused: Mapping[str, tuple[str | None, bytes | None]],
-                partial_below: Mapping[TopicPartition, int] | None = None) -> BatchResult:
+                continuity: Mapping[TopicPartition, Continuity] | None = None) -> BatchResult:
         """Step sessions again under the model they were written under (a STALE write):
         ``refused`` maps each to (model namespace, its value now)."""
         prev = self.previous
@@ -171,7 +171,7 @@ class ModelSet:
         to_cur = [m for m in messages if m.session_id not in in_prev]
         values = {s: v for s, (_, v) in refused.items()}
         return self._run(to_cur, {s: values[s] for s in {m.session_id for m in to_cur}},
-                         to_prev, {s: values[s] for s in in_prev}, partial_below)
+                         to_prev, {s: values[s] for s in in_prev}, continuity)
 
     def _run(self, to_cur, cur_values, to_prev, prev_values, skips) -> BatchResult:
         cur = self.current

@@ -39,6 +39,7 @@ from .checkpoint import Checkpointer, Found, Lineage
 from .clock import Clock
 from .config import StateSettings
 from .metrics import Metrics
+from .engine import NO_GAP, Continuity
 from .models import ModelSet, RolloutStart
 from .ownership import Ownership
 from .ports import Claim, Record, Source, StateStore, TopicPartition
@@ -172,13 +173,14 @@ class Recovery:
             if rb is not None and rb.first_seen is None:
                 rb.first_seen = r.offset
                 if rb.reason == "rollback" and r.offset > rb.start and tp in self.checkpoint.lineage:
-                    # retention deleted records Redis had not applied: their sessions go on
-                    # without them, marked partial as after an operator's skip
+                    # retention deleted records Redis had not applied: a session written
+                    # before them cannot be brought up to date; it begins again from what
+                    # the log holds, partial (as after a total loss)
                     log.error("%s[%d]: the log no longer holds offsets %d..%d that Redis lost; "
-                              "their sessions continue marked partial", *tp, rb.start,
-                              r.offset - 1)
-                    self.checkpoint.lineage[tp].skips.append(
-                        (rb.start, r.offset, int(self.clock.time() * 1000)))
+                              "sessions last written before them begin again, partial", *tp,
+                              rb.start, r.offset - 1)
+                    self.checkpoint.lineage[tp].cuts.append(
+                        (r.offset, int(self.clock.time() * 1000)))
         if not any(rb.gaps for rb in self.rebuilds.values()):
             return list(records)
         keep, jump = [], {}
@@ -202,10 +204,11 @@ class Recovery:
             # (a skip inside the replay: its records' writes record the offsets past it)
         return keep
 
-    def hints(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-        """Per claimed partition: the offset from which the current model began new sessions,
-        and the offset below which a live session may have lost messages to a skip."""
-        begins, skipped = {}, {}
+    def hints(self) -> tuple[dict[TopicPartition, RolloutStart],
+                             dict[TopicPartition, Continuity]]:
+        """Per claimed partition: where the current model began new sessions, and what its
+        states never applied (``engine.Continuity``)."""
+        begins, gaps = {}, {}
         current = self.models.current.model_id
         for tp, lineage in self.checkpoint.lineage.items():
             since = lineage.began(current)
@@ -215,10 +218,10 @@ class Recovery:
                 begins[tp] = RolloutStart(since, rb.until)
             elif since:
                 begins[tp] = RolloutStart(since)
-            below = lineage.skipped_below()
-            if below >= 0:
-                skipped[tp] = below
-        return begins, skipped
+            gap = Continuity(lineage.skipped_below(), lineage.restart_below())
+            if gap != NO_GAP:
+                gaps[tp] = gap
+        return begins, gaps
 
     # --- under a running worker ---------------------------------------------------------------
 
