@@ -180,7 +180,7 @@ def _build(settings: Settings, registry: CollectorRegistry, health: HealthServer
     ensure_checkpoint_topic(k)
     source, sink = build_kafka(k)
     # A send only buffers: acknowledgements (wait) say Kafka is back, not sends.
-    sink = watched(sink, "kafka", dependencies, successes=("wait", "deliver"))
+    sink = watched(sink, "kafka", dependencies, successes=("wait",))
     current = ServedModel(clf.model_id, engine, tuple(clf.labels), clf.encode, len(clf.vocab),
                           tuple(clf.vocab.itos), device, tenants)
     models = ModelSet(current, previous, settings.limits, metrics)

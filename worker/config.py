@@ -71,11 +71,12 @@ class KafkaSettings(BaseModel):
                                     "most this often (0: after every batch), and always at a "
                                     "rebalance, when input pauses and at shutdown; a crash "
                                     "redelivers at most this much input, deduplicated")
+    # Off by default: it moves the wait into the next poll and does not shorten the tail
+    # (docs/latency.md).
     async_commits: bool = Field(False, description="inside the loop, send commits without "
                                 "waiting for the coordinator's answer (a failed one is carried "
                                 "into the next; commits before a claim and at shutdown always "
-                                "wait). Off: measured, it moved the wait into the next poll "
-                                "and did not shorten the tail (docs/latency.md)")
+                                "wait)")
     fetch_max_wait_ms: int = Field(20, ge=0, description="broker-side wait for a fetch to fill; "
                                    "bounds the latency an idle partition adds")
     fetch_max_bytes: int = Field(16 << 20, ge=1024, description="most (compressed) bytes one "
@@ -156,10 +157,9 @@ class ModelSettings(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model runs "
                                                    "(auto: cuda when torch sees a GPU)",
                                                    json_schema_extra=flag("--device"))
-    threads: int = Field(1, ge=1, description="torch intra-op threads. 1 by default: the "
-                         "worker's Kafka and Redis threads share the cores, and on a 2-core VM a "
-                         "second torch thread took ~30 us more CPU a message for the same msg/s and "
-                         "a higher demo latency (docs/benchmarks.md); scale with --processes",
+    # 1: the worker's Kafka and Redis threads share the cores; a second torch thread costs
+    # CPU for no more msg/s (docs/benchmarks.md). Scale out with --processes instead.
+    threads: int = Field(1, ge=1, description="torch intra-op threads",
                          json_schema_extra=flag("--threads"))
     dtype: Literal["float32", "float16"] = Field("float32", description="compute dtype; "
                                                  "float16 needs device cuda",

@@ -438,8 +438,6 @@ class KafkaSink:
                                   f"acknowledged ({error!r})", pending=pending, rejected=rejected)
         return rejected
 
-    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
-        return self.wait(self.send(messages))
 
     def close(self) -> None:
         try:

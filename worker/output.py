@@ -26,10 +26,6 @@ class OutputPolicy:
     emit: Emit = "every"
     min_confidence: float = 0.0
 
-    @property
-    def emits_all(self) -> bool:
-        return self.emit == "every" and self.min_confidence <= 0.0
-
 
 @dataclass(slots=True)
 class Decisions:

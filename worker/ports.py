@@ -38,7 +38,7 @@ class Outgoing:
 
 class Source(Protocol):
     """A consumer-group member. ``on_assigned``/``on_revoked`` run inside ``poll`` and must
-    stay short: they only note what changed; the loop does the work (epochs, seeks)."""
+    stay short: they only note what changed; the loop does the work (fencing tokens, seeks)."""
 
     def bind(self, on_assigned: Callable[[list[TopicPartition]], None],
              on_revoked: Callable[[list[TopicPartition]], None]) -> None: ...
@@ -88,14 +88,14 @@ class Sink(Protocol):
 class WriteStatus(IntEnum):
     OK = 0
     STALE = 1  # the stored position is not the one loaded: a duplicate or a lost race
-    FENCED = 2  # the partition's epoch is no longer ours: a newer owner took it
+    FENCED = 2  # the partition's fencing token is no longer ours: a newer owner took it
     CORRUPT = 3  # the stored value is not a state value: nothing was written
     BEHIND = 4  # the partition's recorded offset went back: Redis lost writes; nothing written
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What taking a partition's epoch returns: the fencing token the writes must carry, and
+    """What claiming a partition returns: the fencing token the writes must carry, and
     the next offset that the last write for this partition recorded (None: no record)."""
 
     token: str

@@ -676,8 +676,6 @@ class RdKafkaSink:
                 error = error or "timed out"
         return rejected, pending + s.unsent, error
 
-    def deliver(self, messages: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
-        return self.wait(self.send(messages))
 
     def close(self) -> None:
         """Flush for at most 5 s, then drop what is left: librdkafka would otherwise keep the
