@@ -8,7 +8,10 @@ the engine's planning, state decoding and encoding, digests and prediction colum
 ``--compare DIR`` also runs the same measurement in another checkout (e.g. a worktree of an
 earlier commit) in a child process, alternating rounds, so both figures come from one run.
 
-    .venv/bin/python -m bench.engine [--sessions 512 8192] [--compare ../wt-before]
+    python -m bench.engine [--sessions 512 8192] [--compare ../wt-before]
+
+Writes bench/results/engine-<date>.json (``bench.common.write_result``) and prints a line
+per round and tree.
 """
 
 from __future__ import annotations
@@ -62,30 +65,34 @@ def measure(sessions: int, tokens: int, repeats: int, model_dir: str, threads: i
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, nargs="+", default=[512, 8192])
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --compare")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default="artifacts/bbc-gru")
+    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--compare", default=None, help="another checkout to measure in the same run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="result file (default: bench/results/engine-<date>.json)")
     args = ap.parse_args(argv)
-    model_dir = str(Path(args.model).resolve())
-    if args.child:
-        print(json.dumps([measure(s, args.tokens, args.repeats, model_dir, args.threads)
+    if args.child:  # imports nothing from bench/: the tree measured may have another bench/
+        print(json.dumps([measure(s, args.tokens, args.repeats, args.model, args.threads)
                           for s in args.sessions]))
         return 0
     from bench import common
-    res = {"argv": sys.argv, "machine": common.machine(), "model": model_dir, "threads": args.threads,
-           "rounds": []}
+    model_dir = str(common.resolve_model(args.model).resolve())
     trees = {"this": str(common.ROOT)} | ({"compare": str(Path(args.compare).resolve())}
                                           if args.compare else {})
+    res: dict = {"model": model_dir, "threads": args.threads, "rounds": []}
+    if args.compare:  # the commit header is this tree's
+        res["compare"] = {"dir": trees["compare"], "commit": common.commit(trees["compare"])}
     for rnd in range(args.rounds if args.compare else 1):
         for name, tree in trees.items():
-            # This file, run as a script, imports worker/ and model/ from the tree it measures.
+            # This file, run by its path (not as bench.engine, which would be the other
+            # tree's), imports worker/ and model/ from the tree it measures.
             out = subprocess.run([sys.executable, __file__, "--child", "--model", model_dir,
                                   "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                                   "--threads", str(args.threads),
