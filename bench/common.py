@@ -39,13 +39,7 @@ def log(msg: str) -> None:
 def machine() -> dict:
     """The machine measured, by its specification: CPU model, cores, memory, OS, Python,
     torch, and the GPU when torch is loaded and sees one."""
-    info: dict = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False)
-        for line in lscpu.stdout.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+    info: dict = {"cpu": _cpu_model(), "cpus": os.cpu_count()}
     with contextlib.suppress(OSError, AttributeError):
         info["cpus_usable"] = len(os.sched_getaffinity(0))
     with contextlib.suppress(OSError, StopIteration, ValueError):
@@ -59,6 +53,22 @@ def machine() -> dict:
         if torch is not None and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _cpu_model() -> str:
+    """lscpu's model name (it names Arm cores too), else /proc/cpuinfo's, else the arch."""
+    texts = []
+    with contextlib.suppress(OSError):
+        texts.append(subprocess.run(["lscpu"], capture_output=True, text=True,
+                                    check=False).stdout)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        texts.append(f.read())
+    for text in texts:
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name" and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine()
 
 
 def commit(tree: str | os.PathLike = ROOT) -> dict:
@@ -265,11 +275,11 @@ class KafkaPythonPassThrough:
             session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms, **fetch_bounds(k), **k.client_options())
         self.consumer.subscribe([topic])
-        self.producer_settings = {"linger_ms": k.linger_ms, "batch_size": k.producer_batch_bytes,
-                                  "compression_type": compression(k)} if worker_producer else {
-                                  "linger_ms": CLIENT_LINGER_MS}
-        self.producer = KafkaProducer(acks="all", enable_idempotence=False,
-                                      **self.producer_settings, **k.client_options())
+        tuning = {"linger_ms": k.linger_ms, "batch_size": k.producer_batch_bytes,
+                  "compression_type": compression(k)} if worker_producer else {
+                  "linger_ms": CLIENT_LINGER_MS}
+        self.producer_settings = {"acks": "all", "enable_idempotence": False, **tuning}
+        self.producer = KafkaProducer(**self.producer_settings, **k.client_options())
 
     def join(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -203,7 +203,7 @@ def print_table(res: dict, tokens: int) -> dict:
         if pt:
             rows.append(("(a) pass-through consume->produce", pt, C["passthrough"]))
         if pt2:
-            rows.append(("(a') pass-through, the worker's settings", pt2,
+            rows.append(("(a') pass-through, the worker's producer", pt2,
                          C["passthrough_worker_producer"]))
         if nv and client == "kafka-python":
             rows.append(("(b) naive per-message loop", nv, R["naive"]))
