@@ -37,7 +37,7 @@ from worker.app import build_worker
 from worker.codec import decode_state
 
 
-def run(s) -> tuple[object, dict]:
+def run(s) -> dict:
     """Run a worker until idle; time its first and last batch, and its rebuild."""
     app = build_worker(s, CollectorRegistry())
     w, reg = app.worker, app.registry
@@ -45,18 +45,21 @@ def run(s) -> tuple[object, dict]:
     stop = threading.Event()
 
     def watch() -> None:
-        while not stop.is_set():
-            now = time.perf_counter()
-            n = w.summary.messages
-            if n and "first" not in marks:
-                marks["first"] = now
-            if n:
-                marks["last"], marks["last_n"] = now, n
-            if w.rebuilds:
-                marks.setdefault("rebuild_start", now)
-            elif "rebuild_start" in marks and "rebuild_end" not in marks:
-                marks["rebuild_end"] = now
-            time.sleep(0.02)
+        try:
+            while not stop.is_set():
+                now = time.perf_counter()
+                n = w.summary.messages
+                if n and "first" not in marks:
+                    marks["first"] = now
+                if n:
+                    marks["last"], marks["last_n"] = now, n
+                if w.recovery.rebuilds:
+                    marks.setdefault("rebuild_start", now)
+                elif "rebuild_start" in marks and "rebuild_end" not in marks:
+                    marks["rebuild_end"] = now
+                time.sleep(0.02)
+        except Exception as e:  # raised in run(), not lost with this thread
+            marks["watch_error"] = e
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
@@ -66,9 +69,11 @@ def run(s) -> tuple[object, dict]:
         stop.set()
         t.join()
         app.close()
+    if "watch_error" in marks:
+        raise RuntimeError("watching the worker failed") from marks["watch_error"]
     marks["rebuilt"] = reg.get_sample_value("gru_rebuild_messages_total") or 0
     marks["messages"] = w.summary.messages
-    return w, marks
+    return marks
 
 
 def states(client, prefix: str) -> dict[bytes, bytes]:
@@ -93,7 +98,7 @@ def measure(sessions: int, messages: int, tokens: int = 4, partitions: int = 4,
         n = len(pairs)
         bench.backlog(names, pairs)
         s = common.worker_settings(bench, model_dir, names, batch, 0, 1, idle_exit_s=4.0)
-        _, first = run(s)
+        first = run(s)
         normal_s = first["last"] - first["first"]
         client = bench.redis.client()
         before = states(client, names["prefix"])
@@ -101,7 +106,7 @@ def measure(sessions: int, messages: int, tokens: int = 4, partitions: int = 4,
         common.log(f"pass 1: {first['messages']} messages in {normal_s:.1f}s "
                    f"({first['messages'] / normal_s:.0f} msg/s), {len(before)} sessions")
         client.flushall()
-        _, second = run(s)
+        second = run(s)
         rebuild_s = second["rebuild_end"] - second["rebuild_start"]
         after = states(client, names["prefix"])
         client.close()
