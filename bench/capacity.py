@@ -25,7 +25,6 @@ in the installed package, ``worker/capacity.py``: ``python -m worker plan`` prin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -360,10 +359,10 @@ def table(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("capacity", __doc__)  # measure's options: it is the default command
     sub = ap.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="measure on this machine (the default)")
+    common.add_standard_options(m, "capacity")
     t = sub.add_parser("table", help="the sizing table of docs/capacity.md")
     t.add_argument("--results", default=None,
                    help="a capacity-*.json (default: worker.capacity.REFERENCE)")
@@ -380,10 +379,7 @@ def main(argv=None) -> int:
         a.add_argument("--repeat", type=int, default=2, help="rounds of the worker runs")
         a.add_argument("--rebuild-sessions", type=int, default=50_000)
         a.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
-        a.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
         a.add_argument("--only", default="mwr", help="m memory, w worker, r rebuild")
-        a.add_argument("--out", default=None,
-                       help="result file (default: bench/results/capacity-<date>.json)")
         a.add_argument("--merge", default=None,
                        help="an earlier capacity result: take the sections not in --only from it")
     args = ap.parse_args(argv)

@@ -8,6 +8,7 @@ Run each bench as a module from the repository root: ``python -m bench.<name> --
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -32,6 +33,32 @@ _T0, _LOAD_AT_START = time.monotonic(), os.getloadavg()  # when this bench proce
 def log(msg: str) -> None:
     """One progress line, with the seconds since the bench started."""
     print(f"[{time.monotonic() - _T0:6.1f}s] {msg}", flush=True)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+DEFAULT_MODEL = "artifacts/bbc-gru"  # resolve_model's default, trained when missing
+
+
+def parser(kind: str, doc: str | None, model: str | None = DEFAULT_MODEL
+           ) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m bench.<kind>``: its module docstring as the
+    description, and ``add_standard_options``."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{kind}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_standard_options(ap, kind, model)
+    return ap
+
+
+def add_standard_options(ap: argparse.ArgumentParser, kind: str,
+                         model: str | None = DEFAULT_MODEL) -> None:
+    """``--out`` (``write_result``'s), and, unless ``model`` is None, ``--model`` (None when
+    not given; ``model`` says what the bench takes then)."""
+    if model is not None:
+        ap.add_argument("--model", default=None, metavar="DIR",
+                        help=f"the model artifact (default: {model})")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help=f"the result file (default: bench/results/{kind}-<date>.json)")
 
 
 # --- what a result records besides its figures ---------------------------------------------
@@ -495,10 +522,10 @@ def _quantile(cum: list[tuple[float, float]], q: float) -> float:
 # --- the model -----------------------------------------------------------------------------
 
 def resolve_model(arg: str | None) -> Path:
-    """The artifact to benchmark: ``arg``, else artifacts/bbc-gru (trained if missing)."""
+    """The artifact to benchmark: ``arg``, else ``DEFAULT_MODEL`` (trained if missing)."""
     if arg:
         return Path(arg)
-    out = ROOT / "artifacts/bbc-gru"
+    out = ROOT / DEFAULT_MODEL
     if not (out / "config.json").exists():
         print(f"no model at {out}: training the default BBC model (a few minutes) ...", flush=True)
         subprocess.run([sys.executable, "-m", "model", "train", "--dataset", "bbc-news",

@@ -12,7 +12,6 @@ line per batch size and codec.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -72,12 +71,9 @@ def measure(values: list[bytes], codec: int, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.compression", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("compression", __doc__, model=None)
     ap.add_argument("--repeat", type=int, default=200,
                     help="batches built and read per codec at 16 records (fewer at more)")
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/compression-<date>.json)")
     args = ap.parse_args(argv)
     rng = random.Random(0)
     rows = []

@@ -64,25 +64,37 @@ def measure(sessions: int, tokens: int, repeats: int, model_dir: str, threads: i
             "step_us_per_msg_median": round(statistics.median(step), 2)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[512, 8192])
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --compare")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
-    ap.add_argument("--compare", default=None, help="another checkout to measure in the same run")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/engine-<date>.json)")
+
+
+def child(argv: list[str]) -> int:
+    """One tree's measurement, as JSON on stdout. It imports nothing from bench/: run by this
+    file's path with another tree first on the path, that tree's bench/ may differ."""
+    ap = argparse.ArgumentParser()
+    measure_options(ap)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--model", required=True)
     args = ap.parse_args(argv)
-    if args.child:  # imports nothing from bench/: the tree measured may have another bench/
-        print(json.dumps([measure(s, args.tokens, args.repeats, args.model, args.threads)
-                          for s in args.sessions]))
-        return 0
+    print(json.dumps([measure(s, args.tokens, args.repeats, args.model, args.threads)
+                      for s in args.sessions]))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        return child(argv)
     from bench import common
+    ap = common.parser("engine", __doc__)
+    measure_options(ap)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --compare")
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="another checkout to measure in the same run")
+    args = ap.parse_args(argv)
     model_dir = str(common.resolve_model(args.model).resolve())
     trees = {"this": str(common.ROOT)} | ({"compare": str(Path(args.compare).resolve())}
                                           if args.compare else {})

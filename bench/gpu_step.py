@@ -16,7 +16,6 @@ a copy of the tree and no git, its commit is recorded as unknown).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -143,16 +142,13 @@ def section_sizes(args, sync) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.gpu_step", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("gpu_step", __doc__, model=None)
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="+",
                     default=[1, 8, 64, 512, 4096, 8192, 65536])
     ap.add_argument("--engine-batches", type=int, nargs="+", default=[512, 8192])
     ap.add_argument("--size-batch", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/gpu_step-<date>.json)")
     ap.add_argument("--dry-run", action="store_true", help="run on the CPU to check the script")
     args = ap.parse_args(argv)
     global GPU

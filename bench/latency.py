@@ -458,8 +458,7 @@ def main(argv=None) -> int:
         a = ap.parse_args(argv[1:])
         return {"_feed": feed, "_collect": collect, "_passthrough": passthrough}[argv[0]](a)
 
-    ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("latency", __doc__)
     ap.add_argument("--modes", nargs="+", default=["pinned", "unpinned"], choices=["pinned", "unpinned"])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75],
                     help="fractions of the measured max")
@@ -483,9 +482,6 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", nargs="+", default=list(common.CLIENTS), choices=common.CLIENTS,
                     help="the worker's Kafka clients, each at fractions of its own max and "
                          "against its own pass-through")
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/latency-<date>.json)")
     args = ap.parse_args(argv)
 
     model_dir = common.resolve_model(args.model)

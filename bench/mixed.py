@@ -27,7 +27,6 @@ round's CPU per token and the ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -96,8 +95,7 @@ def run_worker(bench, model_dir, records, batch: int, threads: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.mixed", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("mixed", __doc__, model="random weights in the default recipe's shape")
     ap.add_argument("--messages", type=int, default=20000, help="records per workload")
     ap.add_argument("--chat", type=int, default=1000, help="chat sessions")
     ap.add_argument("--doc-share", type=float, default=0.01, help="share of long documents")
@@ -107,9 +105,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--only", default="ew", help="e: engine, w: worker")
-    ap.add_argument("--model", default=None, help="artifact dir (default: the shaped model)")
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/mixed-<date>.json)")
     args = ap.parse_args(argv)
 
     import torch

@@ -20,7 +20,6 @@ table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -135,8 +134,7 @@ def run_one(bench: Bench, model_dir: Path, n_proc: int, args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.processes", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("processes", __doc__)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the --processes list")
     ap.add_argument("--sessions", type=int, default=1000)
@@ -148,9 +146,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sample-s", type=float, default=0.2)
     ap.add_argument("--timeout-s", type=float, default=180)
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/processes-<date>.json)")
     args = ap.parse_args(argv)
 
     model_dir = common.resolve_model(args.model)

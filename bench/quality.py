@@ -16,7 +16,6 @@ bench/results/quality-<date>.json (``bench.common.write_result``) and prints a l
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
 import statistics
@@ -25,7 +24,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import parser, write_result
 from model import data
 from model.evaluate import confusion_matrix, evaluate, macro_f1, prefix_index
 from model.tokenizer import tokenize
@@ -135,8 +134,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("quality", __doc__, model=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs (exploration only)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -148,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-epoch", action="store_true",
                     help="also score each seed's test split after every epoch (analysis only; "
                          "its time is left out of the seconds)")
-    ap.add_argument("--out", help="result file (default: bench/results/quality-<date>.json)")
     args = ap.parse_args(argv)
     overrides = {"epochs": args.epochs} if args.epochs else {}
     overrides.update(_overrides(args.set))

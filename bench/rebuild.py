@@ -22,7 +22,6 @@ scale.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -135,16 +134,12 @@ def measure(sessions: int, messages: int, tokens: int = 4, partitions: int = 4,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.rebuild", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("rebuild", __doc__)
     ap.add_argument("--sessions", type=int, default=100_000)
     ap.add_argument("--messages", type=int, default=2, help="messages per session")
     ap.add_argument("--tokens", type=int, default=4, help="token ids per message")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/rebuild-<date>.json)")
     args = ap.parse_args(argv)
     result = measure(args.sessions, args.messages, args.tokens, args.partitions, args.batch,
                      args.model)

@@ -29,7 +29,6 @@ table per client with the ratios to its own floor.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -241,8 +240,7 @@ def print_table(res: dict, tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("throughput", __doc__)
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=4, help="tokens per message (K)")
     ap.add_argument("--messages", type=int, default=30000, help="input messages for (c)")
@@ -257,12 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (worker and naive)")
     ap.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--only", default="abc", help="subset of measurements, e.g. 'ac'")
     ap.add_argument("--clients", nargs="+", default=list(common.CLIENTS), choices=common.CLIENTS,
                     help="Kafka clients for (a), (a') and (c), each against its own floor")
-    ap.add_argument("--out", default=None,
-                    help="result file (default: bench/results/throughput-<date>.json)")
     args = ap.parse_args(argv)
 
     import torch
