@@ -380,7 +380,7 @@ def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
             out["max_stages"] = ph["stages"]
             out["max_cores"] = ph.get("cores")
             common.log(f"[{where}] max {peak:.0f} msg/s (sustained under an offered "
-                      f"{args.overload:g} msg/s)")
+                       f"{args.overload:g} msg/s)")
         rows = []
         for ri, frac in enumerate(args.rates):
             # Fresh topics per rate: tansu's in-memory log gets slower to fetch from as
@@ -391,7 +391,7 @@ def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
                 rate = frac * peak
                 count = int(rate * args.seconds)
                 common.log(f"[{where}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for "
-                          f"{args.seconds:g} s")
+                           f"{args.seconds:g} s")
                 rig.run_phase(f"r{frac:g}", rate, count, 200 + ri)
             finally:
                 collected = rig.close()
@@ -408,7 +408,7 @@ def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
             try:
                 rate = frac * peak
                 common.log(f"[{where}/floor] {frac:.0%} of max: {rate:.0f} msg/s through the "
-                          f"pass-through")
+                           f"pass-through")
                 rig.run_phase(f"r{frac:g}", rate, int(rate * args.seconds), 200 + ri)
             finally:
                 collected = rig.close()

@@ -160,8 +160,8 @@ def main(argv=None) -> int:
                 r["round"] = rnd + 1
                 res["runs"].append(r)
                 common.log(f"  {r['msgs_per_s']:.0f} msg/s over {r['steady_seconds']:.1f}s steady "
-                          f"({r['steady_messages']:.0f} msgs); load {r['load_before'][0]:.2f} -> "
-                          f"{r['load_after'][0]:.2f}")
+                           f"({r['steady_messages']:.0f} msgs); load {r['load_before'][0]:.2f} -> "
+                           f"{r['load_after'][0]:.2f}")
     print()
     print(f"{'round':>5} {'procs':>5} {'msgs/s':>8} {'tokens/s':>9} {'steady s':>8} "
           f"{'workers cores':>13} {'whole machine':>13} {'load 1m before/after':>21}")

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     R = res["results"]
     with common.quiet_logs(), Bench(args.partitions) as bench:
         common.log(f"tansu {bench.kafka.bootstrap}, redis {bench.redis.url}, model {model_dir} "
-                  f"(E={cfg.embed_dim} H={cfg.hidden_size} L={cfg.num_layers})")
+                   f"(E={cfg.embed_dim} H={cfg.hidden_size} L={cfg.num_layers})")
 
         def backlog(tag: str, n: int, seed: int) -> dict:
             names = bench.fresh(tag)
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
                 C["worker"] = []
                 for i, (b, t) in enumerate(runs):
                     common.log(f"(c) worker, {client}, batch.max_records={b} "
-                              f"target_latency_ms={t} ...")
+                               f"target_latency_ms={t} ...")
                     names = backlog(f"w{b}", args.messages, 3 + i)
                     r = run_worker(bench, model_dir, names, args.messages, b, args.max_wait_ms,
                                    args.threads, t, client=client)
