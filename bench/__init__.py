@@ -1,2 +1,2 @@
-"""Benchmarks: ``.venv/bin/python -m bench.<name>`` from the repository root; results in
+"""Benchmarks: ``python -m bench.<name>`` from the repository root; results in
 bench/results/. Not part of the test suite."""

@@ -6,17 +6,18 @@ sessions, how fast a lost Redis is rebuilt; and the deployment those figures imp
 
 ``measure`` starts its own services (a private redis-server per layout, a one-node Redis
 Cluster, tansu; the shared Redis is never touched) and writes
-bench/results/capacity-<date>.json:
+bench/results/capacity-<date>.json (``bench.common.write_result``):
 
   m  memory   states written through the real write path (``RedisStateStore.store``, the Lua
               script, values from ``worker.codec``) up to each size, for float32 / float16 and
               outboxes of 1 and 4 entries; INFO used_memory per session and MEMORY USAGE of
               sampled keys; the same on a cluster-enabled node with the cluster key layout;
-  w  worker   the in-process worker (bench/throughput.py) on a pre-produced backlog whose
-              sessions continue states pre-populated under the keys it reads: 1k sessions in
-              a Redis holding 1k, the same shape in a Redis holding 1M, and 1M with every
-              message of a different session; msg/s, batch p99, Redis CPU and bytes per message;
-  r  rebuild  bench/rebuild.py at a smaller scale (replayed messages per second).
+  w  worker   the in-process worker (``bench.throughput.run_worker``) on a pre-produced
+              backlog whose sessions continue states pre-populated under the keys it reads:
+              1k sessions in a Redis holding 1k, the same shape in a Redis holding 1M, and 1M
+              with every message of a different session; msg/s, batch p99, Redis CPU and
+              bytes per message;
+  r  rebuild  ``bench.rebuild.measure`` at a smaller scale (replayed messages per second).
 
 The formulas and the constants a plan uses (``REFERENCE``, copied from the newest result) are
 in the installed package, ``worker/capacity.py``: ``python -m worker plan`` prints a deployment.
@@ -24,7 +25,6 @@ in the installed package, ``worker/capacity.py``: ``python -m worker plan`` prin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -110,8 +110,7 @@ def memory_point(client, base: int, n: int, keys: list[str]) -> dict:
             "memory_usage_mean": round(float(np.mean(usage)), 1)}
 
 
-def measure_memory(sizes: list[int], dims, model_id: str, cluster_sizes: list[int],
-                   log) -> dict:
+def measure_memory(sizes: list[int], dims, model_id: str, cluster_sizes: list[int]) -> dict:
     """Per layout, a fresh private redis-server filled up to each size in turn."""
     import redis
 
@@ -136,7 +135,7 @@ def measure_memory(sizes: list[int], dims, model_id: str, cluster_sizes: list[in
                 sample = [keys.session(SESSION_ID.format(i))
                           for i in random.Random(n).sample(range(n), min(n, 1000))]
                 row["points"].append(memory_point(client, base, n, sample))
-                log(f"  {dtype} outbox {outbox}: {n} sessions, "
+                common.log(f"  {dtype} outbox {outbox}: {n} sessions, "
                     f"{row['points'][-1]['bytes_per_session']} B/session "
                     f"({n / (time.perf_counter() - t0):.0f} writes/s so far)")
             row["write_rate_per_s"] = round(done / (time.perf_counter() - t0))
@@ -167,7 +166,7 @@ def measure_memory(sizes: list[int], dims, model_id: str, cluster_sizes: list[in
             sample = [ckeys.session(SESSION_ID.format(i), pop.partition(i))
                       for i in random.Random(n).sample(range(n), min(n, 1000))]
             row["points"].append(memory_point(plain, base, n, sample))
-            log(f"  cluster {dtype} outbox {outbox}: {n} sessions, "
+            common.log(f"  cluster {dtype} outbox {outbox}: {n} sessions, "
                 f"{row['points'][-1]['bytes_per_session']} B/session")
         client.close()
         plain.close()
@@ -225,7 +224,7 @@ def output_sizes(bootstrap: str, topic: str, n: int = 2000) -> float:
     return round(float(np.mean(sizes)), 1) if sizes else float("nan")
 
 
-def measure_worker(bench: Bench, model_dir: Path, clf, args, log) -> list[dict]:
+def measure_worker(bench: Bench, model_dir: Path, clf, args) -> list[dict]:
     from bench.throughput import run_worker
     from worker.state import Keys
     cfg = clf.model.config
@@ -241,7 +240,7 @@ def measure_worker(bench: Bench, model_dir: Path, clf, args, log) -> list[dict]:
         keys = Keys("gru", clf.model_id, namespace)
         t0 = time.perf_counter()
         Populator(client, keys, dims, "float32", 1, "populate").write(range(n))
-        log(f"  populated {n} sessions in {time.perf_counter() - t0:.1f}s "
+        common.log(f"  populated {n} sessions in {time.perf_counter() - t0:.1f}s "
             f"(dbsize {client.dbsize()})")
 
     def one(case: str, namespace: str, ids: list[int], per: int, seed: int) -> None:
@@ -262,7 +261,7 @@ def measure_worker(bench: Bench, model_dir: Path, clf, args, log) -> list[dict]:
                  redis_net_out_per_msg=round((net1["total_net_output_bytes"]
                                               - net0["total_net_output_bytes"]) / len(pairs), 1))
         runs.append(r)
-        log(f"  {case}: {r['msgs_per_s']:.0f} msg/s, batch p99 "
+        common.log(f"  {case}: {r['msgs_per_s']:.0f} msg/s, batch p99 "
             f"{r['stages'].get('batch', {}).get('p99_ms')} ms, outcomes {r['outcomes']}")
 
     per = -(-args.messages // 1000)
@@ -293,32 +292,24 @@ def measure(args) -> int:
     clf = model_pkg.load(model_dir)
     cfg = clf.model.config
     dims = (cfg.num_layers, cfg.state_size, cfg.num_labels)
-    res = {"argv": sys.argv, "machine": common.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "model": {"dir": str(model_dir), "model_id": clf.model_id, "embed": cfg.embed_dim,
+    res = {"model": {"dir": str(model_dir), "model_id": clf.model_id, "embed": cfg.embed_dim,
                      "hidden": cfg.hidden_size, "layers": cfg.num_layers,
                      "labels": cfg.num_labels, "vocab": len(clf.vocab)},
            "params": {k: v for k, v in vars(args).items() if k not in ("out", "func")}}
-    t0 = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
-
     with common.quiet_logs():
         if "m" in args.only:
-            log("memory per session ...")
-            res["memory"] = measure_memory(args.sizes, dims, clf.model_id, args.cluster_sizes,
-                                           log)
+            common.log("memory per session ...")
+            res["memory"] = measure_memory(args.sizes, dims, clf.model_id, args.cluster_sizes)
         if "w" in args.only:
-            log("worker with 1k vs 1M live sessions ...")
+            common.log("worker with 1k vs 1M live sessions ...")
             with Bench(args.partitions) as bench:
-                res["worker"] = measure_worker(bench, model_dir, clf, args, log)
+                res["worker"] = measure_worker(bench, model_dir, clf, args)
             res["input_bytes_per_token"] = input_bytes_per_token(
                 args.tokens, clf.encode if args.ids else None)
         if "r" in args.only:
-            log("rebuild rate (bench/rebuild.py) ...")
+            common.log("rebuild rate (bench.rebuild) ...")
             from bench import rebuild
-            res["rebuild"] = rebuild.main(["--sessions", str(args.rebuild_sessions),
-                                           "--messages", "2", "--model", str(model_dir)])
+            res["rebuild"] = rebuild.measure(args.rebuild_sessions, 2, model=str(model_dir))
     if args.merge:  # sections not measured in this run, from an earlier one (named in the result)
         earlier = json.loads(Path(args.merge).read_text())
         for section in ("memory", "worker", "rebuild", "input_bytes_per_token"):
@@ -327,10 +318,7 @@ def measure(args) -> int:
                 res.setdefault("merged_from", {})[section] = {
                     "file": Path(args.merge).name, "date": earlier.get("date"),
                     "machine": earlier.get("machine")}
-    res["machine"]["loadavg_end"] = __import__("os").getloadavg()
-    with contextlib.suppress(Exception):
-        res["constants"] = capacity.Measured.from_result(res).as_dict()
-    path = common.write_result("capacity", res, args.out)
+    path = common.write_result("capacity", res, args.out, with_clients=True)
     with contextlib.suppress(Exception):  # a partial run (--only) has no constants
         print(f"python -m worker plan uses worker.capacity.REFERENCE; to plan with this "
               f"measurement, give it --results {path}, or make it the reference (the fields "
@@ -371,10 +359,10 @@ def table(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("capacity", __doc__)  # measure's options: it is the default command
     sub = ap.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="measure on this machine (the default)")
+    common.add_standard_options(m, "capacity")
     t = sub.add_parser("table", help="the sizing table of docs/capacity.md")
     t.add_argument("--results", default=None,
                    help="a capacity-*.json (default: worker.capacity.REFERENCE)")
@@ -391,9 +379,7 @@ def main(argv=None) -> int:
         a.add_argument("--repeat", type=int, default=2, help="rounds of the worker runs")
         a.add_argument("--rebuild-sessions", type=int, default=50_000)
         a.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
-        a.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
         a.add_argument("--only", default="mwr", help="m memory, w worker, r rebuild")
-        a.add_argument("--out", default=None)
         a.add_argument("--merge", default=None,
                        help="an earlier capacity result: take the sections not in --only from it")
     args = ap.parse_args(argv)

@@ -1,72 +1,177 @@
-"""What the benchmarks share: the machine's description, CPU accounting from /proc, the local
-services with fresh names per measurement, pre-produced backlogs, the worker's own stage
-histograms, and where results go.
+"""What the benchmarks share: the local services with fresh names per measurement,
+pre-produced backlogs, one pass-through (the floor) per Kafka client, CPU accounting from
+/proc, the worker's own stage histograms, and ``write_result``, which files every result with
+the machine, the date and the commit measured.
 
-Run the scripts from the repository root (``.venv/bin/python bench/throughput.py``); they
-import the project as installed in ``.venv``.
+Run each bench as a module from the repository root: ``python -m bench.<name> --help``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
-
-import numpy as np
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SESSION_TIMEOUT_MS, HEARTBEAT_MS = 6000, 1000  # tansu joins take ~session_timeout/2
 _TCK = os.sysconf("SC_CLK_TCK")
+_T0, _LOAD_AT_START = time.monotonic(), os.getloadavg()  # when this bench process began
 
 
-# --- the machine and its CPU ---------------------------------------------------------------
+def log(msg: str) -> None:
+    """One progress line, with the seconds since the bench started."""
+    print(f"[{time.monotonic() - _T0:6.1f}s] {msg}", flush=True)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+DEFAULT_MODEL = "artifacts/bbc-gru"  # resolve_model's default, trained when missing
+
+
+def parser(kind: str, doc: str | None, model: str | None = DEFAULT_MODEL
+           ) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m bench.<kind>``: its module docstring as the
+    description, and ``add_standard_options``."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{kind}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_standard_options(ap, kind, model)
+    return ap
+
+
+def add_standard_options(ap: argparse.ArgumentParser, kind: str,
+                         model: str | None = DEFAULT_MODEL) -> None:
+    """``--out`` (``write_result``'s), and, unless ``model`` is None, ``--model`` (None when
+    not given; ``model`` says what the bench takes then)."""
+    if model is not None:
+        ap.add_argument("--model", default=None, metavar="DIR",
+                        help=f"the model artifact (default: {model})")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help=f"the result file (default: bench/results/{kind}-<date>.json)")
+
+
+# --- what a result records besides its figures ---------------------------------------------
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "host": platform.node()}
-    with contextlib.suppress(Exception):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-    with contextlib.suppress(Exception):
-        kb = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
+    """The machine measured, by its specification: CPU model, cores, memory, OS, Python,
+    torch, and the GPU when torch is loaded and sees one."""
+    info: dict = {"cpu": _cpu_model(), "cpus": os.cpu_count()}
+    with contextlib.suppress(OSError, AttributeError):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
         info["ram_gib"] = round(kb / 2**20, 1)
-    with contextlib.suppress(Exception):  # the code measured: commit, and whether it was edited
-        git = ["git", "-C", str(ROOT)]
-        info["commit"] = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"],
-                                        capture_output=True, text=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--", "worker",
-                                             "model", "bench"],
-                                            capture_output=True, text=True).stdout.strip())
-    info["loadavg_start"] = os.getloadavg()
-    info["commit"] = revision()
+    info.update(os=platform.platform(), host=platform.node(),
+                python=platform.python_version(), torch=_version("torch"))
+    torch = sys.modules.get("torch")  # only when the bench loaded it: importing takes seconds
     with contextlib.suppress(Exception):
-        import confluent_kafka
-        import kafka
-        info["clients"] = {"kafka-python": kafka.__version__,
-                           "confluent-kafka": confluent_kafka.version()[0],
-                           "librdkafka": confluent_kafka.libversion()[0]}
+        if torch is not None and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def revision() -> str:
-    """The commit measured (``+dirty`` when the tree has changes)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _cpu_model() -> str:
+    """lscpu's model name (it names Arm cores too), else /proc/cpuinfo's, else the arch."""
+    texts = []
+    with contextlib.suppress(OSError):
+        texts.append(subprocess.run(["lscpu"], capture_output=True, text=True,
+                                    check=False).stdout)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        texts.append(f.read())
+    for text in texts:
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name" and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine()
 
+
+def commit(tree: str | os.PathLike = ROOT) -> dict:
+    """The code measured: HEAD of ``tree``, and whether its worker/, model/, devtools/ or
+    bench/ (results aside) differ from it. Without git, or outside a checkout (a copy of the
+    tree on a GPU host), the sha is None and ``unknown`` says why."""
+    git = ["git", "-C", str(tree)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=False)
+        if head.returncode:
+            return {"sha": None, "dirty": None,
+                    "unknown": (head.stderr.strip().splitlines() or ["git failed"])[0]}
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "worker", "model",
+                                  "devtools", "bench", ":(exclude)bench/results"],
+                                 capture_output=True, text=True, check=False).stdout.splitlines()
+    except OSError as e:
+        return {"sha": None, "dirty": None, "unknown": f"git: {e.strerror}"}
+    out: dict = {"sha": head.stdout.strip(), "dirty": bool(changed)}
+    if changed:
+        out["changed"] = changed[:20]
+    return out
+
+
+def clients() -> dict:
+    """The Kafka and Redis client libraries' versions (None where one is not installed)."""
+    out = {name: _version(name) for name in ("kafka-python", "confluent-kafka", "redis")}
+    with contextlib.suppress(ImportError):
+        import confluent_kafka
+        out["librdkafka"] = confluent_kafka.libversion()[0]
+    return out
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _command(kind: str) -> str:
+    """How this result was made: ``python -m bench.<kind> ARGS`` when run so, else argv."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == f"bench.{kind}":
+        return shlex.join(["python", "-m", spec.name, *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
+def write_result(kind: str, res: dict, out: str | os.PathLike | None = None, *,
+                 with_clients: bool = False) -> Path:
+    """Write ``res`` as JSON to ``out``, by default bench/results/<kind>-<date>.json (with the
+    time appended when that file exists), after a header: the kind (the bench's module name),
+    the date, the command, the commit, the machine, the load average at the start and now,
+    and (``with_clients``, for benches through Kafka or Redis) the client libraries."""
+    now = dt.datetime.now().astimezone()
+    record: dict = {"kind": kind, "date": now.isoformat(timespec="seconds"),
+                    "command": _command(kind), "commit": commit(), "machine": machine(),
+                    "loadavg": {"start": _LOAD_AT_START, "end": os.getloadavg()}}
+    if with_clients:
+        record["clients"] = clients()
+    clash = sorted(record.keys() & res.keys())
+    if clash:  # a bench's bug, found after its run: keep its figures all the same
+        print(f"warning: {kind}'s fields {clash} are header fields: kept under 'clashing'",
+              file=sys.stderr)
+        record["clashing"] = {k: res[k] for k in clash}
+    record.update((k, v) for k, v in res.items() if k not in clash)
+    path = Path(out) if out else RESULTS / f"{kind}-{now.date().isoformat()}.json"
+    if path.exists() and not out:
+        path = path.with_name(f"{path.stem}-{now.strftime('%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+# --- CPU -----------------------------------------------------------------------------------
 
 class Cpu:
     """CPU seconds (user + system, all threads) of named processes and the whole machine."""
@@ -93,22 +198,17 @@ class Cpu:
                 for k in before if k in after}
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
-
-
 # --- services, names, input ----------------------------------------------------------------
 
 class Bench:
     """tansu and a private redis-server (no persistence; the shared Redis is never touched),
-    fresh topics/group/prefix per measurement, and a log with elapsed times."""
+    and fresh topics, group and Redis prefix per measurement."""
 
     def __init__(self, partitions: int) -> None:
         from devtools.services import RedisServer, Tansu
         self.partitions = partitions
         self.kafka, self.redis = Tansu(), RedisServer(appendonly=False)
         self.cpu = Cpu()
-        self.t0 = time.monotonic()
 
     def __enter__(self) -> "Bench":
         self.kafka.start()
@@ -120,9 +220,6 @@ class Bench:
         self.redis.close()
         self.kafka.close()
 
-    def log(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
-
     def fresh(self, tag: str) -> dict[str, str]:
         from devtools.services import unique_names
         names = unique_names(f"{tag}-{os.urandom(3).hex()}")
@@ -132,7 +229,7 @@ class Bench:
     def backlog(self, names: dict, pairs: list[tuple[bytes, bytes]]) -> float:
         """Produce ``pairs`` to the input topic before anyone consumes; returns msg/s."""
         rate = produce_all(self.kafka.bootstrap, names["in"], pairs)
-        self.log(f"  pre-produced {len(pairs)} messages to {names['in']} at {rate:.0f} msg/s")
+        log(f"  pre-produced {len(pairs)} messages to {names['in']} at {rate:.0f} msg/s")
         return rate
 
 
@@ -156,54 +253,115 @@ def produce_all(bootstrap: str, topic: str, pairs) -> float:
     return len(pairs) / (time.perf_counter() - t0)
 
 
-def consumer_for(bootstrap: str, topic: str, group: str, fetch_max_wait_ms: int = 20, **kw):
-    from kafka import KafkaConsumer
-    c = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False,
-                      auto_offset_reset="earliest", session_timeout_ms=SESSION_TIMEOUT_MS,
-                      heartbeat_interval_ms=HEARTBEAT_MS, fetch_max_wait_ms=fetch_max_wait_ms, **kw)
-    c.subscribe([topic])
-    return c
+# --- the floor: a pass-through per Kafka client --------------------------------------------
+
+class PassThrough(Protocol):
+    """Per poll batch: consume, send each record unchanged, wait for every acknowledgement,
+    commit. What it costs is the broker and the client's two hops alone: the least any worker
+    with that client can show on that broker."""
+
+    consumer: Any
+    producer: Any
+    producer_settings: dict  # what the producer was given beyond the connection
+
+    def join(self, timeout_s: float = 60.0) -> None:
+        """Poll until the group has assigned this member its partitions (on a fresh topic, so
+        that the join is not part of a measurement)."""
+
+    def step(self, batch: int, wait_s: float = 0.2) -> int:
+        """One batch of up to ``batch`` records (waiting up to ``wait_s`` for the first);
+        returns how many it forwarded."""
+
+    def close(self) -> None: ...
 
 
-def producer_for(bootstrap: str, linger_ms: int = 2, **kw):
-    from kafka import KafkaProducer
-    return KafkaProducer(bootstrap_servers=[bootstrap], acks="all", linger_ms=linger_ms,
-                         enable_idempotence=False, **kw)
+CLIENT_LINGER_MS = 2  # the client alone: a short linger, as a hand-written forwarder would
 
 
-def commit_batch(consumer, polled) -> None:
-    from kafka.structs import OffsetAndMetadata
-    consumer.commit({tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1)
-                     for tp, recs in polled.items() if recs})
+def _kafka_settings(bootstrap: str, topic: str, group: str):
+    from worker.config import KafkaSettings
+    return KafkaSettings(bootstrap_servers=bootstrap, input_topic=topic, group_id=group,
+                         session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS)
 
 
-CLIENTS = ("kafka-python", "confluent")
-
-
-class RdPassThrough:
-    """The confluent-kafka (librdkafka) pass-through, with the worker's confluent consumer and
-    producer settings (``worker.rdkafka_io``) unless told otherwise: poll up to ``batch``
-    records (the first waits, the rest are what is already fetched), send each one unchanged,
-    wait for every acknowledgement, commit. ``step`` does one batch and returns its size."""
+class KafkaPythonPassThrough:
+    """The kafka-python pass-through. The consumer has the worker's settings
+    (``worker.kafka_io.KafkaSource``'s group and fetch settings); the producer acks=all,
+    without idempotence, and either the client's defaults with a 2 ms linger or
+    (``worker_producer``) the worker's linger, batch bytes and compression."""
 
     def __init__(self, bootstrap: str, topic: str, out: str, group: str,
-                 worker_producer: bool = True, **producer) -> None:
+                 worker_producer: bool = True) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        from worker.kafka_io import compression, fetch_bounds
+        k = _kafka_settings(bootstrap, topic, group)
+        self.out = out
+        self.consumer = KafkaConsumer(
+            group_id=group, enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset,
+            session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms, **fetch_bounds(k), **k.client_options())
+        self.consumer.subscribe([topic])
+        tuning = {"linger_ms": k.linger_ms, "batch_size": k.producer_batch_bytes,
+                  "compression_type": compression(k)} if worker_producer else {
+                  "linger_ms": CLIENT_LINGER_MS}
+        self.producer_settings = {"acks": "all", "enable_idempotence": False, **tuning}
+        self.producer = KafkaProducer(**self.producer_settings, **k.client_options())
+
+    def join(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.assignment():
+            if time.monotonic() > deadline:
+                raise RuntimeError("pass-through: no assignment")
+            if self.consumer.poll(timeout_ms=100):
+                raise RuntimeError("pass-through: a record before the join: not a fresh topic")
+
+    def step(self, batch: int, wait_s: float = 0.2) -> int:
+        polled = self.consumer.poll(timeout_ms=int(wait_s * 1000), max_records=batch)
+        if not polled:
+            return 0
+        send, out = self.producer.send, self.out
+        sent = [send(out, key=r.key, value=r.value) for recs in polled.values() for r in recs]
+        self.producer.flush(30)
+        for f in sent:
+            f.get(0)  # raises if that send failed
+        self.commit(polled)
+        return len(sent)
+
+    def commit(self, polled: dict) -> None:
+        """Commit past the last record of each partition in ``polled`` (``poll``'s answer)."""
+        from kafka.structs import OffsetAndMetadata
+        self.consumer.commit({tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1)
+                              for tp, recs in polled.items() if recs})
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.producer.close()
+
+
+class ConfluentPassThrough:
+    """The confluent-kafka (librdkafka) pass-through. The consumer has the worker's settings
+    (``worker.rdkafka_io.consumer_config``); the producer acks=all, without idempotence, and
+    either the client's defaults with a 2 ms linger or (``worker_producer``) the worker's
+    (``worker.rdkafka_io.producer_config``)."""
+
+    def __init__(self, bootstrap: str, topic: str, out: str, group: str,
+                 worker_producer: bool = True) -> None:
         import confluent_kafka as ck
 
-        from worker.config import KafkaSettings
-        from worker.rdkafka_io import consumer_config, producer_config
-        k = KafkaSettings(bootstrap_servers=bootstrap, input_topic=topic, group_id=group,
-                          session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS)
+        from worker.rdkafka_io import client_config, consumer_config, producer_config
+        k = _kafka_settings(bootstrap, topic, group)
         self.ck, self.out = ck, out
         self.consumer = ck.Consumer(consumer_config(k))
         self.consumer.subscribe([topic])
+        connection = client_config(k)
         conf = producer_config(k, 30.0) if worker_producer else {
-            "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": False}
-        self.producer = ck.Producer({**conf, **producer})
+            **connection, "acks": "all", "enable.idempotence": False,
+            "linger.ms": CLIENT_LINGER_MS}
+        self.producer_settings = {key: v for key, v in conf.items() if key not in connection}
+        self.producer = ck.Producer(conf)
 
     def join(self, timeout_s: float = 60.0) -> None:
-        """Poll until the group has assigned this member its partitions (a fresh topic: no
-        record can come yet)."""
         deadline = time.monotonic() + timeout_s
         while not self.consumer.assignment():
             if time.monotonic() > deadline:
@@ -212,15 +370,15 @@ class RdPassThrough:
                 raise RuntimeError("pass-through: a record before the join: not a fresh topic")
 
     def step(self, batch: int, wait_s: float = 0.2) -> int:
-        first = self.consumer.poll(wait_s)
+        first = self.consumer.poll(wait_s)  # the first waits; the rest are what is fetched
         if first is None:
             return 0
         msgs = [first, *self.consumer.consume(batch - 1, 0)] if batch > 1 else [first]
-        produce, last = self.producer.produce, {}
+        produce, out, last = self.producer.produce, self.out, {}
         n = 0
         for m in msgs:
             if m.error() is None:
-                produce(self.out, m.value(), m.key())
+                produce(out, m.value(), m.key())
                 last[(m.topic(), m.partition())] = m.offset()
                 n += 1
         if self.producer.flush(30):
@@ -233,6 +391,11 @@ class RdPassThrough:
     def close(self) -> None:
         self.consumer.close()
         self.producer.flush(5)
+
+
+PASS_THROUGHS: dict[str, type[PassThrough]] = {"kafka-python": KafkaPythonPassThrough,
+                                               "confluent": ConfluentPassThrough}
+CLIENTS = tuple(PASS_THROUGHS)  # the worker's GRU_KAFKA__CLIENT values
 
 
 def worker_settings(bench: Bench, model_dir: Path, names: dict, batch: int, max_wait_ms: int,
@@ -356,13 +519,13 @@ def _quantile(cum: list[tuple[float, float]], q: float) -> float:
     return prev_le
 
 
-# --- model and results ---------------------------------------------------------------------
+# --- the model -----------------------------------------------------------------------------
 
 def resolve_model(arg: str | None) -> Path:
-    """The artifact to benchmark: ``arg``, else artifacts/bbc-gru (trained if missing)."""
+    """The artifact to benchmark: ``arg``, else ``DEFAULT_MODEL`` (trained if missing)."""
     if arg:
         return Path(arg)
-    out = ROOT / "artifacts/bbc-gru"
+    out = ROOT / DEFAULT_MODEL
     if not (out / "config.json").exists():
         print(f"no model at {out}: training the default BBC model (a few minutes) ...", flush=True)
         subprocess.run([sys.executable, "-m", "model", "train", "--dataset", "bbc-news",
@@ -398,18 +561,6 @@ def shaped_model(out: Path | None = None) -> Path:
                                       mean_dim=t.mean_dim))
     save(out, model, vocab, labels, training={"note": "random weights, for cost benchmarks"})
     return out
-
-
-def write_result(kind: str, res: dict, out: str | None = None) -> Path:
-    """bench/results/<kind>-<date>.json, or -<time> appended when that file exists."""
-    date = dt.date.today().isoformat()
-    path = Path(out) if out else RESULTS / f"{kind}-{date}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not out:
-        path = path.with_name(f"{path.stem}-{time.strftime('%H%M%S')}.json")
-    path.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
-    return path
 
 
 @contextlib.contextmanager

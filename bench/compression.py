@@ -4,21 +4,22 @@ Builds Kafka record batches (kafka-python's own builder, as the producer does) o
 prediction JSON, with each codec, and times building and reading them back. A batch holds the
 predictions one worker batch sends to one partition: 16, 64 and 256 records.
 
-    python bench/compression.py [--out bench/results/compression.json]
+    python -m bench.compression [--repeat 200]
+
+Writes bench/results/compression-<date>.json (``bench.common.write_result``) and prints a
+line per batch size and codec.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import random
+import sys
 import time
-from pathlib import Path
 
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.memory_records import MemoryRecords
 
+from bench import common
 from worker.messages import Prediction, PredictionEncoder
 from worker.ports import Record
 
@@ -69,11 +70,11 @@ def measure(values: list[bytes], codec: int, repeat: int) -> dict:
             "read_us_per_record": (t2 - t1) / per * 1e6}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--repeat", type=int, default=200)
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    ap = common.parser("compression", __doc__, model=None)
+    ap.add_argument("--repeat", type=int, default=200,
+                    help="batches built and read per codec at 16 records (fewer at more)")
+    args = ap.parse_args(argv)
     rng = random.Random(0)
     rows = []
     for n in (16, 64, 256):
@@ -85,12 +86,10 @@ def main() -> None:
                          **{k: round(v, 2) for k, v in m.items()}})
             print(f"{n:4d} records  {name:6s}  {m['bytes_per_record']:7.1f} B/record  "
                   f"build {m['build_us_per_record']:6.2f} us  read {m['read_us_per_record']:6.2f} us")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} "
-              f"{platform.machine()} {platform.processor() or ''}".strip(), "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    common.write_result("compression", {"params": {"repeat": args.repeat}, "rows": rows},
+                        args.out, with_clients=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,10 @@ the engine's planning, state decoding and encoding, digests and prediction colum
 ``--compare DIR`` also runs the same measurement in another checkout (e.g. a worktree of an
 earlier commit) in a child process, alternating rounds, so both figures come from one run.
 
-    .venv/bin/python -m bench.engine [--sessions 512 8192] [--compare ../wt-before]
+    python -m bench.engine [--sessions 512 8192] [--compare ../wt-before]
+
+Writes bench/results/engine-<date>.json (``bench.common.write_result``) and prints a line
+per round and tree.
 """
 
 from __future__ import annotations
@@ -61,31 +64,47 @@ def measure(sessions: int, tokens: int, repeats: int, model_dir: str, threads: i
             "step_us_per_msg_median": round(statistics.median(step), 2)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[512, 8192])
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --compare")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default="artifacts/bbc-gru")
-    ap.add_argument("--compare", default=None, help="another checkout to measure in the same run")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None)
+
+
+def child(argv: list[str]) -> int:
+    """One tree's measurement, as JSON on stdout. It imports nothing from bench/: run by this
+    file's path with another tree first on the path, that tree's bench/ may differ."""
+    ap = argparse.ArgumentParser()
+    measure_options(ap)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--model", required=True)
     args = ap.parse_args(argv)
-    model_dir = str(Path(args.model).resolve())
-    if args.child:
-        print(json.dumps([measure(s, args.tokens, args.repeats, model_dir, args.threads)
-                          for s in args.sessions]))
-        return 0
+    print(json.dumps([measure(s, args.tokens, args.repeats, args.model, args.threads)
+                      for s in args.sessions]))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        return child(argv)
     from bench import common
-    res = {"argv": sys.argv, "machine": common.machine(), "model": model_dir, "threads": args.threads,
-           "rounds": []}
+    ap = common.parser("engine", __doc__)
+    measure_options(ap)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --compare")
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="another checkout to measure in the same run")
+    args = ap.parse_args(argv)
+    model_dir = str(common.resolve_model(args.model).resolve())
     trees = {"this": str(common.ROOT)} | ({"compare": str(Path(args.compare).resolve())}
                                           if args.compare else {})
+    res: dict = {"model": model_dir, "threads": args.threads, "rounds": []}
+    if args.compare:  # the commit header is this tree's
+        res["compare"] = {"dir": trees["compare"], "commit": common.commit(trees["compare"])}
     for rnd in range(args.rounds if args.compare else 1):
         for name, tree in trees.items():
-            # This file, run as a script, imports worker/ and model/ from the tree it measures.
+            # This file, run by its path (not as bench.engine, which would be the other
+            # tree's), imports worker/ and model/ from the tree it measures.
             out = subprocess.run([sys.executable, __file__, "--child", "--model", model_dir,
                                   "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                                   "--threads", str(args.threads),

@@ -1,28 +1,30 @@
 """GPU step benchmark: the batched streaming step on a CUDA device, and the engine on GPU vs CPU.
 
-Reports, as a table and as JSON lines:
+Reports, as JSON lines while it runs:
   A. step time and tokens/s for 1 .. 65,536 sessions x K tokens, eager vs CUDA graph,
      float32 vs float16, with and without the pinned host<->device state transfer;
   B. the worker engine's time per batch (plan -> step -> encode states) on GPU vs CPU;
   C. tokens/s at hidden 128 .. 1024 and 1 .. 2 layers on GPU and CPU.
 Each section stops early when the time budget (--budget-s) runs out, printing what it has.
 
-    python bench/gpu_step.py --out results.json
+    python -m bench.gpu_step [--budget-s 240]
+    python -m bench.gpu_step --dry-run --batches 8 --engine-batches 8 --size-batch 8  # on a CPU
+
+Writes bench/results/gpu_step-<date>.json (``bench.common.write_result``; on a GPU host with
+a copy of the tree and no git, its commit is recorded as unknown).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import common
 from model.gru import GRUClassifier, ModelConfig
 from worker.compute import Stepper
 
@@ -139,18 +141,16 @@ def section_sizes(args, sync) -> None:
                      tokens=K, ms=round(t * 1e3, 2), tokens_per_s=round(B * K / t))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = common.parser("gpu_step", __doc__, model=None)
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="+",
                     default=[1, 8, 64, 512, 4096, 8192, 65536])
     ap.add_argument("--engine-batches", type=int, nargs="+", default=[512, 8192])
     ap.add_argument("--size-batch", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--out", type=Path)
     ap.add_argument("--dry-run", action="store_true", help="run on the CPU to check the script")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global GPU
     if args.dry_run:
         GPU = "cpu"
@@ -160,19 +160,16 @@ def main() -> int:
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
     sync = torch.cuda.synchronize if GPU == "cuda" else (lambda: None)
-    info = {"gpu": torch.cuda.get_device_name() if GPU == "cuda" else "none (dry run)",
-            "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
-    emit(section="info", **info)
+    emit(section="info", gpu=torch.cuda.get_device_name() if GPU == "cuda" else
+         "none (dry run)", torch=torch.__version__, cpu_threads=torch.get_num_threads())
     for section in (section_step, section_engine, section_sizes):
         try:
             section(args, sync)
         except Exception as e:  # report and go on: one device run is all we get
             emit(section=section.__name__, error=repr(e))
     emit(section="done", seconds=round(time.monotonic() - T0, 1))
-    if args.out:
-        args.out.write_text(json.dumps(ROWS, indent=1))
+    params = {k: v for k, v in vars(args).items() if k != "out"}
+    common.write_result("gpu_step", {"params": params, "rows": ROWS}, args.out)
     return 0
 
 

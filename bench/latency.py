@@ -1,6 +1,6 @@
 """Latency at fixed offered loads, open loop, against real local services.
 
-    .venv/bin/python -m bench.latency [--modes pinned unpinned] [--rates 0.1 0.25 0.5 0.75]
+    python -m bench.latency [--modes pinned unpinned] [--rates 0.1 0.25 0.5 0.75]
         [--seconds 20] [--variant NAME:GRU_X=V,GRU_Y=W ...]
 
 For each mode:
@@ -18,16 +18,16 @@ For each mode:
    on it. A collector process (librdkafka, ``fetch.wait.max.ms`` 5, polled without batching
    delay) stamps each prediction's arrival. The collector is the measuring instrument, so
    its own wait must be small: at 100 ms it added about 30 ms to the p50 of the worker and
-   of the pass-through alike (2026-11-27, 10 % load), because a librdkafka fetch that
-   tansu holds is evidently not always answered when a record arrives. Latency = arrival - scheduled time, so a feeder that falls behind counts against
-   the worker, never for it (no coordinated omission). The first ``--warmup`` seconds of each
-   rate are left out. Per-stage p99s and GC pauses come from the worker's /metrics, scraped
-   around each rate.
-4. **Floor** (``--floor``, on by default): the same rates through a pass-through of the same
-   client in the worker's place (the worker's consumer and producer settings, on its CPU when
-   pinned): consume, send each value unchanged, wait for the acknowledgements, commit. What it
-   measures is the broker and the two client hops alone, the least any worker with that
-   client on this broker can show.
+   of the pass-through alike (at 10 % load), because a librdkafka fetch that tansu holds is
+   evidently not always answered when a record arrives. Latency = arrival - scheduled time,
+   so a feeder that falls behind counts against the worker, never for it (no coordinated
+   omission). The first ``--warmup`` seconds of each rate are left out. Per-stage p99s and
+   GC pauses come from the worker's /metrics, scraped around each rate.
+4. **Floor** (on unless ``--no-floor``): the same rates through the same client's
+   pass-through (``bench.common.PASS_THROUGHS``) in the worker's place (the worker's consumer
+   and producer settings, on its CPU when pinned): consume, send each value unchanged, wait
+   for the acknowledgements, commit. What it measures is the broker and the two client hops
+   alone, the least any worker with that client on this broker can show.
 5. **Variants** (optional): the rates again with a worker started with other settings
    (``--variant nofreeze:GRU_BATCH__GC_FREEZE=false``), each on fresh topics, all at
    fractions of the same max.
@@ -35,8 +35,8 @@ For each mode:
 Steps 2-5 run for each Kafka client of ``--clients`` (kafka-python and confluent-kafka by
 default), each at fractions of its own max and against its own floor, in one run.
 
-Writes bench/results/latency-<date>.json (the machine and the commit measured included) and
-prints one table per mode, client and variant.
+Writes bench/results/latency-<date>.json (``bench.common.write_result``) and prints one
+table per mode, client and variant.
 """
 
 from __future__ import annotations
@@ -135,46 +135,19 @@ def collect(args) -> int:
 
 
 def passthrough(args) -> int:
-    """The floor: consume -> produce unchanged -> wait for acks -> commit, with the worker's
-    client settings (worker.config defaults) for the client ``args.client``, until SIGTERM;
-    counts what it forwarded."""
-    from worker.config import KafkaSettings
-    from worker.kafka_io import compression
-    k = KafkaSettings()
+    """The floor: ``common.PASS_THROUGHS[args.client]`` with the worker's consumer and
+    producer settings, in batches of up to 512, until SIGTERM; then prints how many records
+    it forwarded."""
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    if args.client == "confluent":
-        pt = common.RdPassThrough(args.bootstrap, args.topic, args.out, args.prefix)
-        pt.join()  # as the worker's /readyz: the group join is not part of the measurement
-        print("ready", flush=True)
-        done = 0
-        while not stop:
-            done += pt.step(512)
-        pt.close()
-        print(done, flush=True)
-        return 0
-    c = common.consumer_for(args.bootstrap, args.topic, args.prefix,
-                            fetch_max_wait_ms=k.fetch_max_wait_ms)
-    p = common.producer_for(args.bootstrap, k.linger_ms, batch_size=k.producer_batch_bytes,
-                            compression_type=compression(k))
-    deadline = time.monotonic() + 60
-    while not c.assignment() and time.monotonic() < deadline:  # joined, as the worker's /readyz
-        if c.poll(timeout_ms=100):
-            raise RuntimeError("pass-through: a record before the join: not a fresh topic")
+    pt = common.PASS_THROUGHS[args.client](args.bootstrap, args.topic, args.out, args.prefix,
+                                           worker_producer=True)
+    pt.join()  # as the worker's /readyz: the group join is not part of the measurement
     print("ready", flush=True)
     done = 0
     while not stop:
-        polled = c.poll(timeout_ms=200, max_records=512)
-        if not polled:
-            continue
-        futures = [p.send(args.out, key=r.key, value=r.value) for recs in polled.values() for r in recs]
-        p.flush()
-        for f in futures:
-            f.get(0)
-        common.commit_batch(c, polled)
-        done += len(futures)
-    c.close(autocommit=False)
-    p.close()
+        done += pt.step(512)
+    pt.close()
     print(done, flush=True)
     return 0
 
@@ -377,7 +350,7 @@ def run_mode(mode: str, args, model_dir: Path, workdir: Path) -> dict:
                  "clients": {}}
     try:
         with Bench(args.partitions) as bench:
-            bench.log(f"[{mode}] tansu {bench.kafka.bootstrap}, redis {bench.redis.url}")
+            common.log(f"[{mode}] tansu {bench.kafka.bootstrap}, redis {bench.redis.url}")
             for client in args.clients:
                 out["clients"][client] = run_client(bench, mode, client, args, model_dir,
                                                     worker_cpus, workdir)
@@ -406,8 +379,8 @@ def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
             out["max_msgs_per_s"] = round(peak, 1)
             out["max_stages"] = ph["stages"]
             out["max_cores"] = ph.get("cores")
-            bench.log(f"[{where}] max {peak:.0f} msg/s (sustained under an offered "
-                      f"{args.overload:g} msg/s)")
+            common.log(f"[{where}] max {peak:.0f} msg/s (sustained under an offered "
+                       f"{args.overload:g} msg/s)")
         rows = []
         for ri, frac in enumerate(args.rates):
             # Fresh topics per rate: tansu's in-memory log gets slower to fetch from as
@@ -417,8 +390,8 @@ def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
             try:
                 rate = frac * peak
                 count = int(rate * args.seconds)
-                bench.log(f"[{where}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for "
-                          f"{args.seconds:g} s")
+                common.log(f"[{where}/{vname}] {frac:.0%} of max: {rate:.0f} msg/s for "
+                           f"{args.seconds:g} s")
                 rig.run_phase(f"r{frac:g}", rate, count, 200 + ri)
             finally:
                 collected = rig.close()
@@ -434,8 +407,8 @@ def run_client(bench: Bench, mode: str, client: str, args, model_dir: Path,
             rig = FloorRig(bench, args, f"{tag}-floor-{ri}", worker_cpus, workdir, client)
             try:
                 rate = frac * peak
-                bench.log(f"[{where}/floor] {frac:.0%} of max: {rate:.0f} msg/s through the "
-                          f"pass-through")
+                common.log(f"[{where}/floor] {frac:.0%} of max: {rate:.0f} msg/s through the "
+                           f"pass-through")
                 rig.run_phase(f"r{frac:g}", rate, int(rate * args.seconds), 200 + ri)
             finally:
                 collected = rig.close()
@@ -474,7 +447,7 @@ def print_mode(res: dict) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("_feed", "_collect", "_passthrough"):
-        ap = argparse.ArgumentParser()
+        ap = argparse.ArgumentParser(prog=f"python -m bench.latency {argv[0]}")
         for a in ("--bootstrap", "--topic", "--out", "--prefix"):
             ap.add_argument(a)
         ap.add_argument("--client", default="kafka-python", choices=common.CLIENTS)
@@ -485,7 +458,7 @@ def main(argv=None) -> int:
         a = ap.parse_args(argv[1:])
         return {"_feed": feed, "_collect": collect, "_passthrough": passthrough}[argv[0]](a)
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("latency", __doc__)
     ap.add_argument("--modes", nargs="+", default=["pinned", "unpinned"], choices=["pinned", "unpinned"])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75],
                     help="fractions of the measured max")
@@ -509,14 +482,12 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", nargs="+", default=list(common.CLIENTS), choices=common.CLIENTS,
                     help="the worker's Kafka clients, each at fractions of its own max and "
                          "against its own pass-through")
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     model_dir = common.resolve_model(args.model)
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg.get("architecture", {})
-    res = {"argv": sys.argv, "machine": common.machine(), "model": {
+    res = {"model": {
         "dir": str(model_dir), "model_id": cfg.get("model_id"),
         **{k: arch.get(k) for k in ("embed_dim", "hidden_size", "num_layers")}},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
@@ -527,8 +498,7 @@ def main(argv=None) -> int:
         for mode in args.modes:
             res["modes"].append(run_mode(mode, args, model_dir, workdir))
             print_mode(res["modes"][-1])
-    res["machine"]["loadavg_end"] = os.getloadavg()
-    common.write_result("latency", res, args.out)
+    common.write_result("latency", res, args.out, with_clients=True)
     return 0
 
 

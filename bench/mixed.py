@@ -13,18 +13,20 @@ Measured in one run, alternating uniform and mixed, each round on fresh state:
               state carried from batch to batch (steady state); process CPU per token,
               and each batch's wall time.
   (w) worker  the real worker, in this process, on a backlog of each workload pre-produced
-              to tansu (a private redis-server for the states, as bench/throughput.py); this
-              process's CPU per token once the first batch is in.
+              to tansu (a private redis-server for the states; ``bench.throughput.run_worker``);
+              this process's CPU per token once the first batch is in.
 
 The model is an artifact of the default recipe's shape with random weights
 (``bench.common.shaped_model``: cost does not depend on the weights) unless ``--model``.
 
-    .venv/bin/python -m bench.mixed [--messages 20000] [--rounds 2] [--only ew]
+    python -m bench.mixed [--messages 20000] [--rounds 2] [--only ew]
+
+Writes bench/results/mixed-<date>.json (``bench.common.write_result``) and prints each
+round's CPU per token and the ratios.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -93,8 +95,7 @@ def run_worker(bench, model_dir, records, batch: int, threads: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("mixed", __doc__, model="random weights in the default recipe's shape")
     ap.add_argument("--messages", type=int, default=20000, help="records per workload")
     ap.add_argument("--chat", type=int, default=1000, help="chat sessions")
     ap.add_argument("--doc-share", type=float, default=0.01, help="share of long documents")
@@ -104,8 +105,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--only", default="ew", help="e: engine, w: worker")
-    ap.add_argument("--model", default=None, help="artifact dir (default: the shaped model)")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     import torch
@@ -116,8 +115,7 @@ def main(argv=None) -> int:
     clf = model_pkg.load(model_dir)
     cfg = clf.model.config
     loads = {"uniform": workload(args, False, 1), "mixed": workload(args, True, 2)}
-    res = {"argv": sys.argv, "machine": common.machine(),
-           "model": {"dir": str(model_dir), "model_id": clf.model_id,
+    res = {"model": {"dir": str(model_dir), "model_id": clf.model_id,
                      "shaped_random_weights": args.model is None, "embed": cfg.embed_dim,
                      "hidden": cfg.hidden_size, "mean_dim": cfg.mean_dim,
                      "vocab": len(clf.vocab)},
@@ -151,8 +149,7 @@ def main(argv=None) -> int:
             res["ratios"][f"{kind}_mixed_vs_uniform_cpu_per_token"] = round(ratio, 3)
             print(f"{kind}: mixed / uniform CPU per token = {ratio:.2f} (medians of "
                   f"{len(per['mixed'])} rounds)")
-    res["machine"]["loadavg_end"] = __import__("os").getloadavg()
-    common.write_result("mixed", res, args.out)
+    common.write_result("mixed", res, args.out, with_clients="w" in args.only)
     return 0
 
 

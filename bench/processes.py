@@ -2,9 +2,9 @@
 
 One invocation starts a tansu broker and a private redis-server (the shared Redis at
 127.0.0.1:6379 is never touched). For each process count it pre-produces the same kind of
-backlog as bench/throughput.py (S sessions x K tokens/message, fresh topics, group and Redis
-prefix), starts the real CLI (``--processes 1`` is a plain worker; N > 1 goes through the
-supervisor) and scrapes every child's /metrics every ``--sample-s`` seconds.
+backlog as ``python -m bench.throughput`` (S sessions x K tokens/message, fresh topics,
+group and Redis prefix), starts the real CLI (``--processes 1`` is a plain worker; N > 1
+goes through the supervisor) and scrapes every child's /metrics every ``--sample-s`` seconds.
 
 The rate is counted in steady state only: from the first sample at which every child holds
 at least one partition (so the group join and the rebalance as the second child arrives are
@@ -12,13 +12,14 @@ excluded) to the first sample at which the whole backlog is done, as
 (ok messages at the end - at the start) / elapsed. CPU per process (children, tansu, redis)
 is read from /proc over the same window, and ``uptime``'s load average before and after.
 
-Usage:  .venv/bin/python -m bench.processes [--processes 1 2] [--messages 60000] ...
-Writes bench/results/processes-<date>.json and prints a table.
+    python -m bench.processes [--processes 1 2] [--messages 60000] ...
+
+Writes bench/results/processes-<date>.json (``bench.common.write_result``) and prints a
+table.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -133,7 +134,7 @@ def run_one(bench: Bench, model_dir: Path, n_proc: int, args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("processes", __doc__)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the --processes list")
     ap.add_argument("--sessions", type=int, default=1000)
@@ -145,25 +146,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sample-s", type=float, default=0.2)
     ap.add_argument("--timeout-s", type=float, default=180)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     model_dir = common.resolve_model(args.model)
-    res = {"argv": sys.argv, "machine": common.machine(), "model_dir": str(model_dir),
+    res = {"model_dir": str(model_dir),
            "params": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}
     with common.quiet_logs(), Bench(args.partitions) as bench:
-        bench.log(f"tansu {bench.kafka.bootstrap}, redis {bench.redis.url}, model {model_dir}")
+        common.log(f"tansu {bench.kafka.bootstrap}, redis {bench.redis.url}, model {model_dir}")
         for rnd in range(args.repeat):
             for n in args.processes:
-                bench.log(f"round {rnd + 1}: --processes {n}; {uptime()}")
+                common.log(f"round {rnd + 1}: --processes {n}; {uptime()}")
                 r = run_one(bench, model_dir, n, args)
                 r["round"] = rnd + 1
                 res["runs"].append(r)
-                bench.log(f"  {r['msgs_per_s']:.0f} msg/s over {r['steady_seconds']:.1f}s steady "
-                          f"({r['steady_messages']:.0f} msgs); load {r['load_before'][0]:.2f} -> "
-                          f"{r['load_after'][0]:.2f}")
-    res["machine"]["loadavg_end"] = os.getloadavg()
+                common.log(f"  {r['msgs_per_s']:.0f} msg/s over {r['steady_seconds']:.1f}s steady "
+                           f"({r['steady_messages']:.0f} msgs); load {r['load_before'][0]:.2f} -> "
+                           f"{r['load_after'][0]:.2f}")
     print()
     print(f"{'round':>5} {'procs':>5} {'msgs/s':>8} {'tokens/s':>9} {'steady s':>8} "
           f"{'workers cores':>13} {'whole machine':>13} {'load 1m before/after':>21}")
@@ -172,7 +170,7 @@ def main(argv=None) -> int:
         print(f"{r['round']:>5} {r['processes']:>5} {r['msgs_per_s']:>8.0f} {r['tokens_per_s']:>9.0f} "
               f"{r['steady_seconds']:>8.1f} {wc:>13.2f} {r['cpu'].get('whole_machine', {}).get('cores', 0):>13.2f} "
               f"{r['load_before'][0]:>10.2f}/{r['load_after'][0]:<10.2f}")
-    common.write_result("processes", res, args.out)
+    common.write_result("processes", res, args.out, with_clients=True)
     return 0
 
 

@@ -5,7 +5,7 @@ changed) on that seed's split, score its test split after 10 %, 25 % and 100 % o
 text's tokens, and fit the baseline — TF-IDF over 1–2-grams with sublinear tf and a
 LinearSVC, trained on the same split's train + validation documents — scored on the very
 same prefixes (the model tokenizer's first tokens, rejoined). Writes
-bench/results/quality-<date>.json with the machine and the load it ran under.
+bench/results/quality-<date>.json (``bench.common.write_result``) and prints a line per seed.
 
     python -m bench.quality                 # seeds 0 1 2
     python -m bench.quality --jobs 2        # two seeds at a time (2 cores)
@@ -16,9 +16,7 @@ bench/results/quality-<date>.json with the machine and the load it ran under.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import datetime as dt
 import os
 import statistics
 import tempfile
@@ -26,7 +24,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from bench.common import machine, write_result
+from bench.common import parser, write_result
 from model import data
 from model.evaluate import confusion_matrix, evaluate, macro_f1, prefix_index
 from model.tokenizer import tokenize
@@ -136,8 +134,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("quality", __doc__, model=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs (exploration only)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -149,13 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-epoch", action="store_true",
                     help="also score each seed's test split after every epoch (analysis only; "
                          "its time is left out of the seconds)")
-    ap.add_argument("--out", help="result file (default bench/results/quality-<date>.json)")
     args = ap.parse_args(argv)
     overrides = {"epochs": args.epochs} if args.epochs else {}
     overrides.update(_overrides(args.set))
 
-    res: dict = {"kind": "quality", "date": dt.datetime.now().isoformat(timespec="seconds"),
-                 "machine": machine(), "recipe": {**asdict(TrainConfig()), **overrides},
+    res: dict = {"recipe": {**asdict(TrainConfig()), **overrides},
                  "baseline_spec": "TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, "
                                   "tokenizer=model.tokenizer.tokenize) + LinearSVC(), fit on "
                                   "train + val", "seeds": []}
@@ -182,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
                             for k in (*FRACTIONS, "macro_f1", "seconds")}
                       for who in ("gru", "baseline")}
     res["all_seeds_ge_baseline"] = all(all(r["gru_ge_baseline"].values()) for r in rows)
-    res["machine"]["loadavg_end"] = os.getloadavg()
     write_result("quality", res, args.out)
     return 0 if res["all_seeds_ge_baseline"] else 1
 

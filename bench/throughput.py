@@ -6,29 +6,29 @@ consume capacity; the group join is excluded), for each Kafka client (``--client
 kafka-python and confluent-kafka by default), so that each client's worker stands beside its
 own floor in the same run:
 
-  (a)  passthrough  consume -> produce, flush + commit per poll batch, with the client alone
-                    (producer linger 2 ms; kafka-python's 16 KiB batches);
+  (a)  passthrough  consume -> produce -> wait for the acks -> commit, per poll batch: the
+                    client's pass-through (``bench.common.PASS_THROUGHS``) with the worker's
+                    consumer settings and the client's own producer (linger 2 ms);
   (a')              the same with the worker's producer settings (linger, batch bytes and
-                    compression from the worker's defaults; for confluent-kafka the worker's
-                    consumer and producer settings, worker.rdkafka_io);
+                    compression from the worker's defaults);
   (b)  naive        per message: Redis GET, model step (batch 1), Redis SET, produce;
-                    flush + commit per poll batch (a generous naive loop; kafka-python);
+                    flush + commit per poll batch (a generous naive loop; (a)'s kafka-python
+                    consumer and producer);
   (c)  worker       the real worker, in-process, with that client, for each --batch value.
                     Its per-stage times come from its own histograms (gru_*_seconds), read
                     from its registry between the first polled batch and the end.
 
-Latency at fixed rates is bench/latency.py.
+Latency at fixed rates is ``python -m bench.latency``.
 
-    .venv/bin/python -m bench.throughput [--sessions 1000] [--tokens 4] [--only abc]
+    python -m bench.throughput [--sessions 1000] [--tokens 4] [--only abc]
         [--clients kafka-python confluent] ...
 
-Writes bench/results/throughput-<date>.json (the machine and the commit measured included)
-and prints a table per client with the ratios to its own floor.
+Writes bench/results/throughput-<date>.json (``bench.common.write_result``) and prints a
+table per client with the ratios to its own floor.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -39,66 +39,34 @@ from pathlib import Path
 from bench import common
 from bench.common import Bench, Cpu
 
-# --- (a) pass-through ----------------------------------------------------------------------
+# --- (a) and (a') pass-through --------------------------------------------------------------
 
-def run_passthrough(bench: Bench, names: dict, n: int, batch: int, linger_ms: int = 2,
-                    batch_bytes: int | None = None, compression: str | None = None) -> dict:
-    c = common.consumer_for(bench.kafka.bootstrap, names["in"], f"pt-{uuid.uuid4().hex[:6]}")
-    p = common.producer_for(bench.kafka.bootstrap, linger_ms, compression_type=compression,
-                            **({"batch_size": batch_bytes} if batch_bytes else {}))
-    done, t_first, batches, cpu0 = 0, None, 0, {}
+def run_passthrough(bench: Bench, names: dict, n: int, batch: int, client: str,
+                    worker_producer: bool) -> dict:
+    """``common.PASS_THROUGHS[client]`` over a backlog of ``n`` records. The clock starts
+    once its first batch is through (the group join and the first fetch left out); the
+    records counted are those after it."""
+    pt = common.PASS_THROUGHS[client](bench.kafka.bootstrap, names["in"], names["out"],
+                                      f"pt-{uuid.uuid4().hex[:6]}", worker_producer)
     deadline = time.monotonic() + 120
     try:
-        while done < n and time.monotonic() < deadline:
-            polled = c.poll(timeout_ms=200, max_records=batch)
-            if not polled:
-                continue
-            if t_first is None:
-                t_first, cpu0 = time.perf_counter(), bench.cpu.snapshot()
-            for recs in polled.values():
-                for r in recs:
-                    p.send(names["out"], key=r.key, value=r.value)
-                done += len(recs)
-            p.flush()
-            common.commit_batch(c, polled)
-            batches += 1
-        secs = time.perf_counter() - t_first
-        cpu1 = bench.cpu.snapshot()
-    finally:
-        c.close(autocommit=False)
-        p.close()
-    return {"messages": done, "seconds": secs, "msgs_per_s": done / secs,
-            "linger_ms": linger_ms, "producer_batch_bytes": batch_bytes or 16384,
-            "compression": compression,
-            "batches": batches, "mean_batch": done / max(batches, 1),
-            "cpu": Cpu.usage(cpu0, cpu1, secs, done)}
-
-
-def run_passthrough_rdkafka(bench: Bench, names: dict, n: int, batch: int,
-                           worker_producer: bool) -> dict:
-    """(a) and (a') with confluent-kafka: common.RdPassThrough, timed from the first record."""
-    group = f"pt-{uuid.uuid4().hex[:6]}"
-    pt = common.RdPassThrough(bench.kafka.bootstrap, names["in"], names["out"], group,
-                              worker_producer, **({} if worker_producer else {"linger.ms": 2}))
-    done, t_first, batches, cpu0 = 0, None, 0, {}
-    deadline = time.monotonic() + 120
-    try:
-        while done < n and time.monotonic() < deadline:
-            if t_first is None:
-                got = pt.step(batch)
-                if got:  # the clock starts at the first record; its batch counts
-                    t_first, cpu0 = time.perf_counter(), bench.cpu.snapshot()
-            else:
-                got = pt.step(batch)
+        first = 0
+        while not first and time.monotonic() < deadline:
+            first = pt.step(batch)
+        t0, cpu0 = time.perf_counter(), bench.cpu.snapshot()
+        done = batches = 0
+        while first + done < n and time.monotonic() < deadline:
+            got = pt.step(batch)
             done += got
             batches += bool(got)
-        secs = time.perf_counter() - t_first
+        secs = time.perf_counter() - t0
         cpu1 = bench.cpu.snapshot()
     finally:
         pt.close()
-    return {"messages": done, "seconds": secs, "msgs_per_s": done / secs,
-            "worker_settings": worker_producer, "batches": batches,
-            "mean_batch": done / max(batches, 1), "cpu": Cpu.usage(cpu0, cpu1, secs, done)}
+    return {"client": client, "messages": done, "seconds": secs, "msgs_per_s": done / secs,
+            "worker_producer": worker_producer, "producer": pt.producer_settings,
+            "batches": batches, "mean_batch": done / max(batches, 1),
+            "cpu": Cpu.usage(cpu0, cpu1, secs, done)}
 
 
 # --- (b) naive per-message loop ------------------------------------------------------------
@@ -121,8 +89,10 @@ def run_naive(bench: Bench, names: dict, clf, seconds: float, batch: int) -> dic
     L, H, C = cfg.num_layers, cfg.state_size, cfg.num_labels
     r = redis.Redis.from_url(bench.redis.url)
     prefix = f"naive-{uuid.uuid4().hex[:6]}"
-    c = common.consumer_for(bench.kafka.bootstrap, names["in"], f"nv-{uuid.uuid4().hex[:6]}")
-    p = common.producer_for(bench.kafka.bootstrap)
+    # (a)'s consumer and producer, with per-message work between the poll and the send
+    pt = common.KafkaPythonPassThrough(bench.kafka.bootstrap, names["in"], names["out"],
+                                       f"nv-{uuid.uuid4().hex[:6]}", worker_producer=False)
+    c, p = pt.consumer, pt.producer
     model = clf.model.eval()
     done = tokens = 0
     t_first, cpu0 = None, {}
@@ -161,14 +131,13 @@ def run_naive(bench: Bench, names: dict, clf, seconds: float, batch: int) -> dic
                         done += 1
                         tokens += len(ids)
                 p.flush()
-                common.commit_batch(c, polled)                              # commit per poll
+                pt.commit(polled)                                           # commit per poll
                 if time.perf_counter() - t_first >= seconds:
                     break
         secs = time.perf_counter() - t_first
         cpu1 = bench.cpu.snapshot()
     finally:
-        c.close(autocommit=False)
-        p.close()
+        pt.close()
         with contextlib.suppress(Exception):
             keys = list(r.scan_iter(f"{prefix}:*", count=1000))
             for i in range(0, len(keys), 1000):
@@ -233,7 +202,7 @@ def print_table(res: dict, tokens: int) -> dict:
         if pt:
             rows.append(("(a) pass-through consume->produce", pt, C["passthrough"]))
         if pt2:
-            rows.append(("(a') pass-through, the worker's settings", pt2,
+            rows.append(("(a') pass-through, the worker's producer", pt2,
                          C["passthrough_worker_producer"]))
         if nv and client == "kafka-python":
             rows.append(("(b) naive per-message loop", nv, R["naive"]))
@@ -271,7 +240,7 @@ def print_table(res: dict, tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("throughput", __doc__)
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=4, help="tokens per message (K)")
     ap.add_argument("--messages", type=int, default=30000, help="input messages for (c)")
@@ -286,11 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (worker and naive)")
     ap.add_argument("--ids", action="store_true", help="send token_ids instead of tokens")
-    ap.add_argument("--model", default=None, help="artifact dir (default: artifacts/bbc-gru)")
     ap.add_argument("--only", default="abc", help="subset of measurements, e.g. 'ac'")
     ap.add_argument("--clients", nargs="+", default=list(common.CLIENTS), choices=common.CLIENTS,
                     help="Kafka clients for (a), (a') and (c), each against its own floor")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     import torch
@@ -301,15 +268,14 @@ def main(argv=None) -> int:
     clf = model_pkg.load(model_dir)
     cfg = clf.model.config
     enc = clf.encode if args.ids else None
-    res = {"argv": sys.argv, "machine": common.machine(),
-           "model": {"dir": str(model_dir), "model_id": clf.model_id, "embed": cfg.embed_dim,
+    res = {"model": {"dir": str(model_dir), "model_id": clf.model_id, "embed": cfg.embed_dim,
                      "hidden": cfg.hidden_size, "layers": cfg.num_layers, "vocab": len(clf.vocab)},
            "params": {k: v for k, v in vars(args).items() if k != "out"},
            "torch_threads": torch.get_num_threads(), "results": {}}
     R = res["results"]
     with common.quiet_logs(), Bench(args.partitions) as bench:
-        bench.log(f"tansu {bench.kafka.bootstrap}, redis {bench.redis.url}, model {model_dir} "
-                  f"(E={cfg.embed_dim} H={cfg.hidden_size} L={cfg.num_layers})")
+        common.log(f"tansu {bench.kafka.bootstrap}, redis {bench.redis.url}, model {model_dir} "
+                   f"(E={cfg.embed_dim} H={cfg.hidden_size} L={cfg.num_layers})")
 
         def backlog(tag: str, n: int, seed: int) -> dict:
             names = bench.fresh(tag)
@@ -318,48 +284,35 @@ def main(argv=None) -> int:
 
         R["clients"] = {c: {} for c in args.clients}
         if "a" in args.only:
-            from worker.config import KafkaSettings
-            from worker.kafka_io import compression
-            k = KafkaSettings()
             n = args.passthrough_messages
             for client, C in R["clients"].items():
-                bench.log(f"(a) pass-through, {client} ...")
-                if client == "confluent":
-                    C["passthrough"] = run_passthrough_rdkafka(
-                        bench, backlog("pt", n, 1), n, max(args.batch), worker_producer=False)
-                else:
-                    C["passthrough"] = run_passthrough(bench, backlog("pt", n, 1), n,
-                                                       max(args.batch))
-                bench.log(f"  {C['passthrough']['msgs_per_s']:.0f} msg/s")
-                bench.log(f"(a') pass-through with the worker's settings, {client} ...")
-                if client == "confluent":
-                    C["passthrough_worker_producer"] = run_passthrough_rdkafka(
-                        bench, backlog("ptw", n, 1), n, max(args.batch), worker_producer=True)
-                else:
-                    C["passthrough_worker_producer"] = run_passthrough(
-                        bench, backlog("ptw", n, 1), n, max(args.batch), k.linger_ms,
-                        k.producer_batch_bytes, compression(k))
-                bench.log(f"  {C['passthrough_worker_producer']['msgs_per_s']:.0f} msg/s")
+                for key, tag, worker_producer, what in (
+                        ("passthrough", "pt", False, "(a) pass-through"),
+                        ("passthrough_worker_producer", "ptw", True,
+                         "(a') pass-through with the worker's producer settings")):
+                    common.log(f"{what}, {client} ...")
+                    C[key] = run_passthrough(bench, backlog(tag, n, 1), n, max(args.batch),
+                                             client, worker_producer)
+                    common.log(f"  {C[key]['msgs_per_s']:.0f} msg/s")
         if "b" in args.only:
-            bench.log("(b) naive per-message loop ...")
+            common.log("(b) naive per-message loop ...")
             names = backlog("nv", int(args.naive_seconds * 1500) + 2000, 2)
             R["naive"] = run_naive(bench, names, clf, args.naive_seconds, 512)
-            bench.log(f"  {R['naive']['msgs_per_s']:.0f} msg/s")
+            common.log(f"  {R['naive']['msgs_per_s']:.0f} msg/s")
         if "c" in args.only:
             runs = [(b, t) for b in args.batch for t in args.target_latency_ms]
             for client, C in R["clients"].items():
                 C["worker"] = []
                 for i, (b, t) in enumerate(runs):
-                    bench.log(f"(c) worker, {client}, batch.max_records={b} "
-                              f"target_latency_ms={t} ...")
+                    common.log(f"(c) worker, {client}, batch.max_records={b} "
+                               f"target_latency_ms={t} ...")
                     names = backlog(f"w{b}", args.messages, 3 + i)
                     r = run_worker(bench, model_dir, names, args.messages, b, args.max_wait_ms,
                                    args.threads, t, client=client)
                     C["worker"].append(r)
-                    bench.log(f"  {r['msgs_per_s']:.0f} msg/s, mean batch {r['mean_batch']:.0f}")
-    res["machine"]["loadavg_end"] = __import__("os").getloadavg()
+                    common.log(f"  {r['msgs_per_s']:.0f} msg/s, mean batch {r['mean_batch']:.0f}")
     res["ratios"] = print_table(res, args.tokens)
-    common.write_result("throughput", res, args.out)
+    common.write_result("throughput", res, args.out, with_clients=True)
     return 0
 
 
