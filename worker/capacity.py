@@ -253,7 +253,8 @@ def _gpu_figures(results: Path) -> dict:
     path = results / GPU_RESULT
     if not path.exists():
         return {}
-    rows = json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    rows = data["rows"] if isinstance(data, dict) else data  # result files since the tidy
     out: dict = {"source": path.name}
     for r in rows:
         if (r.get("section"), r.get("dtype"), r.get("mode"), r.get("batch")) == \
