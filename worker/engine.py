@@ -305,6 +305,7 @@ class Engine:
             start_offset = c_start[k] if live else -1
             last_ts = c_lts[k] if exists else -1
             last_offset = c_loff[k] if exists and self.keyed else -1
+            conv_start = c_start[k] if exists else -1  # its conversation's first offset
             gap = gaps.get(_tp(messages[idx[0]]), NO_GAP)
             if exists and c_loff[k] < gap.restart_below:
                 # written before records the log no longer holds and the store never
@@ -312,7 +313,7 @@ class Engine:
                 exists = live = partial = False
                 last_pos = kind = None
                 tokens = count = 0
-                start_offset = last_ts = last_offset = -1
+                start_offset = last_ts = last_offset = conv_start = -1
             if live and not partial and 0 <= c_loff[k] < gap.partial_below:
                 first_new = messages[idx[0]]
                 # the group skipped records after this session's last write: it may have
@@ -332,13 +333,19 @@ class Engine:
                     exists = live = partial = False
                     last_pos = kind = None
                     tokens = count = 0
-                    start_offset = last_offset = -1
+                    start_offset = last_offset = conv_start = -1
                     outbox, carried = {}, []
                 pos = m.seq if m.seq is not None else m.record.offset
+                m_kind = SEQK if m.seq is not None else OFFK
                 if m.record.offset <= last_offset:
                     # redelivered (a crash before the commit): applied or refused before. Its
                     # position may have been reused since by a new conversation in the same
                     # batch, so the outbox answers only for the same content.
+                    if kind is not None and m_kind != kind and 0 <= conv_start <= m.record.offset:
+                        # inside the stored conversation, which never changed its numbering:
+                        # refused then, its dead letter perhaps never acknowledged; again
+                        result.rejections.append(Rejection(m.record, _mixed(sid, kind, m), sid))
+                        continue
                     if outbox is None:
                         raw = raws[k]
                         outbox = {e.position: e for e in decode_outbox(raw)} if raw else {}
@@ -353,12 +360,8 @@ class Engine:
                         if len(plan.msg) == start and pos not in carried:
                             carried.append(pos)
                     continue
-                m_kind = SEQK if m.seq is not None else OFFK
                 if kind is not None and m_kind != kind:
-                    result.rejections.append(Rejection(m.record, (
-                        f"session {sid!r} is numbered by {kind.name.lower()}, but this message "
-                        f"{'has' if m.seq is not None else 'has no'} seq; a session must not "
-                        f"mix the two"), sid))
+                    result.rejections.append(Rejection(m.record, _mixed(sid, kind, m), sid))
                     continue
                 if kind is SEQK and pos - last_pos > max_gap:
                     # a producer chooses seq: one record must not move a session (or an
@@ -403,7 +406,7 @@ class Engine:
                 reset = not live
                 if reset:
                     tokens = count = 0
-                    start_offset = m.record.offset
+                    start_offset = conv_start = m.record.offset
                     # No state at all (not even an ended session's tombstone; or it expired
                     # earlier in this batch) and a seq past 0: the session's beginning was
                     # never applied here (expired, or lost by Redis and deleted from the log).
@@ -726,6 +729,11 @@ def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
 
 def _tp(m: TokenMessage) -> TopicPartition:
     return (m.record.topic, m.record.partition)
+
+
+def _mixed(sid: str, kind: PosKind, m: TokenMessage) -> str:
+    return (f"session {sid!r} is numbered by {kind.name.lower()}, but this message "
+            f"{'has' if m.seq is not None else 'has no'} seq; a session must not mix the two")
 
 
 def _digest(m: TokenMessage) -> int:
