@@ -233,8 +233,11 @@ class Checkpointer:
         cover = {tp: o for tp, o in cover.items() if tp in self.lineage}
         return self.records(cover), cover
 
-    def note_written(self, updates, skipped: set[TopicPartition]) -> None:
-        """Sessions whose writes landed: each matters until it expires in event time."""
+    def note_written(self, updates, skipped: set[TopicPartition],
+                     kept: Iterable[tuple[str, TopicPartition, int, int]] = ()) -> None:
+        """Sessions whose writes landed: each matters until it expires in event time. And
+        sessions a batch found stored and left as they were (``BatchResult.kept``: a
+        redelivery after a crash that came before the checkpoint record of their write)."""
         now_ms = int(self.clock.time() * 1000)
         for u in updates:
             lineage = self.lineage.get(u.partition)
@@ -242,6 +245,11 @@ class Checkpointer:
                 continue
             ts = u.last_ts if u.last_ts >= 0 else now_ms
             lineage.note(u.start_offset, ts + u.ttl_ms)
+        for _, tp, start, expires in kept:
+            lineage = self.lineage.get(tp)
+            if lineage is None or tp in skipped:
+                continue
+            lineage.note(start, expires if expires >= 0 else now_ms + self.ttl_ms)
 
     def delivered(self, cover: Mapping[TopicPartition, int]) -> None:
         """Checkpoint records for ``cover`` were acknowledged."""

@@ -120,6 +120,9 @@ class BatchResult:
     duplicates: list[TokenMessage] = field(default_factory=list)
     corrupt_sessions: set[str] = field(default_factory=set)  # stored value unreadable
     partial_sessions: set[str] = field(default_factory=set)  # begun with no state at a seq > 0
+    # sessions whose stored value the batch left as it is (only redeliveries, duplicates or
+    # refusals): (session id, partition, its first offset, when it expires in event time ms)
+    kept: list[tuple[str, TopicPartition, int, int]] = field(default_factory=list)
     step_seconds: float = 0.0
     longest: int = 0  # tokens of the longest sequence stepped: the batch's sequential steps
 
@@ -136,6 +139,7 @@ class BatchResult:
             duplicates=[m for m in self.duplicates if m.session_id not in session_ids],
             corrupt_sessions=self.corrupt_sessions - session_ids,
             partial_sessions=self.partial_sessions - session_ids,
+            kept=[k for k in self.kept if k[0] not in session_ids],
             step_seconds=self.step_seconds, longest=self.longest)
 
     def merge(self, other: "BatchResult") -> None:
@@ -145,6 +149,7 @@ class BatchResult:
         self.duplicates += other.duplicates
         self.corrupt_sessions |= other.corrupt_sessions
         self.partial_sessions |= other.partial_sessions
+        self.kept += other.kept
         self.step_seconds += other.step_seconds
         self.longest = max(self.longest, other.longest)
 
@@ -424,6 +429,11 @@ class Engine:
                 last_ts = ts if ts is not None else -1
                 last_offset = m.record.offset if self.keyed else -1
             n = len(plan.msg) - start
+            if not n and exists and c_exists[k]:
+                # nothing new (a redelivery): the stored value goes on as it is; a lineage
+                # that lost the note of its write (a crash before the checkpoint) gets it
+                expires = c_lts[k] + (end_ttl if c_ended[k] else ttl) if c_lts[k] >= 0 else -1
+                result.kept.append((sid, _tp(messages[idx[0]]), c_start[k], expires))
             if n:
                 if n + len(carried) > MAX_OUTBOX:
                     raise ValueError(f"session {sid!r} has {n} messages in one batch; an "
