@@ -101,10 +101,6 @@ class Lineage:
         starts = [v for k, v in self.live.items() if k >= now_ms - self.bucket_ms]
         return min(starts) if starts else None
 
-    def skipped_below(self) -> int:
-        """The highest offset an operator moved the group to, still within the TTL (-1)."""
-        return max((b for _, b, _ in self.skips), default=-1)
-
     def restart_below(self) -> int:
         """The highest offset below which Redis lost writes retention then deleted (-1)."""
         return max((o for o, _ in self.cuts), default=-1)

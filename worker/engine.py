@@ -319,11 +319,8 @@ class Engine:
                 last_pos = kind = None
                 tokens = count = 0
                 start_offset = last_ts = last_offset = conv_start = -1
-            if live and not partial and 0 <= c_loff[k] < gap.partial_below:
-                first_new = messages[idx[0]]
-                # the group skipped records after this session's last write: it may have
-                # lost messages there, unless its seq goes on without a gap
-                partial = not (kind == SEQK and first_new.seq == last_pos + 1)
+            # whether skipped records may lie between the stored state and its next message
+            check_skip = live and not partial and c_loff[k] >= 0 and bool(gap.skips)
             outbox: dict[int, OutboxEntry] | None = None  # decoded on the first duplicate
             carried: list[int] = []  # positions re-emitted from the outbox in this batch
             planned: dict[int, int] = {}  # position -> digest of a message applied in it
@@ -340,6 +337,7 @@ class Engine:
                     tokens = count = 0
                     start_offset = last_offset = conv_start = -1
                     outbox, carried = {}, []
+                    check_skip = False
                 pos = m.seq if m.seq is not None else m.record.offset
                 m_kind = SEQK if m.seq is not None else OFFK
                 if m.record.offset <= last_offset:
@@ -408,6 +406,13 @@ class Engine:
                         if len(plan.msg) == start and pos not in carried:
                             carried.append(pos)  # kept in the outbox until acknowledged
                     continue
+                if check_skip:
+                    # the first message applied to the stored state: the group skipped
+                    # records between the two, where the session may have lost messages,
+                    # unless its seq goes on without a gap
+                    check_skip = False
+                    if gap.skipped_between(c_loff[k], m.record.offset):
+                        partial = not (kind == SEQK and m.seq == last_pos + 1)
                 reset = not live
                 if reset:
                     tokens = count = 0
@@ -650,14 +655,18 @@ class Engine:
 
 class Continuity(NamedTuple):
     """What recovery knows of one partition's records its states never applied.
-    ``partial_below``: an operator moved the group past records up to this offset: a live
-    session last written below it may have lost messages there, and continues marked partial
-    unless its ``seq`` shows it lost none. ``restart_below``: Redis lost writes whose records
-    retention has since deleted, up to this offset: a session last written below it begins
-    again from what the log holds."""
+    ``skips``: ``[first, end)`` ranges an operator moved the group past: a live session whose
+    next message lies past a skipped range that began after its last write may have lost
+    messages there, and continues marked partial unless its ``seq`` shows it lost none.
+    ``restart_below``: Redis lost writes whose records retention has since deleted, up to
+    this offset: a session last written below it begins again from what the log holds."""
 
-    partial_below: int = -1
+    skips: tuple[tuple[int, int], ...] = ()
     restart_below: int = -1
+
+    def skipped_between(self, last: int, offset: int) -> bool:
+        """Whether records after offset ``last`` and before ``offset`` were skipped."""
+        return any(a < offset and b - 1 > last for a, b in self.skips)
 
 
 NO_GAP = Continuity()

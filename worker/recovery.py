@@ -218,7 +218,7 @@ class Recovery:
                 begins[tp] = RolloutStart(since, rb.until)
             elif since:
                 begins[tp] = RolloutStart(since)
-            gap = Continuity(lineage.skipped_below(), lineage.restart_below())
+            gap = Continuity(tuple(lineage.gaps(-1, 2**62)), lineage.restart_below())
             if gap != NO_GAP:
                 gaps[tp] = gap
         return begins, gaps
