@@ -117,6 +117,7 @@ class Worker:
         self.intake = Intake(settings.batch, source, self.retry, lambda: self.ownership.owned,
                              self.progress, metrics, clock)
         self.retry.on_wait = self.intake.refresh_lag
+        self.intake.known_skip = self.recovery.known_skip
         self.summary = RunSummary()
         self._stopping = False
         self._inflight: InFlight | None = None
