@@ -13,7 +13,9 @@ models) and routes each session by what is stored:
    or expires (its later messages, duplicates and outbox re-emits stay with it);
 3. else an ended session's tombstone under the previous model: its replayed positions (at
    or before the tombstone's) go to the previous model, which deduplicates them and re-emits
-   its outbox; new positions (a reused session id) start afresh under the current model;
+   its outbox; new positions (a reused session id) start afresh under the current model
+   (a replay that finds them below the offset from which it began new sessions: under the
+   previous one, which began them);
 4. else (nothing stored): the current model.
 
 A background scan (``check_drain``, every ``GRU_MODEL__DRAIN_CHECK_S``) counts the sessions
@@ -156,11 +158,16 @@ class ModelSet:
             sid = m.session_id
             where, upto = routes[sid]
             before = last.get(sid)
+            since = began.get((m.record.topic, m.record.partition), RolloutStart(0)).since
             if where == "prev" and before is not None and _begins_anew(before, m, prev.engine):
                 # a replay that ends a conversation of the previous model and begins the next
                 # one under the same id: that one began with the current model, unless before
-                where = "cur" if m.record.offset >= began.get(
-                    (m.record.topic, m.record.partition), RolloutStart(0)).since else "prev"
+                where = "cur" if m.record.offset >= since else "prev"
+                routes[sid] = (where, None)
+            elif where == "split" and m.position > upto and m.record.offset < since:
+                # past the tombstone, a conversation the replay finds begun before the current
+                # model began new sessions: the previous model began it, and keeps it
+                where = "prev"
                 routes[sid] = (where, None)
             last[sid] = m
             if where == "prev" or (where == "split" and m.position <= upto) or (
