@@ -58,6 +58,7 @@ BUCKETS = 32  # the live-session summary's resolution: the longest TTL in this m
 TAIL = 64  # records read back from the end of a checkpoint partition at a claim, at first
 MAX_TAIL = 65_536  # and at most, doubling while none of the partition's key is found
 FORMAT = 1
+KEEP_SKIPS = 16  # operator skips a lineage keeps however old (a rollback's replay may meet them)
 
 
 @dataclass
@@ -87,12 +88,17 @@ class Lineage:
         self.live[key] = min(start, self.live.get(key, start))
 
     def prune(self, now_ms: int, ttl_ms: int) -> None:
-        """Forget buckets of sessions expired (one bucket of slack), and skips no replay can
-        reach any more (they lie before the oldest live session's first offset)."""
+        """Forget buckets of sessions expired (one bucket of slack), and skips no replay is
+        likely to reach any more (before the oldest live session's first offset, and older
+        than the newest ``KEEP_SKIPS``)."""
         cutoff = now_ms - self.bucket_ms
         self.live = {k: v for k, v in self.live.items() if k >= cutoff}
-        start = self.replay_from(now_ms)  # a skip matters while a replay can reach it
-        self.skips = [(a, b, at) for a, b, at in self.skips if start is not None and b > start]
+        # A skip matters while a replay can reach it: one from the oldest live session's first
+        # offset (a loss), or from the store's next offset, which a rollback may bring back to
+        # before the skip whatever lives: the newest KEEP_SKIPS are kept at any rate.
+        start = self.replay_from(now_ms)
+        recent = self.skips[-KEEP_SKIPS:]
+        self.skips = [s for s in self.skips if s in recent or (start is not None and s[1] > start)]
         # a state written before a cut lives at most a TTL (and the store's grace) after it
         self.cuts = [(o, at) for o, at in self.cuts if at >= now_ms - ttl_ms - 60_000]
 
