@@ -155,7 +155,7 @@ class Ideal:
                             c.skip_live_from = len(c.msgs)
                 body = _body(r.value)
                 c = state.get(body.get("session_id")) if body else None  # type: ignore[arg-type]
-                if c is not None and not c.ended:
+                if c is not None and not c.ended and self._would_apply(c, r, body, key):
                     if c.skipped_from is None:
                         c.skipped_from = len(c.msgs)
                     c.skipped_seqs.add(body.get("seq"))
@@ -209,6 +209,21 @@ class Ideal:
             c.msgs.append(Msg(r, ids, seq, end))
             c.last_ts, c.ended = ts, end
             self.expect[key] = Expect("apply", c, len(c.msgs) - 1)
+
+    def _would_apply(self, c: Conversation, r: Record, body: dict | None,
+                     key: tuple[int, int]) -> bool:
+        """Whether a skipped record would have gone on live conversation ``c``: one that
+        would have been dead-lettered (hostile, or mixed numbering), counted a duplicate or a
+        reused position (at or before its last), or begun another conversation (past the TTL)
+        took nothing from it."""
+        if body is None or key in self.hostile:
+            return False
+        seq = body.get("seq")
+        if c.numbered != (seq is not None):
+            return False
+        if (r.timestamp_ms or 0) - c.last_ts > TTL_S * 1000:
+            return False
+        return (seq if seq is not None else r.offset) > c.last_pos
 
     def _ambiguous(self, c: Conversation) -> None:
         """Whether a rebuild may have taken ``c`` up with the other model (module docstring):
