@@ -199,6 +199,15 @@ class Ideal:
                                      either_start=c is not None and bool(seq))
                 self.convs.append(c_new)
                 state[sid] = self.final[sid] = c = c_new
+            if c.skipped_from == len(c.msgs) and seq is not None and seq == c.last_pos + 1:
+                # the first message after the skip follows the last one without a gap: by
+                # the documented rule (docs/reliability.md, "At a claim" 1) the worker takes
+                # it for one that lost nothing there. What it lost can only be an end (its
+                # seq is past this one) after which the id began again from 0: invisible to
+                # it, so either context is right
+                c.skip_live_from = min(c.skip_live_from or c.skipped_from, c.skipped_from)
+                c.skipped_from = None
+                c.skipped_seqs.clear()
             if seq is not None and seq in c.skipped_seqs:
                 # a copy of a skipped message came through (a producer's retry): nothing of
                 # the conversation is lost once every skipped one did; partial stays allowed
