@@ -58,6 +58,7 @@ BUCKETS = 32  # the live-session summary's resolution: the longest TTL in this m
 TAIL = 64  # records read back from the end of a checkpoint partition at a claim, at first
 MAX_TAIL = 65_536  # and at most, doubling while none of the partition's key is found
 FORMAT = 1
+KEEP_SKIPS = 16  # operator skips a lineage keeps however old (a rollback's replay may meet them)
 
 
 @dataclass
@@ -87,12 +88,17 @@ class Lineage:
         self.live[key] = min(start, self.live.get(key, start))
 
     def prune(self, now_ms: int, ttl_ms: int) -> None:
-        """Forget buckets of sessions expired (one bucket of slack), and skips no replay can
-        reach any more (they lie before the oldest live session's first offset)."""
+        """Forget buckets of sessions expired (one bucket of slack), and skips no replay is
+        likely to reach any more (before the oldest live session's first offset, and older
+        than the newest ``KEEP_SKIPS``)."""
         cutoff = now_ms - self.bucket_ms
         self.live = {k: v for k, v in self.live.items() if k >= cutoff}
-        start = self.replay_from(now_ms)  # a skip matters while a replay can reach it
-        self.skips = [(a, b, at) for a, b, at in self.skips if start is not None and b > start]
+        # A skip matters while a replay can reach it: one from the oldest live session's first
+        # offset (a loss), or from the store's next offset, which a rollback may bring back to
+        # before the skip whatever lives: the newest KEEP_SKIPS are kept at any rate.
+        start = self.replay_from(now_ms)
+        recent = self.skips[-KEEP_SKIPS:]
+        self.skips = [s for s in self.skips if s in recent or (start is not None and s[1] > start)]
         # a state written before a cut lives at most a TTL (and the store's grace) after it
         self.cuts = [(o, at) for o, at in self.cuts if at >= now_ms - ttl_ms - 60_000]
 
@@ -100,10 +106,6 @@ class Lineage:
         """The first offset of the oldest session that may still live (None: none)."""
         starts = [v for k, v in self.live.items() if k >= now_ms - self.bucket_ms]
         return min(starts) if starts else None
-
-    def skipped_below(self) -> int:
-        """The highest offset an operator moved the group to, still within the TTL (-1)."""
-        return max((b for _, b, _ in self.skips), default=-1)
 
     def restart_below(self) -> int:
         """The highest offset below which Redis lost writes retention then deleted (-1)."""
@@ -233,8 +235,11 @@ class Checkpointer:
         cover = {tp: o for tp, o in cover.items() if tp in self.lineage}
         return self.records(cover), cover
 
-    def note_written(self, updates, skipped: set[TopicPartition]) -> None:
-        """Sessions whose writes landed: each matters until it expires in event time."""
+    def note_written(self, updates, skipped: set[TopicPartition],
+                     kept: Iterable[tuple[str, TopicPartition, int, int]] = ()) -> None:
+        """Sessions whose writes landed: each matters until it expires in event time. And
+        sessions a batch found stored and left as they were (``BatchResult.kept``: a
+        redelivery after a crash that came before the checkpoint record of their write)."""
         now_ms = int(self.clock.time() * 1000)
         for u in updates:
             lineage = self.lineage.get(u.partition)
@@ -242,6 +247,11 @@ class Checkpointer:
                 continue
             ts = u.last_ts if u.last_ts >= 0 else now_ms
             lineage.note(u.start_offset, ts + u.ttl_ms)
+        for _, tp, start, expires in kept:
+            lineage = self.lineage.get(tp)
+            if lineage is None or tp in skipped:
+                continue
+            lineage.note(start, expires if expires >= 0 else now_ms + self.ttl_ms)
 
     def delivered(self, cover: Mapping[TopicPartition, int]) -> None:
         """Checkpoint records for ``cover`` were acknowledged."""

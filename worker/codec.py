@@ -215,6 +215,14 @@ def last_timestamp(raw: bytes) -> int:
     return struct.unpack_from("<q", raw, fmt.header.size - 8)[0]
 
 
+def last_offset(raw: bytes) -> int:
+    """The input offset of a stored value's last message; -1 when unknown (or unreadable)."""
+    fmt = FORMATS.get(bytes(raw[:4]))
+    if fmt is None or not fmt.lineage or len(raw) < fmt.header.size:
+        return -1
+    return struct.unpack_from("<q", raw, fmt.header.size - 16)[0]
+
+
 def write_status(current: bytes | None, expected_pos: int | None, new_pos: int,
                  replaces: bool = False) -> WriteStatus:
     """Whether a write lands on the current value: the stored position must be the one the

@@ -120,6 +120,9 @@ class BatchResult:
     duplicates: list[TokenMessage] = field(default_factory=list)
     corrupt_sessions: set[str] = field(default_factory=set)  # stored value unreadable
     partial_sessions: set[str] = field(default_factory=set)  # begun with no state at a seq > 0
+    # sessions whose stored value the batch left as it is (only redeliveries, duplicates or
+    # refusals): (session id, partition, its first offset, when it expires in event time ms)
+    kept: list[tuple[str, TopicPartition, int, int]] = field(default_factory=list)
     step_seconds: float = 0.0
     longest: int = 0  # tokens of the longest sequence stepped: the batch's sequential steps
 
@@ -136,6 +139,7 @@ class BatchResult:
             duplicates=[m for m in self.duplicates if m.session_id not in session_ids],
             corrupt_sessions=self.corrupt_sessions - session_ids,
             partial_sessions=self.partial_sessions - session_ids,
+            kept=[k for k in self.kept if k[0] not in session_ids],
             step_seconds=self.step_seconds, longest=self.longest)
 
     def merge(self, other: "BatchResult") -> None:
@@ -145,6 +149,7 @@ class BatchResult:
         self.duplicates += other.duplicates
         self.corrupt_sessions |= other.corrupt_sessions
         self.partial_sessions |= other.partial_sessions
+        self.kept += other.kept
         self.step_seconds += other.step_seconds
         self.longest = max(self.longest, other.longest)
 
@@ -305,6 +310,7 @@ class Engine:
             start_offset = c_start[k] if live else -1
             last_ts = c_lts[k] if exists else -1
             last_offset = c_loff[k] if exists and self.keyed else -1
+            conv_start = c_start[k] if exists else -1  # its conversation's first offset
             gap = gaps.get(_tp(messages[idx[0]]), NO_GAP)
             if exists and c_loff[k] < gap.restart_below:
                 # written before records the log no longer holds and the store never
@@ -312,12 +318,9 @@ class Engine:
                 exists = live = partial = False
                 last_pos = kind = None
                 tokens = count = 0
-                start_offset = last_ts = last_offset = -1
-            if live and not partial and 0 <= c_loff[k] < gap.partial_below:
-                first_new = messages[idx[0]]
-                # the group skipped records after this session's last write: it may have
-                # lost messages there, unless its seq goes on without a gap
-                partial = not (kind == SEQK and first_new.seq == last_pos + 1)
+                start_offset = last_ts = last_offset = conv_start = -1
+            # whether skipped records may lie between the stored state and its next message
+            check_skip = live and not partial and c_loff[k] >= 0 and bool(gap.skips)
             outbox: dict[int, OutboxEntry] | None = None  # decoded on the first duplicate
             carried: list[int] = []  # positions re-emitted from the outbox in this batch
             planned: dict[int, int] = {}  # position -> digest of a message applied in it
@@ -332,13 +335,20 @@ class Engine:
                     exists = live = partial = False
                     last_pos = kind = None
                     tokens = count = 0
-                    start_offset = last_offset = -1
+                    start_offset = last_offset = conv_start = -1
                     outbox, carried = {}, []
+                    check_skip = False
                 pos = m.seq if m.seq is not None else m.record.offset
+                m_kind = SEQK if m.seq is not None else OFFK
                 if m.record.offset <= last_offset:
                     # redelivered (a crash before the commit): applied or refused before. Its
                     # position may have been reused since by a new conversation in the same
                     # batch, so the outbox answers only for the same content.
+                    if kind is not None and m_kind != kind and 0 <= conv_start <= m.record.offset:
+                        # inside the stored conversation, which never changed its numbering:
+                        # refused then, its dead letter perhaps never acknowledged; again
+                        result.rejections.append(Rejection(m.record, _mixed(sid, kind, m), sid))
+                        continue
                     if outbox is None:
                         raw = raws[k]
                         outbox = {e.position: e for e in decode_outbox(raw)} if raw else {}
@@ -353,12 +363,8 @@ class Engine:
                         if len(plan.msg) == start and pos not in carried:
                             carried.append(pos)
                     continue
-                m_kind = SEQK if m.seq is not None else OFFK
                 if kind is not None and m_kind != kind:
-                    result.rejections.append(Rejection(m.record, (
-                        f"session {sid!r} is numbered by {kind.name.lower()}, but this message "
-                        f"{'has' if m.seq is not None else 'has no'} seq; a session must not "
-                        f"mix the two"), sid))
+                    result.rejections.append(Rejection(m.record, _mixed(sid, kind, m), sid))
                     continue
                 if kind is SEQK and pos - last_pos > max_gap:
                     # a producer chooses seq: one record must not move a session (or an
@@ -400,10 +406,17 @@ class Engine:
                         if len(plan.msg) == start and pos not in carried:
                             carried.append(pos)  # kept in the outbox until acknowledged
                     continue
+                if check_skip:
+                    # the first message applied to the stored state: the group skipped
+                    # records between the two, where the session may have lost messages,
+                    # unless its seq goes on without a gap
+                    check_skip = False
+                    if gap.skipped_between(c_loff[k], m.record.offset):
+                        partial = not (kind == SEQK and m.seq == last_pos + 1)
                 reset = not live
                 if reset:
                     tokens = count = 0
-                    start_offset = m.record.offset
+                    start_offset = conv_start = m.record.offset
                     # No state at all (not even an ended session's tombstone; or it expired
                     # earlier in this batch) and a seq past 0: the session's beginning was
                     # never applied here (expired, or lost by Redis and deleted from the log).
@@ -421,6 +434,11 @@ class Engine:
                 last_ts = ts if ts is not None else -1
                 last_offset = m.record.offset if self.keyed else -1
             n = len(plan.msg) - start
+            if not n and exists and c_exists[k]:
+                # nothing new (a redelivery): the stored value goes on as it is; a lineage
+                # that lost the note of its write (a crash before the checkpoint) gets it
+                expires = c_lts[k] + (end_ttl if c_ended[k] else ttl) if c_lts[k] >= 0 else -1
+                result.kept.append((sid, _tp(messages[idx[0]]), c_start[k], expires))
             if n:
                 if n + len(carried) > MAX_OUTBOX:
                     raise ValueError(f"session {sid!r} has {n} messages in one batch; an "
@@ -637,14 +655,18 @@ class Engine:
 
 class Continuity(NamedTuple):
     """What recovery knows of one partition's records its states never applied.
-    ``partial_below``: an operator moved the group past records up to this offset: a live
-    session last written below it may have lost messages there, and continues marked partial
-    unless its ``seq`` shows it lost none. ``restart_below``: Redis lost writes whose records
-    retention has since deleted, up to this offset: a session last written below it begins
-    again from what the log holds."""
+    ``skips``: ``[first, end)`` ranges an operator moved the group past: a live session whose
+    next message lies past a skipped range that began after its last write may have lost
+    messages there, and continues marked partial unless its ``seq`` shows it lost none.
+    ``restart_below``: Redis lost writes whose records retention has since deleted, up to
+    this offset: a session last written below it begins again from what the log holds."""
 
-    partial_below: int = -1
+    skips: tuple[tuple[int, int], ...] = ()
     restart_below: int = -1
+
+    def skipped_between(self, last: int, offset: int) -> bool:
+        """Whether records after offset ``last`` and before ``offset`` were skipped."""
+        return any(a < offset and b - 1 > last for a, b in self.skips)
 
 
 NO_GAP = Continuity()
@@ -726,6 +748,11 @@ def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
 
 def _tp(m: TokenMessage) -> TopicPartition:
     return (m.record.topic, m.record.partition)
+
+
+def _mixed(sid: str, kind: PosKind, m: TokenMessage) -> str:
+    return (f"session {sid!r} is numbered by {kind.name.lower()}, but this message "
+            f"{'has' if m.seq is not None else 'has no'} seq; a session must not mix the two")
 
 
 def _digest(m: TokenMessage) -> int:

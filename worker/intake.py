@@ -42,6 +42,8 @@ class Intake:
         self._waiting: int | None = None  # consumer lag after the last poll
         self._limit_reason: str | None = None  # the reason label gru_batch_limit_records has
         self._undecodable_backoff = retrier.settings.initial_backoff_s
+        # an undecodable batch an operator already moved the group past: jumped again (True)
+        self.known_skip: Callable[[UndecodableInput], bool] = lambda e: False
         metrics.batch_budget.set(settings.target_latency_ms / 1000)
 
     def poll(self) -> list[Record]:
@@ -72,6 +74,8 @@ class Intake:
     def _failed(self, e: DependencyError) -> None:
         if not isinstance(e, UndecodableInput):
             self.retry.wait(e, self.retry.settings.initial_backoff_s)
+            return
+        if self.known_skip(e):  # read again by a replay: the live run jumped it
             return
         # Not the broker's fault: counted apart, and Kafka is not marked down for it.
         self.metrics.undecodable.labels(

@@ -117,6 +117,7 @@ class Worker:
         self.intake = Intake(settings.batch, source, self.retry, lambda: self.ownership.owned,
                              self.progress, metrics, clock)
         self.retry.on_wait = self.intake.refresh_lag
+        self.intake.known_skip = self.recovery.known_skip
         self.summary = RunSummary()
         self._stopping = False
         self._inflight: InFlight | None = None
@@ -218,7 +219,8 @@ class Worker:
         self.settle(Commit.DUE)                                         # 2'. settle N-1
         t3b = time.perf_counter()
         written = self.writer.write(records, messages, result)          # 3. write states
-        self.checkpoint.note_written(written.result.updates, written.skipped)
+        self.checkpoint.note_written(written.result.updates, written.skipped,
+                                     written.result.kept)
         live = self.delivery.live_rows(written)
         t4 = time.perf_counter()
         outgoing, dead_letters = self.delivery.outgoing(written, live, rejections)

@@ -5,12 +5,17 @@ State keys carry the model id, so a rollout keeps two namespaces side by side. E
 loads every session's value under both in one round trip (``StateStore.load`` with two
 models) and routes each session by what is stored:
 
-1. a value under the current model: the current model;
+1. a value under the current model: the current model; but records redelivered at or before
+   the offset of the previous model's last message (the batch that ended its conversation
+   and began the next on the current model, not acknowledged) go back to the previous
+   model, whose outbox holds their predictions;
 2. else a live state under the previous model: the previous model, until the session ends
    or expires (its later messages, duplicates and outbox re-emits stay with it);
 3. else an ended session's tombstone under the previous model: its replayed positions (at
    or before the tombstone's) go to the previous model, which deduplicates them and re-emits
-   its outbox; new positions (a reused session id) start afresh under the current model;
+   its outbox; new positions (a reused session id) start afresh under the current model
+   (a replay that finds them below the offset from which it began new sessions: under the
+   previous one, which began them);
 4. else (nothing stored): the current model.
 
 A background scan (``check_drain``, every ``GRU_MODEL__DRAIN_CHECK_S``) counts the sessions
@@ -26,7 +31,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from .codec import ENDED, MAGICS, MIN_HEADER, StateCorrupt, last_timestamp, stored_position
+from .codec import (
+    ENDED,
+    MAGICS,
+    MIN_HEADER,
+    StateCorrupt,
+    last_offset,
+    last_timestamp,
+    stored_position,
+)
 from .config import LimitSettings
 from .engine import BatchResult, Continuity, Engine
 from .messages import PredictionEncoder, Rejection, TokenMessage, decode
@@ -145,14 +158,20 @@ class ModelSet:
             sid = m.session_id
             where, upto = routes[sid]
             before = last.get(sid)
+            since = began.get((m.record.topic, m.record.partition), RolloutStart(0)).since
             if where == "prev" and before is not None and _begins_anew(before, m, prev.engine):
                 # a replay that ends a conversation of the previous model and begins the next
                 # one under the same id: that one began with the current model, unless before
-                where = "cur" if m.record.offset >= began.get(
-                    (m.record.topic, m.record.partition), RolloutStart(0)).since else "prev"
+                where = "cur" if m.record.offset >= since else "prev"
+                routes[sid] = (where, None)
+            elif where == "split" and m.position > upto and m.record.offset < since:
+                # past the tombstone, a conversation the replay finds begun before the current
+                # model began new sessions: the previous model began it, and keeps it
+                where = "prev"
                 routes[sid] = (where, None)
             last[sid] = m
-            if where == "prev" or (where == "split" and m.position <= upto):
+            if where == "prev" or (where == "split" and m.position <= upto) or (
+                    where == "back" and m.record.offset <= upto):
                 to_prev.append(m)
             else:
                 to_cur.append(m)
@@ -287,9 +306,16 @@ class DrainWatcher:
 
 def _route(cur: bytes | None, old: bytes | None, first: TokenMessage, engine: Engine,
            current_began: RolloutStart) -> tuple[str, int | None]:
-    """("cur" | "prev" | "split", the tombstone's position for "split"), for a session whose
-    first message in the batch is ``first``."""
+    """("cur" | "prev" | "split" | "back", the tombstone's position for "split", the previous
+    model's last offset for "back"), for a session whose first message in the batch is
+    ``first``."""
     if cur is not None:
+        back = last_offset(old) if old is not None else -1
+        if first.record.offset <= back:
+            # a redelivery of records the previous model applied or refused, its conversation
+            # since ended (or expired) and the next begun on the current one: those records
+            # go back to it (it deduplicates them, re-emits its outbox), the rest go on
+            return "back", back
         return "cur", None
     if old is None or _expired(old, first, engine):
         # nothing stored that still lives: a new session, unless the log says it began

@@ -40,6 +40,7 @@ from .clock import Clock
 from .config import StateSettings
 from .metrics import Metrics
 from .engine import NO_GAP, Continuity
+from .errors import UndecodableInput
 from .models import ModelSet, RolloutStart
 from .ownership import Ownership
 from .ports import Claim, Record, Source, StateStore, TopicPartition
@@ -71,6 +72,7 @@ class Recovery:
         self.ownership, self.checkpoint, self.models = ownership, checkpoint, models
         self.retry, self.metrics, self.clock = retrier, metrics, clock
         self.rebuilds: dict[TopicPartition, Rebuild] = {}
+        self.floor: dict[TopicPartition, int] = {}  # the group's committed offset at the claim
 
     # --- at a claim ---------------------------------------------------------------------------
 
@@ -88,6 +90,8 @@ class Recovery:
             self.ownership.claimed(tp, claims[tp])
             lineage = self.checkpoint.claimed(tp, found)
             done = committed.get(tp)
+            if done is not None:
+                self.floor[tp] = done
             starts[tp] = self._plan(tp, claims[tp], done, found, lineage,
                                     done if done is not None else policy[tp])
             prev = self.models.previous
@@ -204,6 +208,33 @@ class Recovery:
             # (a skip inside the replay: its records' writes record the offsets past it)
         return keep
 
+    def known_skip(self, e: UndecodableInput) -> bool:
+        """A batch the client cannot decode, inside a range an operator already moved the
+        group past (the lineage's skips), met again by a replay that starts below it (the
+        records before it deleted by retention, or none left to read there): the partition
+        jumps it, as ``admit`` jumps one it reads into. False: not a known skip, the operator
+        decides (docs/reliability.md, "Undecodable input")."""
+        if e.topic is None or e.partition is None or e.offset is None:
+            return False
+        tp = (e.topic, e.partition)
+        lineage = self.checkpoint.lineage.get(tp)
+        if lineage is None or not self.ownership.holds(tp):
+            return False
+        gap = next(((a, b) for a, b, _ in lineage.skips if a <= e.offset < b), None)
+        if gap is None:
+            return False
+        begin, end = gap
+        log.warning("%s[%d]: the undecodable batch at offset %d lies in offsets %d..%d an "
+                    "operator skipped: jumping them again", *tp, e.offset, begin, end - 1)
+        self.source.seek(tp, end)
+        rb = self.rebuilds.get(tp)
+        if rb is not None:
+            rb.gaps = [g for g in rb.gaps if g[0] >= end]
+            if end >= rb.until:  # nothing to replay after the skip: the replay ends at it
+                rb.until, rb.skipped_to = max(rb.start, begin), end
+                self.advanced({tp: end})
+        return True
+
     def hints(self) -> tuple[dict[TopicPartition, RolloutStart],
                              dict[TopicPartition, Continuity]]:
         """Per claimed partition: where the current model began new sessions, and what its
@@ -218,7 +249,7 @@ class Recovery:
                 begins[tp] = RolloutStart(since, rb.until)
             elif since:
                 begins[tp] = RolloutStart(since)
-            gap = Continuity(lineage.skipped_below(), lineage.restart_below())
+            gap = Continuity(tuple(lineage.gaps(-1, 2**62)), lineage.restart_below())
             if gap != NO_GAP:
                 gaps[tp] = gap
         return begins, gaps
@@ -262,6 +293,8 @@ class Recovery:
         out = {}
         for tp, offset in offsets.items():
             rb = self.rebuilds.get(tp)
+            if rb is None and offset < self.floor.get(tp, -1):
+                continue  # a replayed batch acknowledged after its rebuild ended at a skip
             if rb is None or offset > rb.until:
                 out[tp] = offset
         return out
@@ -280,6 +313,7 @@ class Recovery:
     def forget(self, partitions) -> None:
         for tp in partitions:
             self.rebuilds.pop(tp, None)
+            self.floor.pop(tp, None)
 
     @property
     def rebuilding(self) -> list[str]:

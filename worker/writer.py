@@ -136,11 +136,21 @@ class StateWriter:
                updates: Sequence[SessionUpdate]) -> StoreResult:
         now_ms = int(self.clock.time() * 1000)
         writes = [StateWrite(u.session_id, u.partition, u.expected_pos, u.new_pos, u.value,
+                             u.ttl_ms if self._replayed(u) else
                              store_ttl_ms(u.ttl_ms, u.last_ts, now_ms), u.model, u.replaces)
                   for u in updates]
         res = self.retry.call(lambda: self.store.store(marks, writes))
         self.ownership.note_recorded(marks, res)
         return res
+
+    def _replayed(self, u: SessionUpdate) -> bool:
+        """Whether ``u`` rebuilds a state from records being replayed. Its store TTL then
+        counts a whole TTL from now, not from its last record's timestamp: a replay runs
+        behind event time by as long as it takes (a crash loop, an outage), and the state
+        must outlive it until the session's next message, which may lie anywhere up to a TTL
+        after that record, is applied. The engine judges expiry by record timestamps, so a
+        key kept longer changes nothing but memory."""
+        return self.recovery.suppressed(u.table.records[u.steps[-1]])
 
     def _refused(self, updates: Sequence[SessionUpdate],
                  res: StoreResult) -> dict[str, tuple[str | None, bytes | None]]:

@@ -22,6 +22,16 @@ Then, on what the run left (output and dead-letter topics, the store, the group)
 A prediction may legitimately cover only a suffix of its conversation: when the messages
 before it were deleted by retention by the time it was produced. Its ``tokens_seen`` says
 which suffix; anything else must cover the whole conversation.
+
+One thing the log cannot tell a rebuild: which model began a conversation whose first message
+the rebuild finds at or past the rollout's offset with a seq past 0 (or, numbered by offsets,
+past its deleted beginning), once retention deleted records (a retention shorter than the
+retention rule of docs/reliability.md). Its beginning may lie in the deleted records, before
+the rollout (the previous model) or after it (the current one), or nowhere (a session first
+seen past seq 0): the worker decides by a rule of thumb (worker/models.py, ``RolloutStart``).
+Such a conversation (``Conversation.alt``) may be served by the other model from the first
+Redis fault that may have made a rebuild take it up: its predictions and its state are then
+checked against that model over what the log held (the same rules otherwise).
 """
 
 from __future__ import annotations
@@ -71,6 +81,10 @@ class Conversation:
     results: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     emits: list[bool | None] = field(default_factory=list)
     cumulative: list[int] = field(default_factory=list)  # tokens seen after each message
+    # the other model a rebuild may have taken it up with (module docstring), from when
+    alt: SimModel | None = None
+    alt_from: float = float("inf")
+    alt_ids: list[list[int] | None] = field(default_factory=list)  # per message (alt's)
 
     @property
     def last_pos(self) -> int:
@@ -119,6 +133,7 @@ class Ideal:
         for p, part in enumerate(trace.broker.topic(INPUT)):
             self._partition(p, part.records)
         for c in self.convs:
+            self._ambiguous(c)
             self._offline(c)
 
     def _current(self, p: int, offset: int) -> SimModel:
@@ -140,7 +155,7 @@ class Ideal:
                             c.skip_live_from = len(c.msgs)
                 body = _body(r.value)
                 c = state.get(body.get("session_id")) if body else None  # type: ignore[arg-type]
-                if c is not None and not c.ended:
+                if c is not None and not c.ended and self._would_apply(c, r, body, key):
                     if c.skipped_from is None:
                         c.skipped_from = len(c.msgs)
                     c.skipped_seqs.add(body.get("seq"))
@@ -184,6 +199,15 @@ class Ideal:
                                      either_start=c is not None and bool(seq))
                 self.convs.append(c_new)
                 state[sid] = self.final[sid] = c = c_new
+            if c.skipped_from == len(c.msgs) and seq is not None and seq == c.last_pos + 1:
+                # the first message after the skip follows the last one without a gap: by
+                # the documented rule (docs/reliability.md, "At a claim" 1) the worker takes
+                # it for one that lost nothing there. What it lost can only be an end (its
+                # seq is past this one) after which the id began again from 0: invisible to
+                # it, so either context is right
+                c.skip_live_from = min(c.skip_live_from or c.skipped_from, c.skipped_from)
+                c.skipped_from = None
+                c.skipped_seqs.clear()
             if seq is not None and seq in c.skipped_seqs:
                 # a copy of a skipped message came through (a producer's retry): nothing of
                 # the conversation is lost once every skipped one did; partial stays allowed
@@ -194,6 +218,53 @@ class Ideal:
             c.msgs.append(Msg(r, ids, seq, end))
             c.last_ts, c.ended = ts, end
             self.expect[key] = Expect("apply", c, len(c.msgs) - 1)
+
+    def _would_apply(self, c: Conversation, r: Record, body: dict | None,
+                     key: tuple[int, int]) -> bool:
+        """Whether a skipped record would have gone on live conversation ``c``: one that
+        would have been dead-lettered (hostile, or mixed numbering), counted a duplicate or a
+        reused position (at or before its last), or begun another conversation (past the TTL)
+        took nothing from it."""
+        if body is None or key in self.hostile:
+            return False
+        seq = body.get("seq")
+        if c.numbered != (seq is not None):
+            return False
+        if (r.timestamp_ms or 0) - c.last_ts > TTL_S * 1000:
+            return False
+        return (seq if seq is not None else r.offset) > c.last_pos
+
+    def _ambiguous(self, c: Conversation) -> None:
+        """Whether a rebuild may have taken ``c`` up with the other model (module docstring):
+        sets ``c.alt`` (and from when, and its token ids under it) if so."""
+        ro = self.trace.rollout_offsets
+        if ro is None:
+            return
+        rollout = ro[c.partition]
+        part = self.trace.broker.topic(INPUT)[c.partition]
+        log_start = part.log_start_at(self.trace.end)  # at the latest: lenient, not strict
+        if log_start == 0:
+            return
+        first = next((k for k, m in enumerate(c.msgs) if m.record.offset >= log_start), None)
+        if first is None or c.msgs[first].record.offset < rollout:
+            return  # wholly deleted, or found before the rollout: the previous model's
+        m = c.msgs[first]
+        if c.model is self.old:
+            if first == 0:
+                return  # began before the rollout and found there: the previous model's
+        elif m.seq == 0 or (m.seq is None and first == 0):
+            return  # found at its beginning after the rollout: the current model's
+        t0, t1 = self._ms_to_t(c.msgs[0].record), self._ms_to_t(c.msgs[-1].record)
+        faults = sorted(f.at for f in self.trace.scenario.faults
+                        if f.kind in ("redis_loss", "redis_rollback") and t0 < f.at <= t1 + TTL_S)
+        if not faults:
+            return  # no rebuild took it up: the worker knew
+        alt = self.new if c.model is self.old else self.old
+        ids = [None] * first + [self._ids(_body(x.record.value) or {}, alt)
+                                for x in c.msgs[first:]]
+        if any(x is None or len(x) != len(y.ids) for x, y in zip(ids[first:], c.msgs[first:])):
+            return  # the other model refuses some of it: it cannot have served it
+        c.alt, c.alt_from, c.alt_ids = alt, max(faults[0], self.cfg.rollout_at or 0.0), ids
 
     @staticmethod
     def _ids(body: dict, model: SimModel) -> list[int] | None:
@@ -218,14 +289,27 @@ class Ideal:
         self._decide(c)
 
     def _decide(self, c: Conversation) -> None:
-        """The emit policy over the conversation's whole history (worker/output.py)."""
+        """The emit policy over the conversation's whole history (worker/output.py); where
+        another model may have served it from its beginning, only what both decide alike."""
+        c.emits = self._decisions(c.msgs, c.results)
+        if c.alt is not None and c.alt_ids[0] is not None:
+            steps = iter(c.alt.run([x for x in c.alt_ids if x]))
+            results: list[tuple[np.ndarray, np.ndarray]] = []
+            for x in c.alt_ids:
+                results.append(next(steps) if x else results[-1])
+            other = self._decisions(c.msgs, results)
+            c.emits = [a if a == b else None for a, b in zip(c.emits, other)]
+
+    def _decisions(self, msgs: list[Msg], results: list[tuple[np.ndarray, np.ndarray]]
+                   ) -> list[bool | None]:
         emit, floor = self.cfg.emit, self.cfg.min_confidence
         prev = -1
         unsure = False
         up = self.trace.upgraded_at
-        for i, (m, (_, probs)) in enumerate(zip(c.msgs, c.results)):
+        emits: list[bool | None] = []
+        for i, (m, (_, probs)) in enumerate(zip(msgs, results)):
             if unsure:
-                c.emits.append(None)
+                emits.append(None)
                 continue
             order = np.argsort(probs)
             label, conf = int(order[-1]), float(probs[order[-1]])
@@ -245,7 +329,8 @@ class Ideal:
                 tie = tie or probs[order[-1]] - probs[order[-2]] < TIE  # the label, by a hair
                 unsure = tie or (up is not None and self._ms_to_t(m.record) > up)
                 tie = unsure
-            c.emits.append(None if tie else e)
+            emits.append(None if tie else e)
+        return emits
 
     @staticmethod
     def _ms_to_t(r: Record) -> float:
@@ -285,16 +370,29 @@ class Checker:
         part = self.trace.broker.topic(INPUT)[c.partition]
         return c.msgs[k].record.offset < part.log_start_at(at)
 
-    def suffix(self, c: Conversation, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The model over messages ``j..`` of ``c`` alone (a state rebuilt from there)."""
-        got = self._suffix.get((id(c), j))
+    def suffix(self, c: Conversation, j: int, alt: bool = False
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The model over messages ``j..`` of ``c`` alone (a state rebuilt from there); with
+        ``alt``, the other model that a rebuild may have taken it up with."""
+        got = self._suffix.get((id(c), j, alt))
         if got is None:
-            steps = iter(c.model.run([m.ids for m in c.msgs[j:] if m.ids]))
+            model = c.alt if alt else c.model
+            assert model is not None
+            ids = c.alt_ids[j:] if alt else [m.ids for m in c.msgs[j:]]
+            steps = iter(model.run([x for x in ids if x]))
             got = []
-            for m in c.msgs[j:]:
-                got.append(next(steps) if m.ids else got[-1])
-            self._suffix[(id(c), j)] = got
+            for x in ids:
+                got.append(next(steps) if x else got[-1])
+            self._suffix[(id(c), j, alt)] = got
         return got
+
+    def alt_start(self, c: Conversation, i: int, tokens_seen: int, at: float) -> int | None:
+        """Which suffix ``j..i`` of ``c`` the other model may have served at time ``at`` (a
+        rebuild that took it up from where the log began: module docstring), by its tokens."""
+        j = self.start_of(c, i, tokens_seen)
+        if c.alt is None or at < c.alt_from or j is None or c.alt_ids[j] is None:
+            return None
+        return j if j == 0 or self.deleted(c, j - 1, at) else None
 
     def start_of(self, c: Conversation, i: int, tokens_seen: int) -> int | None:
         """Which suffix ``j..i`` of ``c`` has ``tokens_seen`` tokens (None: none)."""
@@ -327,6 +425,15 @@ class Checker:
     def prediction(self, p: Prediction, c: Conversation, i: int) -> None:
         b, m = p.body, c.msgs[i]
         what = f"prediction (seq {b.get('seq')}, offset {b.get('offset')}, t={p.at:.3f})"
+        alt = c.alt is not None and b.get("model_id") == c.alt.model_id
+        if alt:
+            j = self.alt_start(c, i, int(b.get("tokens_seen", -1)), p.at)
+            if j is not None:
+                if bool(b.get("final")) != m.end:
+                    self.fail("wrong-final", f"{what}: final={b.get('final')}, expected "
+                              f"{m.end}", m.record)
+                self.check_probs(p, c, i, j, True, what)
+                return
         if b.get("model_id") != c.model.model_id:
             self.fail("wrong-model", f"{what} of {c.describe()} message {i} by model "
                       f"{b.get('model_id')}, expected {c.model.model_id}", m.record)
@@ -345,7 +452,13 @@ class Checker:
                       f"{c.cumulative[i]}); message {j - 1} (offset "
                       f"{c.msgs[j - 1].record.offset}) was still in the log", m.record)
             return
-        probs = (c.results if j == 0 else self.suffix(c, j))[i - j][1]
+        self.check_probs(p, c, i, j, False, what)
+
+    def check_probs(self, p: Prediction, c: Conversation, i: int, j: int, alt: bool,
+                    what: str) -> None:
+        """A prediction of message ``i`` of ``c`` made over messages ``j..i``."""
+        b, m = p.body, c.msgs[i]
+        probs = (c.results if j == 0 and not alt else self.suffix(c, j, alt))[i - j][1]
         got = np.array([float(b["probs"][label]) for label in LABELS])
         diff = float(np.abs(got - probs).max())
         if diff > TOL:
@@ -368,6 +481,9 @@ class Checker:
             if c.ended and age < (END_TTL_S - MARGIN_S) * 1000:
                 raw = self.trace.redis.value(sid, c.model.model_id)
                 st = None if raw is None else self._decode(raw, c)
+                if raw is None and c.alt is not None:  # (module docstring)
+                    raw = self.trace.redis.value(sid, c.alt.model_id)
+                    st = None if raw is None else self._decode(raw, c, c.alt)
                 if st is None or not st.ended or st.last_pos != c.last_pos:
                     self.fail("tombstone-wrong", f"{c.describe()} ended at position "
                               f"{c.last_pos}: stored {self._show(raw, st)}{self._elsewhere(c)}",
@@ -375,9 +491,10 @@ class Checker:
             elif not c.ended and age < (TTL_S - MARGIN_S) * 1000:
                 self.live_state(c)
 
-    def _decode(self, raw: bytes, c: Conversation):
+    def _decode(self, raw: bytes, c: Conversation, model: SimModel | None = None):
+        model = model or c.model
         try:
-            return decode_state(raw, c.model.layers, c.model.state_size, len(LABELS))
+            return decode_state(raw, model.layers, model.state_size, len(LABELS))
         except StateCorrupt:
             return None
 
@@ -401,11 +518,18 @@ class Checker:
         raw = self.trace.redis.value(c.session, c.model.model_id)
         st = None if raw is None else self._decode(raw, c)
         what = f"the state of {c.describe()}"
+        n = len(c.msgs) - 1
+        alt = False
+        if raw is None and c.alt is not None:  # (module docstring)
+            raw_alt = self.trace.redis.value(c.session, c.alt.model_id)
+            st_alt = None if raw_alt is None else self._decode(raw_alt, c, c.alt)
+            if st_alt is not None and not st_alt.ended and self.alt_start(
+                    c, n, st_alt.tokens_seen, self.trace.end) is not None:
+                raw, st, alt = raw_alt, st_alt, True
         if st is None or st.ended:
             self.fail("state-wrong", f"{what}: stored {self._show(raw, st)}{self._elsewhere(c)}",
                       c.msgs[-1].record)
             return
-        n = len(c.msgs) - 1
         j = self.start_of(c, n, st.tokens_seen)
         if j is None:
             self.fail("state-wrong", f"{what} holds {st.tokens_seen} tokens, expected "
@@ -415,7 +539,7 @@ class Checker:
             self.fail("state-incomplete-with-start-in-log", f"{what} holds messages {j}..{n} "
                       f"only; message {j - 1} is still in the log", c.msgs[-1].record)
             return
-        h = (c.results if j == 0 else self.suffix(c, j))[n - j][0]
+        h = (c.results if j == 0 and not alt else self.suffix(c, j, alt))[n - j][0]
         if st.messages != n + 1 - j or st.last_pos != c.last_pos:
             self.fail("state-wrong", f"{what}: {self._show(raw, st)}, expected messages "
                       f"{n + 1 - j} last_pos {c.last_pos}", c.msgs[-1].record)

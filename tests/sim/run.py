@@ -31,7 +31,7 @@ from .models import SimModel, model_pair
 from .scenario import Scenario
 from .trace import Skip, Trace, Violation
 from .wiring import INPUT, WorkerParts, build_worker, build_world
-from .workload import SESSION_TIMEOUT_S
+from .workload import END_TTL_S, SESSION_TIMEOUT_S, TTL_S
 
 OP_COST_S = 0.0005  # simulated time one port call takes
 BUSY_WAIT_S = 0.001  # between two turns of a worker that had work
@@ -414,7 +414,7 @@ class Simulation:
                     self.stop(self.runners[f.slot])
             elif f.kind == "upgrade":
                 slots = self.stop_all()
-                self.note(f"{self.redis.downgrade()} states rewritten as GRS2")
+                self.note(f"{self.redis.downgrade(TTL_S, END_TTL_S)} states rewritten as GRS2")
                 self.trace.upgraded_at = self.clock.now
                 for slot in slots:
                     self.start(slot)

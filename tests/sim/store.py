@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from worker.codec import F16, HEADER, HEADER_V2, MAGIC, MAGIC_V2
+from worker.codec import ENDED, F16, HEADER, HEADER_V2, MAGIC, MAGIC_V2
 from worker.errors import DependencyError
 from worker.ports import Claim, PartitionMark, StateWrite, StoreResult, TopicPartition
 from worker.state import MemoryStateStore
@@ -66,12 +66,24 @@ class SimRedis:
         self.memory._marks = {tp: dict(v) for tp, v in marks.items()}
         return t
 
-    def downgrade(self) -> int:
+    def downgrade(self, ttl_s: float, end_ttl_s: float) -> int:
         """Rewrite every state value in the old GRS2 format (an upgrade from a worker that
-        wrote it); returns how many."""
+        wrote it); returns how many.
+
+        A GRS2 value has no record timestamp, so its key's TTL is its only expiry: a previous
+        release wrote it as the record came, a TTL from then. A key the current worker wrote
+        for longer (a state rebuilt by a replay is kept a whole TTL from the replay, the
+        engine judging expiry by the timestamp in its header) expires as that writer's
+        would have, its TTL after its record's timestamp (plus the grace of a live write):
+        left longer, it would bring back, with no timestamp to tell, a state that no
+        previous release kept."""
         n = 0
         for key, (raw, expiry) in list(self.memory._data.items()):
             if raw[:4] == MAGIC:
+                last_ts = HEADER.unpack_from(raw)[-1]
+                if last_ts >= 0:
+                    ttl = end_ttl_s if raw[4] & ENDED else ttl_s
+                    expiry = min(expiry, last_ts / 1000 + ttl + min(60.0, ttl / 10))
                 self.memory._data[key] = (to_grs2(raw), expiry)
                 n += 1
         return n
