@@ -21,6 +21,8 @@ from model.tokenizer import Vocab, tokenize  # noqa: E402
 from worker.engine import Engine  # noqa: E402
 from worker.messages import Record, TokenMessage  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
@@ -91,6 +93,7 @@ def stacked(corpus, tmp_path_factory):
     return m, d
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("which,fmt,as_json", [
     ("single", "keras", False), ("single", "h5", True), ("stacked", "keras", True)])
 def test_imported_model_equals_keras_predict(corpus, tmp_path, request, which, fmt, as_json):
@@ -176,6 +179,7 @@ def test_vocab_and_label_errors(tmp_path):
         import_keras(path, v, ["x", "y"], tmp_path / "o")
 
 
+@pytest.mark.heavy
 def test_gate_order_is_not_an_accident(corpus, single, tmp_path):
     """Keeping Keras' z|r|h order must break equality: the test above can fail."""
     from model import keras_import
@@ -259,12 +263,14 @@ def zip_bomb(tmp_path_factory):
     return path
 
 
+@pytest.mark.heavy
 def test_a_zip_bomb_config_fails_on_its_declared_size(zip_bomb):
     assert zip_bomb.stat().st_size < 2 * 2**20
     _assert_fails_fast(zip_bomb, r"config.json inflates to 1,073,741,824 bytes, over the limit "
                                  r"of 1,048,576")
 
 
+@pytest.mark.heavy
 def test_the_weight_budget_is_a_setting(single, tmp_path, corpus):
     itos, *_ = corpus
     m, d = single
