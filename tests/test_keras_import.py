@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -10,18 +12,30 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
-keras = pytest.importorskip("keras")
-pytest.importorskip("h5py")
+import model
+from model.data import load_bbc, per_label
+from model.keras_import import KerasImportError, import_keras
+from model.tokenizer import Vocab, tokenize
+from worker.engine import Engine
+from worker.messages import Record, TokenMessage
 
-import model  # noqa: E402
-from model.data import load_bbc, per_label  # noqa: E402
-from model.keras_import import KerasImportError, import_keras  # noqa: E402
-from model.tokenizer import Vocab, tokenize  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.messages import Record, TokenMessage  # noqa: E402
+if not (importlib.util.find_spec("keras") and importlib.util.find_spec("h5py")):
+    pytest.skip("needs keras and h5py (the keras extra)", allow_module_level=True)
 
-pytestmark = pytest.mark.unit
+# All heavy: importing Keras alone takes seconds, and the tests that compare with Keras fit it.
+pytestmark = [pytest.mark.unit, pytest.mark.heavy]
+
+keras = None  # imported by _import_keras, not when pytest collects this module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_keras():
+    """Import Keras for the first test that runs here: a run that deselects these tests does
+    not pay the seconds its import takes."""
+    global keras
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = importlib.import_module("keras")
+
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -93,7 +107,6 @@ def stacked(corpus, tmp_path_factory):
     return m, d
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("which,fmt,as_json", [
     ("single", "keras", False), ("single", "h5", True), ("stacked", "keras", True)])
 def test_imported_model_equals_keras_predict(corpus, tmp_path, request, which, fmt, as_json):
@@ -179,7 +192,6 @@ def test_vocab_and_label_errors(tmp_path):
         import_keras(path, v, ["x", "y"], tmp_path / "o")
 
 
-@pytest.mark.heavy
 def test_gate_order_is_not_an_accident(corpus, single, tmp_path):
     """Keeping Keras' z|r|h order must break equality: the test above can fail."""
     from model import keras_import
@@ -263,14 +275,12 @@ def zip_bomb(tmp_path_factory):
     return path
 
 
-@pytest.mark.heavy
 def test_a_zip_bomb_config_fails_on_its_declared_size(zip_bomb):
     assert zip_bomb.stat().st_size < 2 * 2**20
     _assert_fails_fast(zip_bomb, r"config.json inflates to 1,073,741,824 bytes, over the limit "
                                  r"of 1,048,576")
 
 
-@pytest.mark.heavy
 def test_the_weight_budget_is_a_setting(single, tmp_path, corpus):
     itos, *_ = corpus
     m, d = single
