@@ -17,8 +17,9 @@ from .fakes import FakeLog
 from .streams import bbc_sessions, interleave
 from .workers import make_worker, publish
 
+pytestmark = pytest.mark.fakes
 
-@pytest.mark.unit
+
 def test_the_artifact_records_its_training_prior(clf, tiny_model_dir):
     prior = clf.label_prior
     assert prior is not None and set(prior) == set(clf.labels)
@@ -30,7 +31,6 @@ def test_the_artifact_records_its_training_prior(clf, tiny_model_dir):
                                      config).label_prior is None
 
 
-@pytest.mark.fakes
 def test_quality_metrics_equal_the_model_offline(clf):
     log, store = FakeLog(partitions=2), MemoryStateStore()
     sessions = bbc_sessions(10, seed=70, max_chunk=15, max_tokens=150)
@@ -65,7 +65,6 @@ def test_quality_metrics_equal_the_model_offline(clf):
                                     {"model_id": mid, "label": label}) == pytest.approx(share)
 
 
-@pytest.mark.unit
 def test_a_model_without_a_prior_exposes_no_prior_series():
     m = Metrics(CollectorRegistry())
     m.add_model("old", ["a", "b"], None, "cpu", "current")
