@@ -192,7 +192,7 @@ def test_a_partition_that_moves_is_claimed_afresh_and_the_zombie_is_fenced(broke
         publish_to(broker, names["in"], interleave(first[p], seed=60), p)
     settings = settings_for(broker, names, tiny_model_dir,
                             kafka={"max_poll_interval_ms": 6000}, idle_exit_s=60.0)
-    tokens = lambda w: {tp[1]: t.split(":")[0] for tp, t in w.epochs.items()}  # noqa: E731
+    tokens = lambda w: {tp[1]: t.split(":")[0] for tp, t in w.ownership.tokens.items()}  # noqa: E731
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(stepped_worker(settings))
         wa = a.worker
@@ -224,11 +224,12 @@ def test_a_partition_that_moves_is_claimed_afresh_and_the_zombie_is_fenced(broke
         assert _states(names) == b_states
         # A has rejoined: the group gives each one partition; each claims it afresh.
         deadline = time.monotonic() + 40
-        while not (len(wa.owned) == len(wb.owned) == 1 and not wa.unclaimed
-                   and not wb.unclaimed) and time.monotonic() < deadline:
+        oa, ob = wa.ownership, wb.ownership
+        while not (len(oa.owned) == len(ob.owned) == 1 and not oa.unclaimed
+                   and not ob.unclaimed) and time.monotonic() < deadline:
             wa.run_once()
             wb.run_once()
-        assert len(wa.owned) == len(wb.owned) == 1, (wa.owned, wb.owned)
+        assert len(oa.owned) == len(ob.owned) == 1, (oa.owned, ob.owned)
         assert set(tokens(wa).values()) == set(tokens(wb).values()) == {"3"}
         more = [bbc_sessions(2, seed=70 + p, max_tokens=40, prefix=f"m{p}-") for p in (0, 1)]
         for p in (0, 1):
