@@ -1,8 +1,8 @@
 """The worker against a real 3-node Redis Cluster (``redis+cluster://``) and tansu.
 
-A session-scoped fixture starts three ``redis-server --cluster-enabled yes`` nodes on free
-loopback ports, joins them with ``redis-cli --cluster create`` (no replicas) and waits for
-``cluster_state:ok`` on every node. The tests check what a user would: the predictions, and
+The session-scoped ``redis_cluster`` (tests/fixtures.py) starts three ``redis-server
+--cluster-enabled yes`` nodes on free loopback ports, joins them with ``redis-cli --cluster
+create`` (no replicas) and waits for ``cluster_state:ok`` on every node. The tests check what a user would: the predictions, and
 which node and slot each key ended up in.
 """
 
