@@ -2,8 +2,8 @@
 
 The session-scoped ``redis_cluster`` (tests/fixtures.py) starts three ``redis-server
 --cluster-enabled yes`` nodes on free loopback ports, joins them with ``redis-cli --cluster
-create`` (no replicas) and waits for ``cluster_state:ok`` on every node. The tests check what a user would: the predictions, and
-which node and slot each key ended up in.
+create`` (no replicas) and waits for ``cluster_state:ok`` on every node. The tests check what
+a user would: the predictions, and which node and slot each key ended up in.
 """
 
 from __future__ import annotations
