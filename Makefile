@@ -1,5 +1,6 @@
-# Two entry points: `make demo` (the main job on embedded defaults) and `make test`.
-# Both create or reuse .venv and install what they need. torch is pinned to the CPU
+# Entry points: `make demo` (the main job on embedded defaults), `make test` (everything, as CI
+# runs it) and `make test-fast` (tiers 1 and 2, under a minute: the loop after every change).
+# Each creates or reuses .venv and installs what it needs. torch is pinned to the CPU
 # build that this machine keeps on disk; override TORCH_SPEC for a CUDA host.
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -9,7 +10,7 @@ MODEL_DIR   ?= artifacts/bbc-gru
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv tools demo test train eval sim clean
+.PHONY: venv tools demo test test-fast train eval sim clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,11 @@ tools:
 
 test: venv tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests and the loop on in-memory fakes: no services, no subprocess, no training beyond
+# the tiny model the fixtures train. The tiers are markers (pyproject.toml, tests/conftest.py).
+test-fast: venv
+	$(PY) -m pytest -q -m "(unit or fakes) and not heavy and not slow" $(PYTEST_ARGS)
 
 # The deterministic fault simulator (tests/sim): SEEDS seeds from START; the first failure is
 # shrunk to a minimal schedule. One seed: $(PY) -m tests.sim --seed S --verbose

@@ -1,47 +1,52 @@
-"""Shared fixtures: a small BBC model trained in seconds, reused by every tier of tests."""
+"""The test suite's tiers, and where its shared fixtures come from.
+
+Every test belongs to one tier, a marker registered in pyproject.toml:
+
+- ``unit`` (tier 1): a function or a component alone, in this process;
+- ``fakes`` (tier 2): the whole loop on in-memory fakes of Kafka and Redis;
+- ``services`` (tier 3): real tansu, redis-server or Prometheus;
+- ``sim`` (tier 4): the deterministic fault simulator (tests/sim).
+
+A module says its tier with ``pytestmark``; a module of two tiers marks each test (or
+parameter) instead. ``heavy`` (training, a Keras fit, a subprocess to start) and ``slow`` add
+to the tier. ``make test-fast`` runs ``unit`` and ``fakes`` without ``heavy`` or ``slow``;
+``make test`` runs everything. Collection fails on a test without exactly one tier.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 
-from model.train import TrainConfig, train
+pytest_plugins = ["tests.fixtures"]
 
-TINY = dict(limit=60, min_freq=2, embed_dim=32, hidden_size=32, bag_units=9, num_layers=1, dropout=0.1,
-            epochs=8, patience=8, batch_size=16, lr=1e-2, max_train_tokens=120, threads=1, quiet=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 5-class BBC model trained on 60 docs per label (about 10 s on 2 cores)."""
-    out = tmp_path_factory.mktemp("tiny-gru")
-    summary = train(TrainConfig(**TINY), out)
-    (out / "summary.json").write_text(json.dumps(summary, default=str))
-    return out
+TIERS = ("unit", "fakes", "services", "sim")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir_b(tmp_path_factory) -> Path:
-    """Another tiny model (seed 1: another split, vocab and weights, so another model_id),
-    the new model of the rollout tests."""
-    out = tmp_path_factory.mktemp("tiny-gru-b")
-    train(TrainConfig(**{**TINY, "seed": 1}), out)
-    return out
+def _tier_of(item: pytest.Item) -> set[str]:
+    tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+    if not tiers and item.path.name == "test_sim.py":
+        # The simulator's own tests (tests/sim/ is the simulator): tier 4 by their module.
+        item.add_marker(pytest.mark.sim)
+        tiers = {"sim"}
+    return tiers
 
 
-# Every broker-backed test runs with each client; TEST_KAFKA_CLIENTS=kafka-python (or
-# confluent) narrows a local run to one of them. CI runs both.
-KAFKA_CLIENTS = os.environ.get("TEST_KAFKA_CLIENTS", "kafka-python,confluent").split(",")
-
-
-@pytest.fixture(params=KAFKA_CLIENTS)
-def kafka_client(request) -> str:
-    """The worker's Kafka client (``kafka.client``): a test that asks for it runs once with
-    each. A test of one client's own workaround pins it with
-    ``@pytest.mark.parametrize("kafka_client", ["kafka-python"])``."""
-    if request.param == "confluent":
-        pytest.importorskip("confluent_kafka")
-    return request.param
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Imported here, not above: pytest imports tests.fixtures first, as a plugin (so that its
+    # asserts are rewritten).
+    from .fixtures import SERVICE_FIXTURES
+    problems = []
+    for item in items:
+        tiers = _tier_of(item)
+        if not tiers:
+            problems.append(f"{item.nodeid}: no tier; mark it with one of {', '.join(TIERS)} "
+                            f"(a whole module: pytestmark = pytest.mark.unit)")
+        elif len(tiers) > 1:
+            problems.append(f"{item.nodeid}: {len(tiers)} tiers ({', '.join(sorted(tiers))}); "
+                            f"keep one")
+        elif tiers != {"services"} and (used := SERVICE_FIXTURES & set(item.fixturenames)):
+            problems.append(f"{item.nodeid}: takes {', '.join(sorted(used))}, a real service, "
+                            f"but is marked {tiers.pop()}, not services")
+    if problems:
+        raise pytest.UsageError("tests without their tier:\n  " + "\n  ".join(problems))

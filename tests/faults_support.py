@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -385,11 +384,3 @@ def check_oracle(cluster: Cluster, model_dir: Path, expected: dict[str, Expected
         client.close()
     return OracleReport(len(expected), len(preds), len(preds) - len(by_key), worst)
 
-
-def session_pairs(sessions, seed: int, end: bool = False) -> list[tuple[bytes, bytes]]:
-    from .streams import interleave
-    return interleave(sessions, seed=seed, end=end)
-
-
-def jitter(rng: random.Random, a: float, b: float) -> float:
-    return rng.uniform(a, b)

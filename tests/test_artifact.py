@@ -8,6 +8,8 @@ import torch
 import model
 from model.artifact import ArtifactError, load_safetensors, save_safetensors
 
+pytestmark = pytest.mark.unit
+
 
 def test_roundtrip_gives_identical_predictions(tiny_model_dir, tmp_path):
     clf = model.load(tiny_model_dir)

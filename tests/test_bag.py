@@ -9,6 +9,8 @@ import torch
 from model import bag
 from model.gru import GRUClassifier, ModelConfig
 
+pytestmark = pytest.mark.unit
+
 H, N = 16, 6
 
 

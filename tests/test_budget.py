@@ -8,6 +8,8 @@ import pytest
 
 from worker.budget import BatchBudget
 
+pytestmark = pytest.mark.unit
+
 
 def trained(target_s=0.02, max_records=4096, fixed=0.002, per_msg=50e-6, per_session=0.0,
             ratio=1.0, batches=60, seed=0, noise=0.0) -> BatchBudget:

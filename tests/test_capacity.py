@@ -27,8 +27,7 @@ from worker.codec import OutboxEntry, PosKind, SessionState, encode_state
 from worker.ports import PartitionMark, StateWrite, WriteStatus
 from worker.state import Keys, RedisStateStore
 
-from .test_cluster import redis_cluster  # noqa: F401
-from .test_e2e import broker, names, publish  # noqa: F401
+from .services_support import publish
 
 pytestmark = pytest.mark.services
 
@@ -115,9 +114,10 @@ def _ok(ports: list[int]) -> float:
     return total
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_redis_memory_per_session_on_a_cluster_is_what_the_plan_predicts(
-        broker, names, tiny_model_dir, redis_cluster):  # noqa: F811
+        broker, names, tiny_model_dir, redis_cluster):
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=PARTITIONS)
     sessions = even_sessions(SESSIONS, 4, 1, seed=41, prefix="cap-")  # one message: outbox 1
     publish(broker, names["in"], pairs(sessions, 41))

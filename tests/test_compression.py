@@ -15,7 +15,7 @@ import model
 from worker.kafka_io import missing_codecs
 
 from .streams import assert_exact, bbc_sessions, interleave
-from .test_e2e import broker, names, run_worker, settings_for  # noqa: F401
+from .services_support import run_worker, settings_for
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 pytestmark = pytest.mark.services

@@ -7,6 +7,8 @@ from hypothesis import given, settings, strategies as st
 from model.gru import GRUClassifier, ModelConfig
 from worker.compute import BATCH_BUCKETS, TOKEN_BUCKETS, Stepper, bucket_for, pad_round
 
+pytestmark = pytest.mark.unit
+
 
 def test_bucket_for():
     assert bucket_for(1, BATCH_BUCKETS) == 1

@@ -11,6 +11,8 @@ import pytest
 from worker.__main__ import main
 from worker.config import Settings, settings_info
 
+pytestmark = pytest.mark.unit
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

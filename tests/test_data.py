@@ -4,6 +4,8 @@ import pytest
 
 from model.data import DatasetError, load_bbc, load_dataset, load_table
 
+pytestmark = pytest.mark.unit
+
 
 def test_bbc_corpus_has_2225_articles_in_5_classes():
     docs = load_bbc()

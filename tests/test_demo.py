@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.services
 
 
 def _tansu_pids() -> set[str]:
@@ -28,6 +27,8 @@ def _orphaned(pids: set[str]) -> set[str]:
     return left
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_dir, kafka_client):
     before = _tansu_pids()
     proc = subprocess.run(
@@ -57,6 +58,7 @@ def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_di
     assert not _orphaned(_tansu_pids() - before)
 
 
+@pytest.mark.unit
 def test_follow_waits_5_ms_per_fetch_unless_told(monkeypatch):
     """``worker.client.follow`` asks for a short fetch wait (the demo's latency hop), and a
     caller's own consumer settings override it instead of clashing with it."""
@@ -82,6 +84,7 @@ def test_follow_waits_5_ms_per_fetch_unless_told(monkeypatch):
     assert all(m["enable_auto_commit"] is False for m in made)
 
 
+@pytest.mark.unit
 def test_follow_records_carry_each_records_timestamp(monkeypatch):
     """``follow_records`` yields each prediction with its record's timestamp in seconds (the
     worker's send), from every partition; ``follow`` the predictions alone."""

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from worker.config import Settings
 from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
-from devtools.services import Tansu, _Process, unique_names, wait_for
+from devtools.services import _Process, unique_names, wait_for
 from worker.metrics import LATENCY_BUCKETS, Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +146,7 @@ def bind_mounts(service: dict) -> list[tuple[str, str]]:
 
 # --- docker-compose.yml --------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_compose_has_the_services_volumes_and_healthchecks():
     c = load_compose()
     s = c["services"]
@@ -191,6 +192,7 @@ def test_compose_has_the_services_volumes_and_healthchecks():
                 assert src in declared, f"{name}: volume {src} not declared"
 
 
+@pytest.mark.unit
 def test_worker_service_scales_and_init_prepares_topics_and_model():
     s = load_compose()["services"]
     w, init = s["worker"], s["init"]
@@ -226,6 +228,7 @@ def test_worker_service_scales_and_init_prepares_topics_and_model():
     assert env_of(init)["GRU_MODEL__DIR"] == "/models/bbc-gru"
 
 
+@pytest.mark.unit
 def test_every_gru_env_name_in_compose_is_a_setting(monkeypatch):
     known = settings_env_names()
     assert {"GRU_KAFKA__BOOTSTRAP_SERVERS", "GRU_REDIS__URL", "GRU_LOG_LEVEL"} <= known
@@ -251,6 +254,7 @@ def test_every_gru_env_name_in_compose_is_a_setting(monkeypatch):
             assert s.metrics.port == 9108 and s.metrics.host == "0.0.0.0"
 
 
+@pytest.mark.unit
 def test_prometheus_and_grafana_services_are_wired_to_the_deploy_files():
     s = load_compose()["services"]
     prom, graf = s["prometheus"], s["grafana"]
@@ -282,6 +286,7 @@ def test_prometheus_and_grafana_services_are_wired_to_the_deploy_files():
     assert len(ids) == len(set(ids)) and dash["uid"]
 
 
+@pytest.mark.unit
 def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port():
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     assert "alerts.yml" in cfg["rule_files"]
@@ -300,6 +305,7 @@ def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port():
 
 # --- deploy/Dockerfile and .dockerignore --------------------------------------------------
 
+@pytest.mark.unit
 def test_dockerfile_is_slim_cpu_by_default_non_root_and_runs_the_worker():
     text = (DEPLOY / "Dockerfile").read_text()
     lines = [l.strip() for l in re.sub(r"\\\n", " ", text).splitlines()
@@ -331,6 +337,7 @@ def test_dockerfile_is_slim_cpu_by_default_non_root_and_runs_the_worker():
 
 # --- private by default (issue 26, F9) ----------------------------------------------------
 
+@pytest.mark.unit
 def test_the_compose_stack_is_private_by_default():
     c = load_compose()
     s = c["services"]
@@ -395,6 +402,7 @@ def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+@pytest.mark.unit
 def test_the_image_installs_from_lock_files_with_hashes():
     import tomllib
 
@@ -446,6 +454,7 @@ def test_the_image_installs_from_lock_files_with_hashes():
 
 # --- metric names --------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_dashboard_and_alerts_use_only_exported_metric_names():
     text = generate_latest(Metrics(CollectorRegistry()).registry).decode()
     exported = exported_names(text)
@@ -457,6 +466,7 @@ def test_dashboard_and_alerts_use_only_exported_metric_names():
     assert referenced <= exported, f"not exported by worker/metrics.py: {referenced - exported}"
 
 
+@pytest.mark.unit
 def test_dashboard_has_the_required_panels():
     exprs = " ".join(e for _, e in dashboard_targets())
     for needle in ("rate(gru_messages_total", "rate(gru_tokens_total",
@@ -474,6 +484,7 @@ def test_dashboard_has_the_required_panels():
         assert needle in exprs, needle
 
 
+@pytest.mark.unit
 def test_every_alert_has_a_runbook_line():
     """deploy/README.md's runbook: a row per alert (what it means, what to check first, how
     to fix it), and no row for an alert that does not exist."""
@@ -486,6 +497,7 @@ def test_every_alert_has_a_runbook_line():
         assert len(cells) == 4 and all(len(c) > 10 for c in cells[1:]), name
 
 
+@pytest.mark.unit
 def test_counters_start_at_zero_for_every_known_label_value():
     """increase() misses the first increment of a series that appears at 1: every counter
     with a known label value is exported at 0 before anything happens."""
@@ -512,6 +524,8 @@ def promtool(*args: str, cwd: Path = PROM_DIR) -> str:
     return r.stdout + r.stderr
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 @needs_promtool
 def test_promtool_check_config_and_rules(tmp_path):
     # In a copy, as Prometheus sees them in the container: both files in one directory.
@@ -527,6 +541,8 @@ def test_promtool_check_config_and_rules(tmp_path):
             "gru:final_label_drift:tvd1h"} <= records
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 @needs_promtool
 def test_promtool_alert_unit_tests_pass_and_cover_every_alert():
     promtool("test", "rules", "alerts_test.yml")
@@ -581,12 +597,6 @@ class Prometheus(_Process):
 
     def query(self, expr: str) -> dict:
         return self.api("query", query=expr)
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with Tansu() as t:
-        yield t
 
 
 class PacedLoad:
@@ -686,6 +696,7 @@ def scraped(broker, tiny_model_dir):
 
 
 @pytest.mark.services
+@pytest.mark.heavy
 @needs_prometheus
 def test_prometheus_scrapes_the_worker_and_computes_p99_latency(scraped):
     prom, _ = scraped
@@ -713,6 +724,7 @@ ROLLOUT_ONLY = {
 
 
 @pytest.mark.services
+@pytest.mark.heavy
 @needs_prometheus
 def test_every_dashboard_expression_returns_data_under_load(scraped):
     """Every expression of the dashboard, run through the HTTP API of a real Prometheus that
@@ -748,6 +760,7 @@ def test_every_dashboard_expression_returns_data_under_load(scraped):
 
 
 @pytest.mark.services
+@pytest.mark.heavy
 @needs_prometheus
 def test_alert_rules_load_and_evaluate_on_real_worker_metrics(scraped):
     prom, metrics_text = scraped
@@ -772,6 +785,7 @@ def test_alert_rules_load_and_evaluate_on_real_worker_metrics(scraped):
 
 
 @pytest.mark.services
+@pytest.mark.heavy
 @pytest.mark.slow
 @needs_prometheus
 def test_a_redis_outage_under_load_pages_and_resolves(broker, tiny_model_dir):

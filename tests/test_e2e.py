@@ -10,95 +10,25 @@ import contextlib
 import json
 import os
 import time
-import uuid
 
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
-from prometheus_client import CollectorRegistry
 
 import model
-from worker.app import build_worker
 from worker.checkpoint import Commit
-from worker.config import Settings
 from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess
 from devtools.services import Tansu
 from worker.codec import decode_state
 from worker.state import Keys
+from worker.writer import GRACE_MS
 
-from .streams import assert_exact, bbc_sessions, interleave
+from .services_support import (REDIS_URL, join_and_poll, publish, read_topic, run_worker,
+                               settings_for, stepped_worker)
+from .streams import assert_exact, bbc_sessions, interleave, last_predictions, split_stream
 
 pytestmark = pytest.mark.services
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with Tansu() as t:
-        yield t
-
-
-@pytest.fixture
-def names(kafka_client):
-    """Unique topics, group and Redis prefix per test; the prefix's keys are removed after.
-    ``client``: the worker's Kafka client (``settings_for`` and the CLI tests pass it on), so
-    every test that takes ``names`` runs with each client."""
-    tag = uuid.uuid4().hex[:8]
-    n = {"in": f"in-{tag}", "out": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}",
-         "prefix": f"test-{tag}", "client": kafka_client}
-    yield n
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{n['prefix']}:*"))
-    if keys:
-        client.delete(*keys)
-
-
-def settings_for(broker, names, model_dir, **extra) -> Settings:
-    s = {"kafka": {"bootstrap_servers": broker.bootstrap, "input_topic": names["in"],
-                   "output_topic": names["out"], "dlq_topic": names["dlq"],
-                   "group_id": names["group"], "session_timeout_ms": 6000,
-                   "heartbeat_interval_ms": 1000, "client": names["client"]},
-         "redis": {"url": REDIS_URL, "prefix": names["prefix"]},
-         "model": {"dir": model_dir, "threads": 1},
-         "metrics": {"host": "127.0.0.1", "port": 0},
-         "idle_exit_s": 4.0}
-    for k, v in extra.items():
-        s[k] = {**s.get(k, {}), **v} if isinstance(v, dict) else v
-    return Settings(**s)
-
-
-def publish(broker, topic, pairs):
-    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
-    for key, value in pairs:
-        p.send(topic, key=key, value=value)
-    p.flush()
-    p.close()
-
-
-def read_topic(broker, topic) -> list[dict]:
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
-                      fetch_max_wait_ms=50)
-    parts = c.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in parts]
-    c.assign(tps)
-    c.seek_to_beginning(*tps)
-    out, idle = [], 0
-    while idle < 3:
-        polled = c.poll(timeout_ms=300)
-        idle = 0 if polled else idle + 1
-        out += [json.loads(r.value) for recs in polled.values() for r in recs]
-    c.close()
-    return out
-
-
-def run_worker(settings):
-    app = build_worker(settings, CollectorRegistry())
-    try:
-        summary = app.worker.run()
-    finally:
-        app.close()
-    return app, summary
 
 
 def test_end_to_end_many_interleaved_sessions(broker, names, tiny_model_dir):
@@ -113,10 +43,7 @@ def test_end_to_end_many_interleaved_sessions(broker, names, tiny_model_dir):
     assert len(preds) == len(pairs) == summary.outcomes["ok"]
     assert sorted((p["session_id"], p["seq"]) for p in preds) == sorted(
         (json.loads(v)["session_id"], json.loads(v)["seq"]) for _, v in pairs)
-    last = {}
-    for p in preds:
-        if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
-            last[p["session_id"]] = p
+    last = last_predictions(preds)
     client = redis.Redis.from_url(REDIS_URL)
     keys = Keys(names["prefix"], clf.model_id, names["group"])
     for s in sessions:
@@ -126,7 +53,7 @@ def test_end_to_end_many_interleaved_sessions(broker, names, tiny_model_dir):
         assert got["tokens_seen"] == len(s.tokens) and got["model_id"] == clf.model_id
         st = decode_state(client.get(keys.session(s.session_id)), 1, clf.model.config.state_size, 5)
         assert st.tokens_seen == len(s.tokens) and st.last_pos == len(s.chunks) - 1
-        assert 0 < client.pttl(keys.session(s.session_id)) <= 86_400_000
+        assert 0 < client.pttl(keys.session(s.session_id)) <= 86_400_000 + GRACE_MS
     # Exactly the keys a user should find: one per session, one mark per partition, and each
     # mark records the offset the worker committed.
     left = sorted(k.decode() for k in client.scan_iter(f"{names['prefix']}:*"))
@@ -220,27 +147,6 @@ def test_bad_input_goes_to_the_dlq_and_good_messages_are_unaffected(broker, name
         assert max(abs(finals[s.session_id]["probs"][l] - want[l]) for l in want) <= 1e-5
 
 
-@contextlib.contextmanager
-def stepped_worker(settings):
-    """A worker built but not run, for tests that drive poll/process by hand; closes all."""
-    app = build_worker(settings, CollectorRegistry())
-    try:
-        yield app
-    finally:
-        app.worker.source.close()
-        app.worker.sink.close()
-        app.close()
-
-
-def join_and_poll(worker, timeout_s: float = 30) -> list:
-    """Poll until the worker has joined its group and holds records (or time runs out)."""
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    while not records and time.monotonic() < deadline:
-        records = worker.source.poll(500, 200)
-    return records
-
-
 def test_stale_epoch_worker_is_fenced_against_real_redis(broker, names, tiny_model_dir):
     """A worker whose partition epoch was superseded (a paused zombie) writes nothing."""
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=1)
@@ -286,7 +192,7 @@ def test_a_partition_that_moves_is_claimed_afresh_and_the_zombie_is_fenced(broke
         publish_to(broker, names["in"], interleave(first[p], seed=60), p)
     settings = settings_for(broker, names, tiny_model_dir,
                             kafka={"max_poll_interval_ms": 6000}, idle_exit_s=60.0)
-    tokens = lambda w: {tp[1]: t.split(":")[0] for tp, t in w.epochs.items()}  # noqa: E731
+    tokens = lambda w: {tp[1]: t.split(":")[0] for tp, t in w.ownership.tokens.items()}  # noqa: E731
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(stepped_worker(settings))
         wa = a.worker
@@ -318,11 +224,12 @@ def test_a_partition_that_moves_is_claimed_afresh_and_the_zombie_is_fenced(broke
         assert _states(names) == b_states
         # A has rejoined: the group gives each one partition; each claims it afresh.
         deadline = time.monotonic() + 40
-        while not (len(wa.owned) == len(wb.owned) == 1 and not wa.unclaimed
-                   and not wb.unclaimed) and time.monotonic() < deadline:
+        oa, ob = wa.ownership, wb.ownership
+        while not (len(oa.owned) == len(ob.owned) == 1 and not oa.unclaimed
+                   and not ob.unclaimed) and time.monotonic() < deadline:
             wa.run_once()
             wb.run_once()
-        assert len(wa.owned) == len(wb.owned) == 1, (wa.owned, wb.owned)
+        assert len(oa.owned) == len(ob.owned) == 1, (oa.owned, ob.owned)
         assert set(tokens(wa).values()) == set(tokens(wb).values()) == {"3"}
         more = [bbc_sessions(2, seed=70 + p, max_tokens=40, prefix=f"m{p}-") for p in (0, 1)]
         for p in (0, 1):
@@ -380,6 +287,7 @@ def test_an_asynchronous_commit_lands_without_a_waiting_one(broker, names, tiny_
             c.close()
 
 
+@pytest.mark.heavy
 def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broker, names,
                                                                            tiny_model_dir):
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
@@ -411,6 +319,7 @@ def test_cli_worker_serves_metrics_and_health_and_exits_cleanly_on_sigterm(broke
         w.kill()
 
 
+@pytest.mark.heavy
 def test_topics_create_produce_and_tail_with_the_client(broker, names, tmp_path):
     """The user-side commands with the chosen client: ``topics create`` makes the three
     topics, ``produce`` publishes a text as a session's chunks (acknowledged), ``tail``
@@ -483,7 +392,6 @@ def test_a_model_rollout_mid_stream_resets_no_session(broker, names, tiny_model_
     ``--previous-model-dir A`` takes the rest and new sessions. Sessions begun before the
     switch equal A offline over all their tokens, those begun after equal B, and each key
     lives under the model that served its session."""
-    from .test_rollout import split_stream
     a, b = model.load(tiny_model_dir), model.load(tiny_model_dir_b)
     broker.create_topics([names["in"], names["out"], names["dlq"]], partitions=2)
     old = bbc_sessions(8, seed=90, max_chunk=20, max_tokens=120, prefix="old")
@@ -499,16 +407,10 @@ def test_a_model_rollout_mid_stream_resets_no_session(broker, names, tiny_model_
     preds = read_topic(broker, names["out"])
     for p in preds:
         assert p["model_id"] == (a.model_id if p["session_id"].startswith("old") else b.model_id)
+    last = last_predictions(preds)
     for clf, sessions in ((a, old), (b, new)):
-        last = {}
-        for p in preds:
-            if p["seq"] >= last.get(p["session_id"], {"seq": -1})["seq"]:
-                last[p["session_id"]] = p
-        for s in sessions:
-            want = clf.classify(s.tokens)
-            got = last[s.session_id]
-            assert got["tokens_seen"] == len(s.tokens) and got["final"], s.session_id
-            assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5, s.session_id
+        assert_exact(clf, sessions, preds)
+        assert all(last[s.session_id]["final"] for s in sessions)
     client = redis.Redis.from_url(REDIS_URL)
     ka, kb = (Keys(names["prefix"], m.model_id, names["group"]) for m in (a, b))
     assert all(client.exists(ka.session(s.session_id)) and not client.exists(

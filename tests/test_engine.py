@@ -19,6 +19,8 @@ from worker.engine import Engine, decode_states
 from worker.messages import TokenMessage
 from worker.ports import Record
 
+pytestmark = pytest.mark.unit
+
 L, H, C = 2, 6, 3
 
 

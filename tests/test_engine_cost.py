@@ -25,6 +25,8 @@ from worker.ports import Record
 
 from .peak import MB, Cost, measure
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 20_000
 
 

@@ -27,7 +27,7 @@ from devtools.services import wait_for
 from .faults_support import Cluster, check_oracle, expected_from, offline
 from .streams import bbc_sessions, interleave
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.heavy]  # worker subprocesses
 
 FAST = {"GRU_BATCH__MAX_RECORDS": "64"}  # small batches: more batch boundaries to crash at
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from devtools.services import Tansu, unique_names
+from devtools.services import unique_names
 from worker.config import KafkaSettings, LimitSettings, Settings
 from worker.errors import DependencyError
 from worker.messages import Rejection, decode
@@ -28,6 +28,7 @@ class RecordingConsumer:
         raise KafkaError("no broker here")
 
 
+@pytest.mark.unit
 def test_every_consumer_is_built_with_the_fetch_bounds(monkeypatch):
     from worker import kafka_io
     monkeypatch.setattr(kafka_io, "KafkaConsumer", RecordingConsumer)
@@ -47,8 +48,10 @@ def test_every_consumer_is_built_with_the_fetch_bounds(monkeypatch):
     assert RecordingConsumer.made[-1]["group_id"] is None
 
 
+@pytest.mark.unit
 def test_a_partition_bound_over_the_fetch_bound_is_refused():
-    with pytest.raises(ValidationError, match="max_partition_fetch_bytes must be at most"):
+    with pytest.raises(ValidationError, match="MAX_PARTITION_FETCH_BYTES 2097152 must be at most "
+                       "GRU_KAFKA__FETCH_MAX_BYTES 1048576"):
         Settings(kafka=KafkaSettings(fetch_max_bytes=2**20, max_partition_fetch_bytes=2**21))
 
 
@@ -58,12 +61,6 @@ def _poll_all(source, want: int, timeout_s: float = 30) -> list:
     while len(out) < want and time.monotonic() < deadline:
         out += source.poll(100, 0)
     return out
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    with Tansu() as t:
-        yield t
 
 
 def _source(broker, topic: str, **kw):
@@ -76,17 +73,17 @@ def _source(broker, topic: str, **kw):
 
 
 @pytest.mark.services
-def test_a_record_over_the_partition_bound_comes_and_is_dead_lettered(own_broker):
+def test_a_record_over_the_partition_bound_comes_and_is_dead_lettered(broker):
     from kafka import KafkaProducer
     topic = unique_names()["in"]
-    own_broker.create_topics([topic], partitions=1)
+    broker.create_topics([topic], partitions=1)
     big = os.urandom(3 * 2**19)  # 1.5 MiB, incompressible: over max_partition_fetch_bytes
-    p = KafkaProducer(bootstrap_servers=own_broker.bootstrap, max_request_size=4 * 2**20)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 * 2**20)
     p.send(topic, key=b"s1", value=big)
     p.send(topic, key=b"s1", value=b'{"session_id":"s1","seq":0,"text":"after"}')
     p.flush()
     p.close()
-    source = _source(own_broker, topic, max_partition_fetch_bytes=2**20)
+    source = _source(broker, topic, max_partition_fetch_bytes=2**20)
     try:
         got = _poll_all(source, 2)
     finally:
@@ -97,18 +94,18 @@ def test_a_record_over_the_partition_bound_comes_and_is_dead_lettered(own_broker
 
 
 @pytest.mark.services
-def test_the_fetch_bounds_count_compressed_bytes(own_broker):
+def test_the_fetch_bounds_count_compressed_bytes(broker):
     """The hole docs/security.md names: 32 MiB of zeros is a few KB of zstd, well within every
     fetch bound, and kafka-python inflates it whole before the worker sees its size."""
     from kafka import KafkaProducer
     topic = unique_names()["in"]
-    own_broker.create_topics([topic], partitions=1)
-    p = KafkaProducer(bootstrap_servers=own_broker.bootstrap, compression_type="zstd",
+    broker.create_topics([topic], partitions=1)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, compression_type="zstd",
                       max_request_size=64 * 2**20, batch_size=2**20)
     p.send(topic, key=b"s1", value=bytes(32 * 2**20))
     p.flush()
     p.close()
-    source = _source(own_broker, topic, fetch_max_bytes=2**20, max_partition_fetch_bytes=2**20)
+    source = _source(broker, topic, fetch_max_bytes=2**20, max_partition_fetch_bytes=2**20)
     try:
         [record] = _poll_all(source, 1)
     finally:

@@ -1,9 +1,12 @@
 """The streaming invariant: folding ``step`` over any chunking equals ``forward``."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from model.gru import GRUClassifier, ModelConfig
+
+pytestmark = pytest.mark.unit
 
 TOL = 1e-5
 

@@ -25,6 +25,8 @@ from worker.failures import (
 from worker.health import DependencyHealth, Progress, ready_gauge, watched
 from worker.metrics import Metrics
 
+pytestmark = pytest.mark.unit
+
 
 class StepClock:
     def __init__(self) -> None:

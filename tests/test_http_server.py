@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from worker.metrics import HealthServer
 
+pytestmark = pytest.mark.unit
+
 
 def os_threads() -> int:
     with open("/proc/self/status") as f:

@@ -19,12 +19,6 @@ confluent_kafka = pytest.importorskip("confluent_kafka")
 pytestmark = pytest.mark.services
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with Tansu() as t:
-        yield t
-
-
 def settings(broker, client: str, **kw) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=broker.bootstrap, client=client,
                          session_timeout_ms=6000, heartbeat_interval_ms=1000, **kw)

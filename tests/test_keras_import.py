@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -10,16 +12,30 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
-keras = pytest.importorskip("keras")
-pytest.importorskip("h5py")
+import model
+from model.data import load_bbc, per_label
+from model.keras_import import KerasImportError, import_keras
+from model.tokenizer import Vocab, tokenize
+from worker.engine import Engine
+from worker.messages import Record, TokenMessage
 
-import model  # noqa: E402
-from model.data import load_bbc, per_label  # noqa: E402
-from model.keras_import import KerasImportError, import_keras  # noqa: E402
-from model.tokenizer import Vocab, tokenize  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.messages import Record, TokenMessage  # noqa: E402
+if not (importlib.util.find_spec("keras") and importlib.util.find_spec("h5py")):
+    pytest.skip("needs keras and h5py (the keras extra)", allow_module_level=True)
+
+# All heavy: importing Keras alone takes seconds, and the tests that compare with Keras fit it.
+pytestmark = [pytest.mark.unit, pytest.mark.heavy]
+
+keras = None  # imported by _import_keras, not when pytest collects this module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_keras():
+    """Import Keras for the first test that runs here: a run that deselects these tests does
+    not pay the seconds its import takes."""
+    global keras
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = importlib.import_module("keras")
+
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 

@@ -12,6 +12,8 @@ import pytest
 from worker.client import SendProgress
 from worker.logs import configure_logging
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def restore_logging():

@@ -9,20 +9,15 @@ import time
 
 import pytest
 
-import model
 from worker.config import Settings
 from worker.codec import decode_state
 from worker.state import MemoryStateStore
 
-from .fakes import FakeLog, FakeSink, FakeSource
-from .workers import (DLQ, IN, OUT, assert_matches_offline, final_by_session, make_worker,
-                      predictions, publish)
-from .streams import bbc_sessions, interleave
+from .fakes import FakeLog, FakeSink, FakeSource, restore, snapshot, wipe
+from .streams import bbc_sessions, interleave, last_predictions
+from .workers import DLQ, IN, OUT, assert_matches_offline, make_worker, predictions, publish
 
-
-@pytest.fixture(scope="module")
-def clf(tiny_model_dir):
-    return model.load(tiny_model_dir)
+pytestmark = pytest.mark.fakes
 
 
 def test_interleaved_sessions_match_offline_and_get_one_prediction_each(clf):
@@ -302,7 +297,7 @@ def test_a_stale_write_is_stepped_again_not_lost(clf):
     st = decode_state(raw, 1, clf.model.config.state_size, len(clf.labels))
     assert (st.last_pos, st.tokens_seen, st.messages) == (1, 6, 2)
     want = clf.classify(body["tokens"] + body2["tokens"])
-    last = final_by_session(predictions(log))["race"]
+    last = last_predictions(predictions(log))["race"]
     assert last["seq"] == 1 and last["tokens_seen"] == 6
     assert max(abs(last["probs"][l] - want[l]) for l in want) <= 1e-5
     assert b.summary.outcomes["ok"] == 1 and b.summary.outcomes["deferred"] == 0
@@ -493,7 +488,6 @@ def _thirds(pairs):
 
 
 def test_redis_rolled_back_after_commits_is_rebuilt_from_the_log(clf):
-    from .fakes import restore, snapshot
     log, store = FakeLog(partitions=2), MemoryStateStore()
     sessions = bbc_sessions(20, seed=40)
     pairs = interleave(sessions, seed=40)
@@ -518,7 +512,6 @@ def test_redis_rolled_back_after_commits_is_rebuilt_from_the_log(clf):
 
 
 def test_redis_restarted_empty_is_rebuilt_from_the_log(clf):
-    from .fakes import wipe
     log, store = FakeLog(partitions=2), MemoryStateStore()
     sessions = bbc_sessions(20, seed=41)
     pairs = interleave(sessions, seed=41)
@@ -545,7 +538,6 @@ class WipingStore(MemoryStateStore):
         self.at, self.calls = at, 0
 
     def store(self, marks, writes):
-        from .fakes import wipe
         out = super().store(marks, writes)
         self.calls += 1
         if self.calls == self.at:
@@ -580,7 +572,6 @@ def test_a_session_whose_beginning_was_never_applied_says_so(clf):
 def test_a_zombie_holding_a_token_from_before_a_rollback_stays_fenced(clf):
     """Integer epochs came back after a rollback: the next INCR handed out the very number a
     zombie held, and its writes passed the fence. Tokens carry a random nonce."""
-    from .fakes import restore, snapshot
     log, store = FakeLog(partitions=1), MemoryStateStore()
     sessions = bbc_sessions(3, seed=43)
     publish(log, interleave(sessions, seed=43))
@@ -614,7 +605,6 @@ class RollingBackStore(MemoryStateStore):
         self.snap_at, self.back_at, self.calls, self.snap = snap_at, back_at, 0, None
 
     def store(self, marks, writes):
-        from .fakes import restore, snapshot
         out = super().store(marks, writes)
         self.calls += 1
         if self.calls == self.snap_at:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from worker.config import LimitSettings
@@ -9,6 +10,8 @@ from worker.messages import (DEAD_LETTER_KEY_MAX_BYTES, DEAD_LETTER_MAX_BYTES, P
                              Rejection, TokenMessage, dead_letter_key, decode, encode_dead_letter,
                              encode_prediction, minimal_dead_letter)
 from worker.ports import Record
+
+pytestmark = pytest.mark.unit
 
 LIMITS = LimitSettings(max_tokens_per_message=10, max_session_id_len=8, max_message_bytes=2000)
 VOCAB = {"hello": 2, "world": 3}

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry
 
 from worker.metrics import ActiveSessions, Metrics, quiet_gc, watch_gc
 
+pytestmark = pytest.mark.unit
+
 
 def test_gc_pauses_are_observed_by_generation():
     m = Metrics(CollectorRegistry())

@@ -13,7 +13,6 @@ import json
 import pytest
 import redis.exceptions as rex
 
-import model
 from worker.errors import DependencyError, Stalled
 from worker.failures import PermanentFailure
 from worker.state import MemoryStateStore
@@ -21,10 +20,7 @@ from worker.state import MemoryStateStore
 from .fakes import FakeLog, FakeSource
 from .workers import IN, make_worker, publish
 
-
-@pytest.fixture(scope="module")
-def clf(tiny_model_dir):
-    return model.load(tiny_model_dir)
+pytestmark = pytest.mark.fakes
 
 
 def pairs(n: int, prefix: str = "s"):

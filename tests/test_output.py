@@ -14,16 +14,14 @@ import json
 import numpy as np
 import pytest
 
-import model
 from worker.config import Settings
 from worker.output import OutputPolicy, decide
 
-from .fakes import FakeSink
+from worker.state import MemoryStateStore
+
+from .fakes import FakeLog, FakeSink
 from .streams import bbc_sessions, interleave
 from .workers import IN, make_worker, predictions, publish
-
-from worker.state import MemoryStateStore
-from .fakes import FakeLog
 
 
 # --- tier 1 -------------------------------------------------------------------------------
@@ -33,6 +31,7 @@ def run(policy, labels, conf, final, segment, init):
                   np.array(segment), np.array(init)).emit.tolist()
 
 
+@pytest.mark.unit
 def test_change_emits_the_first_label_and_each_change_per_segment():
     labels = [0, 0, 1, 1, 0, 2, 2, 2]
     conf = [.9] * 8
@@ -46,6 +45,7 @@ def test_change_emits_the_first_label_and_each_change_per_segment():
     assert d.last_label.tolist() == [0, 2, 2]
 
 
+@pytest.mark.unit
 def test_min_confidence_applies_to_every_policy_and_change_compares_with_what_was_emitted():
     labels = [0, 1, 0, 1, 1]
     conf = [.9, .4, .9, .95, .3]
@@ -63,6 +63,7 @@ def test_min_confidence_applies_to_every_policy_and_change_compares_with_what_wa
     assert last.tolist() == [1]
 
 
+@pytest.mark.unit
 def test_settings_default_to_every_and_reject_unknown_policies():
     assert Settings().output.emit == "every" and Settings().output.min_confidence == 0.0
     with pytest.raises(ValueError):
@@ -72,11 +73,6 @@ def test_settings_default_to_every_and_reject_unknown_policies():
 
 
 # --- tier 2 -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def clf(tiny_model_dir):
-    return model.load(tiny_model_dir)
-
 
 def expected(clf, sessions, policy: OutputPolicy) -> tuple[set, dict]:
     """The (session, seq) pairs a policy emits, from the model run offline over each prefix;
@@ -110,6 +106,7 @@ POLICIES = [OutputPolicy("every"), OutputPolicy("change"), OutputPolicy("final")
             OutputPolicy("every", 0.55), OutputPolicy("change", 0.55)]
 
 
+@pytest.mark.fakes
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.emit}-{p.min_confidence}")
 def test_each_policy_emits_exactly_the_expected_subset_across_restart_crash_and_replay(clf, policy):
     log, store = FakeLog(partitions=2), MemoryStateStore()
@@ -146,6 +143,7 @@ def test_each_policy_emits_exactly_the_expected_subset_across_restart_crash_and_
         assert len(want) < len(pairs)  # the test does exercise suppression
 
 
+@pytest.mark.fakes
 def test_suppressed_predictions_are_counted_by_reason(clf):
     log, store = FakeLog(partitions=1), MemoryStateStore()
     sessions = bbc_sessions(6, seed=61, max_chunk=10, max_tokens=80)

@@ -8,6 +8,8 @@ from kafka.partitioner.default import DefaultPartitioner
 
 from worker.kafka_io import KeyHashPartitioner
 
+pytestmark = pytest.mark.unit
+
 
 class Cluster:
     """The part of kafka-python's ClusterMetadata a partitioner reads."""

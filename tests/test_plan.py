@@ -16,6 +16,8 @@ import pytest
 from worker import capacity
 from worker.__main__ import main
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAFFIC = ["--msgs-per-s", "20000", "--sessions", "1e6"]
 
@@ -121,6 +123,7 @@ with open(sys.argv[2], "w") as f:
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_plan_runs_from_an_installed_wheel_without_a_checkout(tmp_path, small_artifact):
     src, dist, site, run = (tmp_path / d for d in ("src", "dist", "site", "run"))

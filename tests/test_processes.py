@@ -21,9 +21,9 @@ from devtools.launcher import TEST_GROUP_TIMEOUTS, WorkerProcess, http_get, pars
 from devtools.services import two_free_ports
 
 from .streams import assert_exact, bbc_sessions, interleave
-from .test_e2e import broker, names, publish, read_topic  # noqa: F401
+from .services_support import publish, read_topic
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.heavy]  # worker subprocesses
 
 
 def _children(pid: int) -> list[int]:

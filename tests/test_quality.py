@@ -17,10 +17,7 @@ from .fakes import FakeLog
 from .streams import bbc_sessions, interleave
 from .workers import make_worker, publish
 
-
-@pytest.fixture(scope="module")
-def clf(tiny_model_dir):
-    return model.load(tiny_model_dir)
+pytestmark = pytest.mark.fakes
 
 
 def test_the_artifact_records_its_training_prior(clf, tiny_model_dir):

@@ -1,8 +1,11 @@
 """bench.quality compares the GRU with the baseline as counts of documents, not as floats."""
 
 import numpy as np
+import pytest
 
 from bench.quality import at_least
+
+pytestmark = pytest.mark.unit
 
 
 def test_equal_counts_are_level_whatever_the_float_width():
@@ -13,12 +16,13 @@ def test_equal_counts_are_level_whatever_the_float_width():
     assert at_least(gru, base) == {"full": True, "p25": False, "p10": True}
 
 
+@pytest.mark.heavy
 def test_per_epoch_scores_see_the_weights_that_are_kept(tmp_path):
     """The per-epoch hook scores the weights train() validates; with the best epoch kept, the
     saved artifact's test counts are that epoch's row."""
     from bench.quality import gru
 
-    from .conftest import TINY
+    from .fixtures import TINY
     tiny = {k: v for k, v in TINY.items() if k not in ("seed", "quiet")}
     res = gru(0, tmp_path / "m", per_epoch=True,
               **{**tiny, "limit": 12, "epochs": 3, "patience": 3, "average_from": 0,

@@ -13,13 +13,14 @@ import time as _time
 
 import pytest
 
-import model
 from worker.codec import decode_state
 from worker.errors import UndecodableInput
 from worker.state import MemoryStateStore
 
 from .fakes import FakeLog, FakeSink, FakeSource, wipe
 from .workers import IN, ModelKeyed, make_worker, predictions, rollout_worker
+
+pytestmark = pytest.mark.fakes
 
 
 class WallClock:
@@ -33,16 +34,6 @@ class WallClock:
 
     monotonic = staticmethod(_time.monotonic)
     sleep = staticmethod(_time.sleep)
-
-
-@pytest.fixture(scope="module")
-def clf(tiny_model_dir):
-    return model.load(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def clf_b(tiny_model_dir_b):
-    return model.load(tiny_model_dir_b)
 
 
 def send(log, clock, sid, seq=None, tokens=None, at=None, partition=None, **fields):

@@ -22,7 +22,7 @@ from devtools.services import wait_for
 
 from .faults_support import Cluster, offline
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.heavy]  # worker subprocesses
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
 WORDS = ["the", "match", "ended", "shares", "fell", "film", "won", "in", "a", "draw", "profits",

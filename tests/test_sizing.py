@@ -16,6 +16,8 @@ from worker.capacity import REFERENCE, Measured, ModelShape, Policy, Profile
 from worker.codec import OutboxEntry, PosKind, SessionState, encode_state
 from worker.state import Keys
 
+pytestmark = pytest.mark.unit
+
 M = Measured(
     source="", machine="test", hidden=128, layers=1, embed=512, labels=5,
     redis_key_overhead=100.0, cluster_key_overhead=120.0, redis_shard_fixed=0.0, rss_ratio=1.1,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from devtools.launcher import TEST_GROUP_TIMEOUTS
-from devtools.services import RedisServer, Tansu, free_port, unique_names
+from devtools.services import RedisServer, free_port, unique_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,8 @@ def the_error(lines: list[str]) -> str:
 
 # --- settings that cannot be right: refused before anything is loaded or contacted ----------
 
+@pytest.mark.unit
+@pytest.mark.heavy
 @pytest.mark.parametrize("env, args, line", [
     ({"GRU_BATCH__MAX_RECORDS": "abc"}, [],
      "error: GRU_BATCH__MAX_RECORDS (--batch-size): must be an integer, got 'abc'"),
@@ -66,6 +68,8 @@ def test_a_bad_setting_is_refused_with_one_line_naming_it(env, args, line):
     assert code == 2 and lines == [line], lines
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 def test_a_bad_setting_is_one_json_line_when_json_logs_are_asked_for():
     code, lines, _ = run_worker(env={"GRU_LOG_FORMAT": "json", "GRU_BATCH__MAX_RECORDS": "abc"})
     assert code == 2 and len(lines) == 1, lines
@@ -74,6 +78,8 @@ def test_a_bad_setting_is_one_json_line_when_json_logs_are_asked_for():
         "GRU_BATCH__MAX_RECORDS (--batch-size): must be an integer, got 'abc'")
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 def test_a_metrics_port_in_use_is_named_before_the_model_loads():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -88,6 +94,8 @@ def test_a_metrics_port_in_use_is_named_before_the_model_loads():
                                 f"any free port")
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind, reason", [("missing", "is not a directory"),
                                           ("file", "is not a directory"),
                                           ("empty", "has no config.json")])
@@ -106,6 +114,7 @@ def test_worker_run_rejects_a_bad_model_dir(tmp_path, kind, reason):
     assert "--model-dir / GRU_MODEL__DIR" in line
 
 
+@pytest.mark.unit
 def test_redis_tls_and_auth_settings_reach_the_client(monkeypatch):
     from worker.app import redis_client
     from worker.config import Settings
@@ -123,6 +132,7 @@ def test_redis_tls_and_auth_settings_reach_the_client(monkeypatch):
         "/etc/ca.pem", "/etc/client.pem", "/etc/client.key")
 
 
+@pytest.mark.unit
 def test_kafka_sasl_ssl_settings_reach_the_clients(monkeypatch):
     from worker.config import Settings
 
@@ -136,6 +146,7 @@ def test_kafka_sasl_ssl_settings_reach_the_clients(monkeypatch):
     assert opts["ssl_cafile"] == "/etc/ca.pem"
 
 
+@pytest.mark.unit
 def test_kafka_sasl_ssl_settings_reach_librdkafka_under_its_names(monkeypatch):
     """The same GRU_KAFKA__* settings configure confluent-kafka: every consumer, producer and
     admin client the confluent adapter makes starts from this mapping."""
@@ -173,17 +184,13 @@ def test_kafka_sasl_ssl_settings_reach_librdkafka_under_its_names(monkeypatch):
 
 # --- the dependencies, checked before the group is joined -------------------------------------
 
-@pytest.fixture(scope="module")
-def broker():
-    with Tansu() as t:
-        yield t
-
-
 def model_args(model_dir: Path, *more: str) -> list[str]:
     return ["--model-dir", str(model_dir), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
             "--log-level", "WARNING", *more]
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 def test_an_unreachable_bootstrap_server_fails_in_bounded_time_naming_it(tiny_model_dir):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     code, lines, took = run_worker(*model_args(tiny_model_dir, "--bootstrap", dead,
@@ -196,6 +203,8 @@ def test_an_unreachable_bootstrap_server_fails_in_bounded_time_naming_it(tiny_mo
         "check GRU_KAFKA__BOOTSTRAP_SERVERS (--bootstrap) and that Kafka is up")
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 def test_an_unknown_bootstrap_host_fails_at_once(tiny_model_dir):
     code, lines, took = run_worker(*model_args(tiny_model_dir, "--bootstrap",
                                                "kafka.invalid:9092", "--redis-url", "memory"),
@@ -205,6 +214,8 @@ def test_an_unknown_bootstrap_host_fails_at_once(tiny_model_dir):
                                 "check GRU_KAFKA__BOOTSTRAP_SERVERS (--bootstrap)")
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_a_missing_input_topic_is_refused_naming_it(broker, tiny_model_dir):
     names = unique_names()
     broker.create_topics([names["out"], names["dlq"]], partitions=1)
@@ -220,6 +231,8 @@ def test_a_missing_input_topic_is_refused_naming_it(broker, tiny_model_dir):
     assert names["in"] not in set(broker.admin().list_topics())  # and nothing created it
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_missing_topics_are_created_when_asked(broker, tiny_model_dir):
     names = unique_names()
     code, lines, _ = run_worker(*model_args(tiny_model_dir, "--bootstrap", broker.bootstrap,
@@ -248,6 +261,8 @@ def redis_with_a_user():
         yield r
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_a_wrong_redis_password_is_refused_at_once_naming_the_address(broker, tiny_model_dir,
                                                                        redis_with_a_user):
     url = f"redis://127.0.0.1:{redis_with_a_user.port}/0"
@@ -264,6 +279,8 @@ def test_a_wrong_redis_password_is_refused_at_once_naming_the_address(broker, ti
     assert "wrong" not in line
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_an_unknown_redis_host_is_refused_at_once(broker, tiny_model_dir):
     code, lines, took = run_worker(*model_args(tiny_model_dir, "--bootstrap", broker.bootstrap,
                                                "--redis-url", "redis://:pw@redis.invalid:6379/0"),
@@ -274,6 +291,8 @@ def test_an_unknown_redis_host_is_refused_at_once(broker, tiny_model_dir):
     assert line.endswith("check GRU_REDIS__URL (--redis-url)") and ":pw@" not in line
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_a_refused_redis_is_waited_for_then_named(broker, tiny_model_dir):
     port = free_port()
     code, lines, took = run_worker(*model_args(tiny_model_dir, "--bootstrap", broker.bootstrap,
@@ -284,6 +303,8 @@ def test_a_refused_redis_is_waited_for_then_named(broker, tiny_model_dir):
                                        f"within 2s (GRU_STARTUP_TIMEOUT_S): ConnectionError: ")
 
 
+@pytest.mark.services
+@pytest.mark.heavy
 def test_a_normal_start_logs_json_lines_without_client_chatter(broker, tiny_model_dir):
     """GRU_LOG_FORMAT=json: every stderr line is one JSON object; kafka-python's INFO lines
     (bootstrap, group join: most of a normal run's log) are not there by default."""
@@ -303,6 +324,8 @@ def test_a_normal_start_logs_json_lines_without_client_chatter(broker, tiny_mode
     assert not [r for r in records if r["logger"].startswith("kafka") and r["level"] == "INFO"]
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 def test_a_supervisor_whose_workers_refuse_to_start_exits_2_instead_of_restarting_them():
     code, lines, took = run_worker("--processes", "2", "--model-dir", "/nonexistent",
                                    "--metrics-port", "0", timeout=60)
@@ -313,6 +336,8 @@ def test_a_supervisor_whose_workers_refuse_to_start_exits_2_instead_of_restartin
     assert not any("restarting in" in l for l in lines), lines
 
 
+@pytest.mark.unit
+@pytest.mark.heavy
 def test_cuda_without_a_gpu_is_refused_naming_the_setting(tiny_model_dir):
     import torch
     if torch.cuda.is_available():

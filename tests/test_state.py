@@ -12,7 +12,10 @@ from worker.codec import (HEADER, OUTBOX_ENTRY, OutboxEntry, PosKind, SessionSta
 from worker.ports import PartitionMark, StateWrite, WriteStatus
 from worker.state import Keys, MemoryStateStore, RedisStateStore
 
+from .services_support import REDIS_URL
 
+
+@pytest.mark.unit
 @settings(max_examples=50, deadline=None)
 @given(layers=st.integers(1, 3), hidden=st.integers(1, 40), labels=st.integers(1, 6),
        n_out=st.integers(0, 3), pos=st.integers(0, 2**53 - 1), ended=st.booleans(),
@@ -55,6 +58,7 @@ def encode_v2(s: SessionState, num_labels: int) -> bytes:
     return b"".join(parts)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ended", [False, True])
 def test_values_of_the_previous_format_are_still_read(ended):
     """An upgrade must not cut live sessions: GRS2 values decode (no first-seen counts, no
@@ -79,6 +83,7 @@ def test_values_of_the_previous_format_are_still_read(ended):
     assert write_status(raw, 7, 8) == WriteStatus.OK
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ended", [False, True])
 def test_values_of_the_grs3_format_are_still_read(ended):
     """GRS3 (no lineage) decodes with its last label and first-seen counts; the lineage is
@@ -103,6 +108,7 @@ def test_values_of_the_grs3_format_are_still_read(ended):
     assert got.last_ts[0] == -1 and write_status(raw, 7, 8) == WriteStatus.OK
 
 
+@pytest.mark.unit
 def test_a_grs2_value_with_change_emits_only_when_the_label_changes():
     """B8: a session stored as GRS2 continues on the new worker with emit=change; its first
     message after the upgrade is emitted only if its label differs from the one the outbox
@@ -131,12 +137,14 @@ def test_a_grs2_value_with_change_emits_only_when_the_label_changes():
         assert bool(u.table.emit[0]) is emitted
 
 
+@pytest.mark.unit
 def test_token_digest_tells_messages_apart():
     assert token_digest([1, 2, 3], False) == token_digest([1, 2, 3], False)
     assert len({token_digest([1, 2, 3], False), token_digest([1, 2, 3], True),
                 token_digest([1, 2], False), token_digest([3, 2, 1], False)}) == 4
 
 
+@pytest.mark.unit
 def test_float16_state_is_half_the_size_and_close():
     h = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32) / 3
     s = SessionState(h, 5, PosKind.OFFSET)
@@ -146,6 +154,7 @@ def test_float16_state_is_half_the_size_and_close():
     assert np.abs(decode_state(raw16, 2, 128, 5).h - h).max() < 1e-3
 
 
+@pytest.mark.unit
 def test_corrupt_values_are_named():
     good = encode_state(SessionState(np.zeros((1, 4), np.float32), 1, PosKind.SEQ), 3)
     with pytest.raises(StateCorrupt, match="magic"):
@@ -162,12 +171,14 @@ def value(pos):
     return encode_state(SessionState(np.ones((1, 2), np.float32) * pos, pos, PosKind.SEQ), 2)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=[pytest.param("memory", marks=pytest.mark.unit),
+                        pytest.param("redis", marks=pytest.mark.services)])
 def store(request):
+    """Each store: in memory (tier 1) and on the shared Redis (tier 3)."""
     if request.param == "memory":
         yield MemoryStateStore()
         return
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(REDIS_URL)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     yield RedisStateStore(client, Keys(prefix, "m1", "g"))
     keys = list(client.scan_iter(f"{prefix}:*"))
@@ -210,6 +221,7 @@ RULE_TABLE = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", RULE_TABLE)
 def test_write_rule_table_in_python(case):
     current, expected, new, status, *replaces = case
@@ -278,8 +290,9 @@ def test_a_write_for_an_unmarked_partition_is_a_bug(store):
         store.store({}, [StateWrite("s", TP, None, 1, value(1), 1000)])
 
 
+@pytest.mark.services
 def test_redis_ttl_is_set_and_keys_are_namespaced():
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(REDIS_URL)
     keys = Keys(f"test-{uuid.uuid4().hex[:8]}", "model9", "grp")
     store = RedisStateStore(client, keys)
     try:
@@ -295,12 +308,14 @@ def test_redis_ttl_is_set_and_keys_are_namespaced():
         client.delete(*client.scan_iter(f"{keys.prefix}:*"))
 
 
+@pytest.mark.unit
 def test_cluster_keys_start_with_the_partition_tag_whatever_the_group():
     keys = Keys("gru", "m", "team{a}", cluster=True)
     assert keys.session("s{x}", ("tokens", 3)) == "gru:{tokens|3}:m:team{a}:s:s{x}"
     assert keys.mark("tokens", 3) == "gru:{tokens|3}:p:team{a}:tokens:3"
 
 
+@pytest.mark.unit
 def test_memory_store_expires_with_its_clock():
     now = [0.0]
     store = MemoryStateStore(clock=lambda: now[0])
@@ -348,6 +363,7 @@ MARK_TABLE = [  # (stored token, stored next, token, expected next) -> status
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stored_token, stored_next, token, expected, status", MARK_TABLE)
 def test_mark_rule_table_in_python(stored_token, stored_next, token, expected, status):
     from worker.codec import mark_status

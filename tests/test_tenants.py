@@ -10,7 +10,6 @@ import json
 import pytest
 from pydantic import ValidationError
 
-import model
 from worker.config import LimitSettings, Settings
 from worker.messages import Rejection, TokenMessage, decode
 from worker.ports import Record
@@ -34,6 +33,7 @@ def dec(r: Record, **limits):
     return decode(r, 10, lambda toks: [2] * len(toks), LimitSettings(tenant_header=H, **limits))
 
 
+@pytest.mark.unit
 def test_a_session_is_its_tenant_and_its_id():
     m = dec(rec(headers=[(H, b"acme"), ("other", b"x")]))
     assert isinstance(m, TokenMessage) and m.session_id == "acme/chat"
@@ -41,6 +41,7 @@ def test_a_session_is_its_tenant_and_its_id():
         == "chat"  # no tenant header configured: headers are ignored
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("headers,reason", [
     ((), "header 'gru-tenant' is missing"),
     (((H, b"acme"), (H, b"beta")), "header 'gru-tenant' is given 2 times"),
@@ -53,6 +54,7 @@ def test_a_record_without_one_valid_tenant_is_dead_lettered(headers, reason):
     assert isinstance(r, Rejection) and reason in r.reason
 
 
+@pytest.mark.unit
 def test_with_a_secret_a_tenant_must_be_proven_by_its_signature():
     acme = tenant_key(SECRET.encode(), "acme")
     ok = dec(rec(headers=[(H, b"acme"), (H + "-signature", sign(acme, "chat"))]),
@@ -67,6 +69,7 @@ def test_with_a_secret_a_tenant_must_be_proven_by_its_signature():
         assert SECRET not in r.reason and acme.hex() not in r.reason
 
 
+@pytest.mark.unit
 def test_tenant_settings_are_checked():
     with pytest.raises(ValidationError, match="tenant_secret needs limits.tenant_header"):
         LimitSettings(tenant_secret=SECRET)
@@ -77,6 +80,7 @@ def test_tenant_settings_are_checked():
     assert SECRET not in repr(Settings(limits={"tenant_header": H, "tenant_secret": SECRET}))
 
 
+@pytest.mark.unit
 def test_the_tenant_goes_into_the_state_key_inside_the_cluster_hash_tag_rule():
     keys = Keys("gru", "m1", "grp", cluster=True)
     assert keys.session("acme/chat", ("tokens", 3)) == "gru:{tokens|3}:m1:grp:s:acme/chat"
@@ -84,11 +88,7 @@ def test_the_tenant_goes_into_the_state_key_inside_the_cluster_hash_tag_rule():
     assert keys.model_of(keys.session("acme/chat", ("tokens", 3))) == "m1"
 
 
-@pytest.fixture(scope="module")
-def clf(tiny_model_dir):
-    return model.load(tiny_model_dir)
-
-
+@pytest.mark.fakes
 def test_one_tenants_records_cannot_touch_anothers_session_of_the_same_id(clf):
     """acme and beta share the input topic and both use session id "chat". beta's producer
     sends acme's next seq with its own tokens, seq 2^53 - 1, and end=true: with the tenant

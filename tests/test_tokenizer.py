@@ -1,6 +1,9 @@
+import pytest
 from hypothesis import given, strategies as st
 
 from model.tokenizer import PAD, UNK, UNK_ID, Vocab, tokenize
+
+pytestmark = pytest.mark.unit
 
 
 def test_tokenize_lowercases_and_splits_words_and_numbers():

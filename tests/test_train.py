@@ -1,9 +1,13 @@
 import json
 
+import pytest
+
 import model
 from model.data import load_bbc, split
 from model.evaluate import evaluate
 from model.tokenizer import tokenize
+
+pytestmark = pytest.mark.unit
 
 
 def test_tiny_training_run_learns(tiny_model_dir):
@@ -60,6 +64,7 @@ def test_eval_writes_report_and_plot(tiny_model_dir, tmp_path):
     assert (d / "accuracy_vs_prefix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.heavy
 def test_average_from_keeps_the_mean_of_the_epochs_weights(tmp_path):
     """With a schedule that does not depend on the run's length and no EMA, a 3-epoch run
     passes through the weights a 2-epoch run ends with (the same seed draws the same batches),
@@ -68,7 +73,7 @@ def test_average_from_keeps_the_mean_of_the_epochs_weights(tmp_path):
 
     from model.train import TrainConfig, train
 
-    from .conftest import TINY
+    from .fixtures import TINY
     base = {**TINY, "limit": 12, "epochs": 3, "patience": 3, "schedule": "const", "ema": 0.0}
     train(TrainConfig(**{**base, "epochs": 2, "average_from": 2}), tmp_path / "e2")
     train(TrainConfig(**{**base, "average_from": 3}), tmp_path / "e3")
@@ -83,6 +88,7 @@ def test_average_from_keeps_the_mean_of_the_epochs_weights(tmp_path):
     assert tr["kept"] == "best" and best["best_epoch"] == tr["best_epoch"]
 
 
+@pytest.mark.heavy
 def test_averaging_keeps_the_bag_units_fixed_entries_exact(tmp_path):
     """A fixed entry (a bag unit's decay bias) is the same at every epoch's end, so the mean
     must give it back bit for bit, not within a rounding step."""
@@ -91,7 +97,7 @@ def test_averaging_keeps_the_bag_units_fixed_entries_exact(tmp_path):
     from model import bag
     from model.train import TrainConfig, train
 
-    from .conftest import TINY
+    from .fixtures import TINY
     cfg = {**TINY, "limit": 12, "epochs": 6, "patience": 6, "average_from": 1, "bag_clock": False}
     train(TrainConfig(**cfg), tmp_path / "m")
     gru = model.load(tmp_path / "m").model.gru
@@ -101,6 +107,7 @@ def test_averaging_keeps_the_bag_units_fixed_entries_exact(tmp_path):
     assert torch.equal(gru.bias_ih_l0.detach()[2 * H - n:2 * H], want)
 
 
+@pytest.mark.heavy
 def test_mean_units_are_fitted_first_then_fixed(tmp_path):
     """The default recipe fits the mean units alone, then trains the GRU beside them with the
     table fixed: every epoch's weights, and the saved mean of them, carry the very table the
@@ -109,7 +116,7 @@ def test_mean_units_are_fitted_first_then_fixed(tmp_path):
 
     from model.train import TrainConfig, train
 
-    from .conftest import TINY
+    from .fixtures import TINY
     tables = []
     cfg = {**TINY, "limit": 12, "epochs": 3, "patience": 3, "average_from": 1}
     train(TrainConfig(**cfg), tmp_path / "m",
@@ -121,6 +128,7 @@ def test_mean_units_are_fitted_first_then_fixed(tmp_path):
     assert saved.mean_embed.weight.detach()[1:].abs().max() > 0.2  # fitted: init std is 0.1
 
 
+@pytest.mark.heavy
 def test_fitted_mean_units_alone_classify_their_training_texts():
     """The fit is a streamed linear bag-of-words classifier in its own right: the head's mean
     columns alone, GRU columns zeroed, read the training texts far above chance (0.2)."""
@@ -157,6 +165,7 @@ def test_mean_units_reject_a_fit_of_no_epochs(tmp_path):
         train(TrainConfig(limit=5, carry_state=1), tmp_path / "y")
 
 
+@pytest.mark.heavy
 def test_validation_texts_are_trained_on_unless_held_out(tmp_path):
     """With weight averaging nothing is selected on the validation texts, so the default fits
     on train + val (the vocabulary is theirs, no epoch is scored on them); held out, the
@@ -166,7 +175,7 @@ def test_validation_texts_are_trained_on_unless_held_out(tmp_path):
     from model.tokenizer import Vocab
     from model.train import TrainConfig, split_of, train
 
-    from .conftest import TINY
+    from .fixtures import TINY
     base = {**TINY, "limit": 12, "epochs": 2, "patience": 2, "average_from": 1}
     _, sp = split_of(TrainConfig(**base))
     vocab_of = lambda docs: Vocab.build([tokenize(d.text) for d in docs], min_freq=TINY["min_freq"]).itos

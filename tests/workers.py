@@ -17,7 +17,7 @@ from worker.models import ModelSet, ServedModel
 from worker.state import MemoryStateStore
 
 from .fakes import FakeSink, FakeSource
-from .streams import interleave
+from .streams import assert_exact
 
 IN, OUT, DLQ = "tokens", "predictions", "tokens.dlq"
 
@@ -49,27 +49,14 @@ def predictions(log):
     return [json.loads(v) for v in log.values(OUT)]
 
 
-def final_by_session(preds):
-    last = {}
-    for p in preds:
-        if p["session_id"] not in last or p["seq"] >= last[p["session_id"]]["seq"]:
-            last[p["session_id"]] = p
-    return last
-
-
 def assert_matches_offline(clf, sessions, preds, store=None):
-    last = final_by_session(preds)
-    for s in sessions:
-        want = clf.classify(s.tokens)
-        got = last[s.session_id]
-        assert got["tokens_seen"] == len(s.tokens)
-        assert max(abs(got["probs"][l] - want[l]) for l in want) <= 1e-5, s.session_id
-        if store is not None:
+    """``assert_exact``, and each session's state in ``store`` has seen all its tokens."""
+    assert_exact(clf, sessions, preds)
+    if store is not None:
+        for s in sessions:
             raw = store.load([s.session_id])[0]
             st = decode_state(raw, 1, clf.model.config.state_size, len(clf.labels))
-            assert st.tokens_seen == len(s.tokens)
-
-
+            assert st.tokens_seen == len(s.tokens), s.session_id
 
 
 class ModelKeyed:
@@ -99,21 +86,6 @@ class ModelKeyed:
 
     def ping(self):
         return True
-
-
-def split_stream(sessions, seed):
-    """Each session's messages, cut in two: the first part before the switch."""
-    pairs = interleave(sessions, seed=seed, end=True)
-    by_session: dict[str, list] = {}
-    for k, v in pairs:
-        by_session.setdefault(k, []).append((k, v))
-    before = {k: max(1, len(msgs) // 2) for k, msgs in by_session.items()}
-    seen: dict[str, int] = {}
-    first, rest = [], []
-    for k, v in pairs:
-        seen[k] = seen.get(k, 0) + 1
-        (first if seen[k] <= before[k] else rest).append((k, v))
-    return first, rest
 
 
 def rollout_worker(new, old, log, store, source=None, clock=None, **settings):
