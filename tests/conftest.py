@@ -23,12 +23,7 @@ TIERS = ("unit", "fakes", "services", "sim")
 
 
 def _tier_of(item: pytest.Item) -> set[str]:
-    tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
-    if not tiers and item.path.name == "test_sim.py":
-        # The simulator's own tests (tests/sim/ is the simulator): tier 4 by their module.
-        item.add_marker(pytest.mark.sim)
-        tiers = {"sim"}
-    return tiers
+    return {m.name for m in item.iter_markers() if m.name in TIERS}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked

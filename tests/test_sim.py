@@ -19,6 +19,8 @@ import pytest
 
 from tests.sim.scenario import Scenario, generate
 
+pytestmark = pytest.mark.sim
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = int(os.environ.get("GRU_SIM_SEEDS", "500"))
 CORPUS = sorted((ROOT / "tests" / "sim" / "corpus").glob("*.json"))
@@ -52,6 +54,7 @@ def test_each_minimal_schedule_found_keeps_every_invariant(path: Path):
                        + sc.describe() + "\n" + "\n".join(str(v) for v in found))
 
 
+@pytest.mark.heavy
 def test_a_batch_of_seeds_keeps_every_invariant():
     t0 = time.monotonic()
     run = subprocess.run(
