@@ -323,7 +323,7 @@ class Engine:
             check_skip = live and not partial and c_loff[k] >= 0 and bool(gap.skips)
             outbox: dict[int, OutboxEntry] | None = None  # decoded on the first duplicate
             carried: list[int] = []  # positions re-emitted from the outbox in this batch
-            planned: dict[int, int] = {}  # position -> digest of a message applied in it
+            planned: dict[int, TokenMessage] = {}  # position -> the message applied in it
             start = len(plan.msg)
             for i in idx:
                 m = messages[i]
@@ -378,7 +378,7 @@ class Engine:
                     continue
                 if last_pos is not None and pos <= last_pos and pos in planned:
                     # the same position earlier in this batch: its prediction is produced
-                    if planned[pos] != _digest(m):
+                    if _digest(planned[pos]) != _digest(m):
                         result.rejections.append(Rejection(m.record, (
                             f"session {sid!r} already applied position {pos} with other "
                             f"tokens in this batch: a reused session id or seq"), sid))
@@ -426,7 +426,7 @@ class Engine:
                 tokens += len(m.token_ids)
                 if reset:
                     planned.clear()
-                planned[pos] = _digest(m)
+                planned[pos] = m  # its digest only if the position comes again
                 plan.step(i, reset, m.seq if m.seq is not None else count, tokens, count + 1,
                           partial, start_offset)
                 count += 1
