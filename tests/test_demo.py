@@ -49,6 +49,9 @@ def test_bounded_demo_runs_to_completion_and_leaves_nothing_behind(tiny_model_di
     worker_side, reader_side = float(split.group(1)), float(split.group(3))
     assert 0 <= worker_side <= float(m.group(5)) and 0 <= reader_side <= float(m.group(5))
     assert "metrics: http://127.0.0.1:" in proc.stdout
+    # bench/demo.py reads the same summary (the demo's figures in docs/benchmarks.md)
+    from bench.demo import parse
+    assert parse(proc.stdout)["p50_ms"] == float(m.group(4))
     # The model-quality panels' series, read from the worker's /metrics.
     assert re.search(r"model quality \w+: final labels .*\(prior 0\.\d\d\)", proc.stdout), proc.stdout
     assert re.search(r"model quality \w+: mean confidence 0\.\d+, mean tokens until the final "

@@ -158,7 +158,7 @@ class ModelSettings(BaseModel):
                                                    "(auto: cuda when torch sees a GPU)",
                                                    json_schema_extra=flag("--device"))
     # 1: the worker's Kafka and Redis threads share the cores; a second torch thread costs
-    # CPU for no more msg/s (docs/benchmarks.md). Scale out with --processes instead.
+    # CPU for no more msg/s (docs/latency.md). Scale out with --processes instead.
     threads: int = Field(1, ge=1, description="torch intra-op threads",
                          json_schema_extra=flag("--threads"))
     dtype: Literal["float32", "float16"] = Field("float32", description="compute dtype; "
