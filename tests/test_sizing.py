@@ -5,6 +5,7 @@ capacity result."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from worker import capacity as sizing
-from worker.capacity import REFERENCE, Measured, ModelShape, Policy, Profile
+from worker.capacity import REFERENCE, Measured, ModelShape, Policy, Profile, _process_cores
 from worker.codec import OutboxEntry, PosKind, SessionState, encode_state
 from worker.state import Keys
 
@@ -221,3 +222,21 @@ def test_gpus_take_the_step_off_the_processes():
     # 200 µs per message of which 40 in the step: 160 µs left, 1 core, 60 %
     assert pl.gpu_worker_processes == math.ceil(1e5 / (1e6 / 160 * 0.6))
     assert pl.gpus == math.ceil(1e5 * 4 / (6e7 * 0.5))
+
+
+def test_cores_per_process_come_from_runs_on_the_capacity_run_s_cpu(tmp_path):
+    """A bench/processes.py run on another CPU sits in the same folder; its share of a core
+    is not the measured machine's, so it is left out."""
+    def run(name: str, cpu: str, cores: float) -> None:
+        (tmp_path / name).write_text(json.dumps({"machine": {"cpu": cpu}, "runs": [
+            {"processes": 1, "cpu": {"worker0": {"cores": cores}}},
+            {"processes": 2, "cpu": {"worker0": {"cores": 0.7}, "worker1": {"cores": 0.7}}}]}))
+
+    run("processes-2026-01-01.json", "AMD EPYC", 0.95)
+    run("processes-2026-01-02.json", "AMD EPYC", 0.91)
+    run("processes-2026-01-03.json", "Intel(R) Xeon(R) Processor", 0.50)
+    got = _process_cores(tmp_path, "AMD EPYC")
+    assert got == {"cores": pytest.approx(0.93),
+                   "source": ["processes-2026-01-01.json", "processes-2026-01-02.json"]}
+    assert _process_cores(tmp_path, "Intel(R) Xeon(R) Processor")["cores"] == 0.50
+    assert _process_cores(tmp_path, "another CPU") == {}

@@ -161,12 +161,13 @@ class Measured:
     @classmethod
     def load(cls, path: str | Path) -> Measured:
         """From a capacity result file; the H100 step and the cores per process are read from
-        the result files beside it, when they are there."""
+        the result files beside it, when they are there (the cores only from runs on the
+        same CPU as the capacity run: another machine's share of a core is not this one's)."""
         path = Path(path)
         try:
             res = json.loads(path.read_text())
             return cls.from_result(res, str(path), _gpu_figures(path.parent),
-                                   _process_cores(path.parent))
+                                   _process_cores(path.parent, res["machine"].get("cpu")))
         except OSError as e:
             raise PlanError(f"cannot read the results {str(path)!r}: {e.strerror}") from None
         except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -267,12 +268,15 @@ def _gpu_figures(results: Path) -> dict:
     return out
 
 
-def _process_cores(results: Path) -> dict:
+def _process_cores(results: Path, cpu: str | None) -> dict:
     """Cores one saturated worker process used: the single-process runs of bench/processes.py
-    (a quiet 2-core box), median."""
+    (a quiet 2-core box) on the CPU ``cpu``, median."""
     cores, names = [], []
     for path in sorted(results.glob("processes-*.json")):
-        for r in json.loads(path.read_text()).get("runs", []):
+        run = json.loads(path.read_text())
+        if run.get("machine", {}).get("cpu") != cpu:
+            continue
+        for r in run.get("runs", []):
             if r.get("processes") == 1 and "worker0" in r.get("cpu", {}):
                 cores.append(r["cpu"]["worker0"]["cores"])
                 names.append(path.name)
