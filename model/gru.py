@@ -216,23 +216,62 @@ class GRUClassifier(nn.Module):
     def _advance_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor, lens: np.ndarray,
                           starts: np.ndarray, rr: np.ndarray, ra: np.ndarray
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Short rows, padded to the longest: (new GRU state, top-layer output at each read)."""
+        """Short rows of any lengths: (new GRU state, top-layer output at each read). The rows
+        run longest first, and each time step computes only the rows that still have a token
+        (``_step_shrinking``): no padding, whatever mix of lengths the rows have."""
         B, K = len(lens), int(lens.max()) if lens.size else 0
         dev = token_ids.device
-        pos = np.arange(K)[None, :]
-        real = pos < lens[:, None]  # (B, K)
-        ids = torch.zeros((B, K), dtype=token_ids.dtype, device=dev)
-        if K:
-            ids[torch.from_numpy(real).to(dev)] = token_ids
-        h_new, tops = self._step_unrolled(h, ids, torch.from_numpy(lens).to(dev),
-                                          outputs=True)  # tops: (B, K, H)
         rows = torch.from_numpy(rr).to(dev)
         before = h[-1].index_select(0, rows)  # reads after 0 tokens: the state before
         if not K:
-            return h_new, before
+            return h.clone(), before
+        order = np.argsort(-lens, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(B)
+        slen = lens[order]
+        real = np.arange(K)[None, :] < slen[:, None]  # (B, K), by rank
+        pos = (starts[:-1][order][:, None] + np.arange(K)[None, :])[real]
+        ids = torch.zeros((B, K), dtype=token_ids.dtype, device=dev)
+        ids[torch.from_numpy(real).to(dev)] = token_ids[torch.from_numpy(pos).to(dev)]
+        h_sorted, tops = self._step_shrinking(
+            h.index_select(1, torch.from_numpy(order).to(dev)), ids, slen)  # tops: (B, K, H)
+        h_new = h_sorted.index_select(1, torch.from_numpy(rank).to(dev))
         at = torch.from_numpy(np.maximum(ra - 1, 0)).to(dev)
-        top = tops[rows, at]
+        top = tops[torch.from_numpy(rank[rr]).to(dev), at]
         return h_new, torch.where(torch.from_numpy(ra == 0).to(dev)[:, None], before, top)
+
+    def _step_shrinking(self, h: torch.Tensor, token_ids: torch.Tensor, lens: np.ndarray
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_step_unrolled`` for rows sorted longest first (``lens`` descending, on the
+        host): time step t runs the first ``count(lens > t)`` rows only, in place, so a batch
+        of mixed lengths costs its tokens, not rows x longest. Returns (new state (L, B, H),
+        the top layer after every token (B, K, H); zero past a row's length)."""
+        B, K = token_ids.shape
+        g, H = self.gru, self.config.hidden_size
+        table = getattr(self, "_input_table", None)
+        if table is not None and not self.training:
+            gi0 = table[token_ids]  # (B, K, 3H)
+        else:
+            gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, self._input_bias(0))
+        state = h.clone()  # (L, B, H), updated in place
+        tops = h.new_zeros(B, K, H)
+        active = (lens[None, :] > np.arange(K)[:, None]).sum(1).tolist()  # rows at each t
+        for t in range(K):
+            n = active[t]
+            x_gates = gi0[:n, t]
+            for layer in range(state.shape[0]):
+                if layer:
+                    x_gates = F.linear(state[layer - 1, :n], getattr(g, f"weight_ih_l{layer}"),
+                                       self._input_bias(layer))
+                w_hh, b_hh = getattr(g, f"weight_hh_l{layer}"), getattr(g, f"bias_hh_l{layer}")
+                h_prev = state[layer, :n]
+                rz = torch.addmm(x_gates[:, : 2 * H], h_prev, w_hh[: 2 * H].t()).sigmoid_()
+                h_n = torch.addmm(b_hh[2 * H:], h_prev, w_hh[2 * H:].t())
+                new = torch.lerp(torch.addcmul(x_gates[:, 2 * H:], rz[:, :H], h_n).tanh_(),
+                                 h_prev, rz[:, H:])
+                state[layer, :n] = new
+            tops[:n, t] = state[-1, :n]
+        return state, tops
 
     def _advance_packed(self, h: torch.Tensor, token_ids: torch.Tensor, lens: np.ndarray,
                         starts: np.ndarray, rr: np.ndarray, ra: np.ndarray

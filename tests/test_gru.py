@@ -167,6 +167,18 @@ def test_step_does_not_mutate_its_input_state():
     assert torch.equal(h, before)
 
 
+def test_advance_does_not_mutate_its_input_state():
+    """Rows of mixed lengths run longest first, in place on a copy: the caller's state is
+    left as it was, whatever the order of the rows."""
+    model = make_model(2, mean=3)
+    model.prepare_streaming()
+    h = torch.randn(2, 3, 20)
+    before = h.clone()
+    flat = torch.tensor([3, 4, 5, 6, 7, 8])
+    model.advance(h, flat, torch.tensor([1, 0, 5]), torch.tensor([0, 2, 2]), torch.tensor([1, 2, 5]))
+    assert torch.equal(h, before)
+
+
 def test_mean_units_state_layout_and_static_step():
     """With mean units the state is (L, B, H + M + 1): the top layer carries the running mean
     and the token count, lower layers zeros there; step_static (the CUDA-graph path) agrees."""

@@ -466,12 +466,15 @@ class Engine:
         (L, S, H) on the device, the probabilities after each step (message) and the longest
         segment's tokens.
 
-        Segments are grouped by length: a power-of-two bucket up to UNROLL_MAX_TOKENS
-        (padding at most doubles a group's work), and one group for the longer ones, which
-        ``advance`` runs packed, without padding. A one-message segment of a bucket takes
-        ``Stepper.step`` (CUDA graphs); a segment of several messages takes ``advance`` and
-        is read at each message's end: one pass over its tokens, not a step per message. No
-        call pads more than WINDOW_TOKENS tokens."""
+        Segments are grouped: one-message segments by a power-of-two bucket of their length up
+        to UNROLL_MAX_TOKENS, each bucket one ``Stepper.step`` (CUDA graphs; padding at most
+        doubles a group's work); segments of several messages up to UNROLL_MAX_TOKENS tokens
+        in one group, whatever their lengths, which ``advance`` runs longest first, each token
+        step over the rows that still have a token (so the group costs its tokens, in as few
+        and as wide calls as the longest segment allows); and the longer ones in one group that
+        ``advance`` runs packed. A segment of several messages is read at each message's end:
+        one pass over its tokens, not a step per message. No call pads more than
+        WINDOW_TOKENS tokens."""
         n_steps, S = len(lengths), len(first_step)
         tok_end = np.cumsum(lengths)
         seg_begin = tok_end[first_step] - lengths[first_step]  # its first token in ``flat``
@@ -479,9 +482,11 @@ class Engine:
         seg_steps = np.diff(np.append(first_step, n_steps))
         read_at = tok_end - seg_begin[segment]  # tokens of its segment through each step
         width = np.maximum(seg_len, 1)
-        bucket = np.where(seg_len > UNROLL_MAX_TOKENS, 0,
-                          1 << np.ceil(np.log2(width)).astype(np.int64))  # 0: long
-        key = bucket * 2 + (seg_steps == 1)
+        single = seg_steps == 1
+        bucket = np.where(seg_len > UNROLL_MAX_TOKENS, 0,  # 0: long
+                          np.where(single, 1 << np.ceil(np.log2(width)).astype(np.int64),
+                                   UNROLL_MAX_TOKENS))
+        key = bucket * 2 + single
         dev = self.device
         h = self._to_device(h0).transpose(0, 1).contiguous()  # (L, S, H)
         h_new = torch.empty_like(h)
