@@ -247,29 +247,17 @@ class GRUClassifier(nn.Module):
         of mixed lengths costs its tokens, not rows x longest. Returns (new state (L, B, H),
         the top layer after every token (B, K, H); zero past a row's length)."""
         B, K = token_ids.shape
-        g, H = self.gru, self.config.hidden_size
-        table = getattr(self, "_input_table", None)
-        if table is not None and not self.training:
-            gi0 = table[token_ids]  # (B, K, 3H)
-        else:
-            gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, self._input_bias(0))
+        gi0 = self._input_gates(token_ids)  # (B, K, 3H)
         state = h.clone()  # (L, B, H), updated in place
-        tops = h.new_zeros(B, K, H)
+        tops = h.new_zeros(B, K, self.config.hidden_size)
         active = (lens[None, :] > np.arange(K)[:, None]).sum(1).tolist()  # rows at each t
         for t in range(K):
             n = active[t]
             x_gates = gi0[:n, t]
             for layer in range(state.shape[0]):
                 if layer:
-                    x_gates = F.linear(state[layer - 1, :n], getattr(g, f"weight_ih_l{layer}"),
-                                       self._input_bias(layer))
-                w_hh, b_hh = getattr(g, f"weight_hh_l{layer}"), getattr(g, f"bias_hh_l{layer}")
-                h_prev = state[layer, :n]
-                rz = torch.addmm(x_gates[:, : 2 * H], h_prev, w_hh[: 2 * H].t()).sigmoid_()
-                h_n = torch.addmm(b_hh[2 * H:], h_prev, w_hh[2 * H:].t())
-                new = torch.lerp(torch.addcmul(x_gates[:, 2 * H:], rz[:, :H], h_n).tanh_(),
-                                 h_prev, rz[:, H:])
-                state[layer, :n] = new
+                    x_gates = self._layer_input(layer, state[layer - 1, :n])
+                state[layer, :n] = self._cell(layer, x_gates, state[layer, :n])
             tops[:n, t] = state[-1, :n]
         return state, tops
 
@@ -392,43 +380,44 @@ class GRUClassifier(nn.Module):
         return h_new, torch.softmax(self.classify_hidden(self._readout(h_new)), dim=-1)
 
     def _step_unrolled(self, h: torch.Tensor, token_ids: torch.Tensor,
-                       lengths: torch.Tensor, masked: bool | None = None,
-                       outputs: bool = False):
-        """Short messages: K explicit GRU steps; rows past their length keep their state.
-        ``outputs``: also return the top layer after every token, (B, K, H).
-
-        The gate arithmetic is ATen's GRU cell — r, z = sigmoid(x_rz + h_rz),
-        n = tanh(x_n + r * h_n), h' = n + z * (h - n) — in fused ops (addmm, addcmul, lerp).
-        Layer 0's input side comes from the precomputed table if any.
-        """
-        B, K = token_ids.shape
-        g, H = self.gru, self.config.hidden_size
-        table = getattr(self, "_input_table", None)
-        if table is not None and not self.training:
-            gi0 = table[token_ids]  # (B, K, 3H)
-        else:
-            gi0 = F.linear(self.embed(token_ids), g.weight_ih_l0, self._input_bias(0))  # (B, K, 3H)
+                       lengths: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+        """Short messages: K explicit GRU steps (``_cell``); rows past their length keep their
+        state. Returns the new state (L, B, H)."""
+        K = token_ids.shape[1]
+        gi0 = self._input_gates(token_ids)  # (B, K, 3H)
         state = list(h.unbind(0))  # L x (B, H)
         if masked is None:
             masked = not bool((lengths >= K).all())
         mask = None if not masked else (torch.arange(K, device=lengths.device)[None, :]
                                   < lengths.to(token_ids.device)[:, None])  # (B, K)
-        tops = []
         for t in range(K):
             x_gates = gi0[:, t]  # (B, 3H), b_ih and b_hr, b_hz included
             for layer in range(len(state)):
                 if layer:
-                    x_gates = F.linear(state[layer - 1], getattr(g, f"weight_ih_l{layer}"),
-                                       self._input_bias(layer))
-                w_hh, b_hh = getattr(g, f"weight_hh_l{layer}"), getattr(g, f"bias_hh_l{layer}")
+                    x_gates = self._layer_input(layer, state[layer - 1])
                 h_prev = state[layer]
-                rz = torch.addmm(x_gates[:, : 2 * H], h_prev, w_hh[: 2 * H].t()).sigmoid_()
-                h_n = torch.addmm(b_hh[2 * H:], h_prev, w_hh[2 * H:].t())  # (B, H)
-                n = torch.addcmul(x_gates[:, 2 * H:], rz[:, :H], h_n).tanh_()
-                new = torch.lerp(n, h_prev, rz[:, H:])  # n + z * (h - n)
+                new = self._cell(layer, x_gates, h_prev)
                 state[layer] = new if mask is None else torch.where(mask[:, t:t + 1], new, h_prev)
-            if outputs:
-                tops.append(state[-1])
-        if outputs:
-            return torch.stack(state), (torch.stack(tops, 1) if tops else h.new_zeros(B, 0, H))
         return torch.stack(state)  # (L, B, H)
+
+    def _input_gates(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Layer 0's input side of the gates for each token, (..., 3H), b_ih and b_hr, b_hz
+        included: the precomputed table if any."""
+        table = getattr(self, "_input_table", None)
+        if table is not None and not self.training:
+            return table[token_ids]
+        return F.linear(self.embed(token_ids), self.gru.weight_ih_l0, self._input_bias(0))
+
+    def _layer_input(self, layer: int, below: torch.Tensor) -> torch.Tensor:
+        """The input side of ``layer``'s gates (> 0), from the new state of the layer below."""
+        return F.linear(below, getattr(self.gru, f"weight_ih_l{layer}"), self._input_bias(layer))
+
+    def _cell(self, layer: int, x_gates: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        """One step of ``layer``: ATen's GRU cell — r, z = sigmoid(x_rz + h_rz),
+        n = tanh(x_n + r * h_n), h' = n + z * (h - n) — in fused ops (addmm, addcmul, lerp)."""
+        g, H = self.gru, self.config.hidden_size
+        w_hh, b_hh = getattr(g, f"weight_hh_l{layer}"), getattr(g, f"bias_hh_l{layer}")
+        rz = torch.addmm(x_gates[:, : 2 * H], h_prev, w_hh[: 2 * H].t()).sigmoid_()
+        h_n = torch.addmm(b_hh[2 * H:], h_prev, w_hh[2 * H:].t())  # (B, H)
+        n = torch.addcmul(x_gates[:, 2 * H:], rz[:, :H], h_n).tanh_()
+        return torch.lerp(n, h_prev, rz[:, H:])  # n + z * (h - n)
