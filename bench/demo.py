@@ -21,7 +21,6 @@ import sys
 
 from bench import common
 
-CLIENTS = ("kafka-python", "confluent")
 SUMMARY = re.compile(r"latency p50 ([\d.]+) ms, p99 ([\d.]+) ms")
 SPLIT = re.compile(r"produce to its send p50 ([-\d.]+) ms, p99 ([-\d.]+) ms; "
                    r"its send to received p50 ([-\d.]+) ms, p99 ([-\d.]+) ms")
@@ -40,8 +39,8 @@ def parse(output: str) -> dict:
             "send_to_received_p99_ms": after99, "accuracy": float(acc.group(1))}
 
 
-def run_once(client: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "devtools.demo", "--model-dir", args.model,
+def run_once(client: str, model_dir: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "devtools.demo", "--model-dir", model_dir,
            "--sessions", str(args.sessions), "--max-seconds", str(args.max_seconds),
            "--kafka-client", client]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds + 600)
@@ -52,29 +51,28 @@ def run_once(client: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=common.DEFAULT_MODEL)
-    p.add_argument("--out", default=None)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sessions", type=int, default=40)
-    p.add_argument("--max-seconds", type=int, default=60)
-    args = p.parse_args(argv)
+    ap = common.parser("demo", __doc__)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sessions", type=int, default=40)
+    ap.add_argument("--max-seconds", type=int, default=60)
+    args = ap.parse_args(argv)
+    model_dir = str(common.resolve_model(args.model))
     runs = []
     for r in range(args.rounds):
-        order = CLIENTS if r % 2 == 0 else CLIENTS[::-1]
+        order = common.CLIENTS if r % 2 == 0 else common.CLIENTS[::-1]
         for client in order:
-            fig = run_once(client, args)
+            fig = run_once(client, model_dir, args)
             runs.append({"round": r + 1, "client": client, **fig})
             print(f"round {r + 1} {client:12s} p50 {fig['p50_ms']:6.1f} ms  "
                   f"p99 {fig['p99_ms']:6.1f} ms  accuracy {fig['accuracy']:.3f}", flush=True)
     ranges = {}
-    for client in CLIENTS:
+    for client in common.CLIENTS:
         mine = [x for x in runs if x["client"] == client]
         ranges[client] = {k: [min(x[k] for x in mine), max(x[k] for x in mine)]
                           for k in ("p50_ms", "p99_ms")}
         print(f"{client:12s} p50 {ranges[client]['p50_ms']} ms, p99 {ranges[client]['p99_ms']} ms")
-    common.write_result("demo", {"params": vars(args), "runs": runs, "ranges": ranges},
+    common.write_result("demo", {"params": {**vars(args), "model": model_dir}, "runs": runs,
+                                 "ranges": ranges},
                         args.out, with_clients=True)
     return 0
 
