@@ -59,6 +59,9 @@ class RolloutStart(NamedTuple):
     partial_until: int = -1
 
 
+NOT_BEGUN = RolloutStart(0)  # a partition with no hint: every offset on the current model
+
+
 @dataclass
 class ServedModel:
     """One loaded model and what serving it needs: its engine, its prediction encoder, and
@@ -147,10 +150,12 @@ class ModelSet:
         for m in messages:
             first.setdefault(m.session_id, m)
         began = begins or {}
+
+        def start(m: TokenMessage) -> RolloutStart:  # where the current model began, m's partition
+            return began.get((m.record.topic, m.record.partition), NOT_BEGUN)
+
         for sid, (cur, old) in loaded.items():
-            m = first[sid]
-            routes[sid] = _route(cur, old, m, prev.engine, began.get(
-                (m.record.topic, m.record.partition), RolloutStart(0)))
+            routes[sid] = _route(cur, old, first[sid], prev.engine, start(first[sid]))
             cur_values[sid] = cur
             prev_values[sid] = old
         last: dict[str, TokenMessage] = {}  # each session's previous message in the batch
@@ -158,13 +163,12 @@ class ModelSet:
             sid = m.session_id
             where, upto = routes[sid]
             before = last.get(sid)
-            since = began.get((m.record.topic, m.record.partition), RolloutStart(0)).since
             if where == "prev" and before is not None and _begins_anew(before, m, prev.engine):
                 # a replay that ends a conversation of the previous model and begins the next
                 # one under the same id: that one began with the current model, unless before
-                where = "cur" if m.record.offset >= since else "prev"
+                where = "cur" if m.record.offset >= start(m).since else "prev"
                 routes[sid] = (where, None)
-            elif where == "split" and m.position > upto and m.record.offset < since:
+            elif where == "split" and m.position > upto and m.record.offset < start(m).since:
                 # past the tombstone, a conversation the replay finds begun before the current
                 # model began new sessions: the previous model began it, and keeps it
                 where = "prev"
