@@ -438,7 +438,6 @@ class KafkaSink:
                                   f"acknowledged ({error!r})", pending=pending, rejected=rejected)
         return rejected
 
-
     def close(self) -> None:
         try:
             self.producer.close(timeout=5)

@@ -676,7 +676,6 @@ class RdKafkaSink:
                 error = error or "timed out"
         return rejected, pending + s.unsent, error
 
-
     def close(self) -> None:
         """Flush for at most 5 s, then drop what is left: librdkafka would otherwise keep the
         process until every message timed out."""

@@ -2,7 +2,8 @@
 
 Each input partition has a small hash, its *mark*: the fencing token of its current owner
 (the hash field is named ``epoch``, kept so that workers of every version fence each other),
-a counter, and ``next_offset``, the next input offset whose effect the states hold. Every batch goes through one Lua script call that, atomically,
+a counter, and ``next_offset``, the next input offset whose effect the states hold. Every
+batch goes through one Lua script call that, atomically,
 
   * refuses every write of a partition whose token is not the writer's (FENCED: a zombie, or a
     Redis that forgot or rolled back the token, writes nothing);
