@@ -108,6 +108,17 @@ class Expect:
     reason: str = ""
 
 
+def _run_messages(model: SimModel, ids: Sequence[list[int] | None]
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``model`` over a conversation's messages, one result per message: a message with no
+    tokens (an end with none) keeps the result before it."""
+    steps = iter(model.run([x for x in ids if x]))
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for x in ids:
+        out.append(next(steps) if x else out[-1])
+    return out
+
+
 def _body(value: bytes | None) -> dict | None:
     try:
         body = json.loads(value) if value is not None else None
@@ -276,14 +287,9 @@ class Ideal:
         return model.encode(tokenize(body["text"]))
 
     def _offline(self, c: Conversation) -> None:
-        steps = c.model.run([m.ids for m in c.msgs if m.ids])
-        it = iter(steps)
+        c.results = _run_messages(c.model, [m.ids for m in c.msgs])
         seen = 0
         for m in c.msgs:
-            if m.ids:
-                c.results.append(next(it))
-            else:  # an end with no tokens: the state as it is
-                c.results.append(c.results[-1])
             seen += len(m.ids)
             c.cumulative.append(seen)
         self._decide(c)
@@ -293,11 +299,7 @@ class Ideal:
         another model may have served it from its beginning, only what both decide alike."""
         c.emits = self._decisions(c.msgs, c.results)
         if c.alt is not None and c.alt_ids[0] is not None:
-            steps = iter(c.alt.run([x for x in c.alt_ids if x]))
-            results: list[tuple[np.ndarray, np.ndarray]] = []
-            for x in c.alt_ids:
-                results.append(next(steps) if x else results[-1])
-            other = self._decisions(c.msgs, results)
+            other = self._decisions(c.msgs, _run_messages(c.alt, c.alt_ids))
             c.emits = [a if a == b else None for a, b in zip(c.emits, other)]
 
     def _decisions(self, msgs: list[Msg], results: list[tuple[np.ndarray, np.ndarray]]
@@ -378,11 +380,7 @@ class Checker:
         if got is None:
             model = c.alt if alt else c.model
             assert model is not None
-            ids = c.alt_ids[j:] if alt else [m.ids for m in c.msgs[j:]]
-            steps = iter(model.run([x for x in ids if x]))
-            got = []
-            for x in ids:
-                got.append(next(steps) if x else got[-1])
+            got = _run_messages(model, c.alt_ids[j:] if alt else [m.ids for m in c.msgs[j:]])
             self._suffix[(id(c), j, alt)] = got
         return got
 
