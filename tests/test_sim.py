@@ -24,6 +24,9 @@ pytestmark = pytest.mark.sim
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = int(os.environ.get("GRU_SIM_SEEDS", "500"))
 CORPUS = sorted((ROOT / "tests" / "sim" / "corpus").glob("*.json"))
+# Minimal schedules of bugs found and not fixed yet: each must still break an invariant (a
+# fix makes its test pass, and fail as strict xfail: the schedule then moves to the corpus).
+OPEN = sorted((ROOT / "tests" / "sim" / "open").glob("*.json"))
 BUDGET_S = 120.0  # what CI allows the batch (2 cores)
 
 
@@ -52,6 +55,15 @@ def test_each_minimal_schedule_found_keeps_every_invariant(path: Path):
     found = check(simulate(sc))
     assert not found, (f"{path.name}: python -m tests.sim --replay {path} --verbose\n"
                        + sc.describe() + "\n" + "\n".join(str(v) for v in found))
+
+
+@pytest.mark.parametrize("path", OPEN, ids=lambda p: p.stem)
+@pytest.mark.xfail(strict=True, reason="an open bug: see the schedule's name and CHANGELOG.md")
+def test_each_open_schedule_still_breaks_an_invariant(path: Path):
+    from tests.sim.oracle import check
+    from tests.sim.run import simulate
+    found = check(simulate(Scenario.from_json(path.read_text())))
+    assert not found, "\n".join(str(v) for v in found)
 
 
 @pytest.mark.heavy
